@@ -1,0 +1,124 @@
+"""VQ attention in PyTorch: SDPA over a compressed K/V cache, read from the codes.
+
+The cache of one layer is, for K and for V, the plain tensors of `VQParts`: codes for every token,
+exact anchor rows at scattered positions, and an exact window of the most recent tokens. The
+result equals `sdpa(q, dequantize(K), dequantize(V))`; it is computed without decoding the cache
+where that is cheaper:
+
+- scores of encoded tokens from a per-query look-up table LUT[s, k] = q_s . centroid[s, k], one
+  gather per code, when a query group is small (decode); by decoding keys and a matmul otherwise;
+- values accumulated per centroid (a histogram of attention weight over each subspace's codes,
+  multiplied by the codebook once), when the group is small; by decoding values otherwise.
+
+Anchors and window rows are always exact. The same pass returns the Anchor Score sums (S1, S0)
+of the window tokens, which the cache accumulates to choose its anchors when the window flushes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .quant.anchor_score import apply_mask, grouped_mask
+from .quant.pq import decode
+
+
+class VQParts(NamedTuple):
+    """One side (K or V) of one layer's compressed cache, as plain tensors."""
+
+    codes: torch.Tensor  # [B, H, T, S] uint8/int16, every position
+    centroids: torch.Tensor  # [H, S, K, d] float32
+    anchor_rows: torch.Tensor  # [B, H, A, D] exact rows
+    anchor_pos: torch.Tensor  # [B, H, A] int32 positions < T - Tw, or -1 for an empty slot
+    window: torch.Tensor  # [B, H, Tw, D] exact rows of positions T - Tw .. T - 1
+
+
+def _anchor_index(pos: torch.Tensor, dummy: int) -> torch.Tensor:
+    """Anchor positions as int64 scatter indices, empty slots sent to a dummy column."""
+    return torch.where(pos >= 0, pos.long(), dummy)
+
+
+def _use_lookup(rows_per_head: int, num_subspaces: int, head_dim: int) -> bool:
+    """A gather per (query, code) beats decoding + a matmul while rows * S <= D."""
+    return rows_per_head * num_subspaces <= head_dim
+
+
+def _code_scores(qg: torch.Tensor, k: VQParts, Tc: int) -> torch.Tensor:
+    """scores [B, H, R, Tc] of R query rows against the encoded tokens 0..Tc-1 (unscaled)."""
+    codes = k.codes[:, :, :Tc]
+    H, S, K, d = k.centroids.shape
+    B, _, R, D = qg.shape
+    if not _use_lookup(R, S, D):
+        return qg @ decode(codes, k.centroids).transpose(-1, -2)
+    lut = torch.einsum("bhrsd,hskd->bhrsk", qg.unflatten(-1, (S, d)), k.centroids.float()).flatten(-2)
+    idx = (codes.long() + torch.arange(S, device=codes.device) * K).flatten(-2)  # [B, H, Tc*S]
+    picked = lut.gather(-1, idx[:, :, None].expand(B, H, R, Tc * S))
+    return picked.view(B, H, R, Tc, S).sum(-1)
+
+
+def _code_values(p: torch.Tensor, v: VQParts, Tc: int) -> torch.Tensor:
+    """sum_t p[..., t] * decode(v)[t] over encoded tokens 0..Tc-1, p [B, H, R, Tc] -> [B, H, R, D]."""
+    codes = v.codes[:, :, :Tc]
+    H, S, K, d = v.centroids.shape
+    B, _, R, _ = p.shape
+    if not _use_lookup(R, S, S * d):
+        return p @ decode(codes, v.centroids)
+    idx = (codes.long() + torch.arange(S, device=codes.device) * K).flatten(-2)  # [B, H, Tc*S]
+    weights = p[..., None].expand(B, H, R, Tc, S).reshape(B, H, R, Tc * S)
+    hist = torch.zeros(B, H, R, S * K, dtype=p.dtype, device=p.device)
+    hist.scatter_add_(-1, idx[:, :, None].expand(B, H, R, Tc * S), weights)
+    return torch.einsum("bhrsk,hskd->bhrsd", hist.view(B, H, R, S, K), v.centroids.float()).flatten(-2)
+
+
+def vq_attention(
+    q: torch.Tensor,
+    k: VQParts,
+    v: VQParts,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    score_window: bool = True,
+):
+    """SDPA of q [B, Hq, L, D] over the compressed K and V (Hq a multiple of Hkv: GQA).
+
+    Returns (out [B, Hq, L, D] in q's dtype, s1, s0): the Anchor Score sums [B, Hkv, Tw] of the
+    window tokens (None if `score_window` is False). Computed in float32.
+    """
+    B, Hq, L, D = q.shape
+    _, Hkv, T, _ = k.codes.shape
+    Tw = k.window.shape[2]
+    if v.window.shape[2] != Tw or v.codes.shape[2] != T:
+        raise ValueError("key and value caches must hold the same tokens and the same window")
+    G, Tc = Hq // Hkv, T - Tw
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    qg = q.float().reshape(B, Hkv, G * L, D)
+
+    # Scores: codes for the encoded part, exact rows at anchors (dummy column for empty slots),
+    # exact window. Column order = token order, so masks apply unchanged.
+    sc = torch.cat([_code_scores(qg, k, Tc), qg.new_zeros(B, Hkv, G * L, 1)], -1)
+    a_idx = _anchor_index(k.anchor_pos, Tc)[:, :, None].expand(B, Hkv, G * L, -1)
+    sc.scatter_(-1, a_idx, qg @ k.anchor_rows.float().transpose(-1, -2))
+    s = torch.cat([sc[..., :Tc], qg @ k.window.float().transpose(-1, -2)], -1) * scale
+    s = apply_mask(s.view(B, Hkv, G, L, T), grouped_mask(attn_mask, B, Hkv, G, L, T), is_causal)
+    p = torch.softmax(s, -1).view(B, Hkv, G * L, T)
+
+    # Values: anchors and window exact; the encoded part without the anchor columns.
+    pc = torch.cat([p[..., :Tc], p.new_zeros(B, Hkv, G * L, 1)], -1)
+    va_idx = _anchor_index(v.anchor_pos, Tc)[:, :, None].expand(B, Hkv, G * L, -1)
+    p_anchor = pc.gather(-1, va_idx).masked_fill(v.anchor_pos[:, :, None] < 0, 0.0)
+    pc.scatter_(-1, va_idx, 0.0)
+    o = _code_values(pc[..., :Tc], v, Tc) + p_anchor @ v.anchor_rows.float()
+    o = o + p[..., Tc:] @ v.window.float()
+    out = o.view(B, Hq, L, D).to(q.dtype)
+    if not score_window or Tw == 0:
+        return out, None, None
+
+    # Anchor Score sums of the window tokens (see quant/anchor_score.py), fully masked rows -> 0.
+    pw = p[..., Tc:].nan_to_num(0.0)
+    vw = v.window.float()
+    dist_sq = (o * o).sum(-1, keepdim=True) - 2 * o @ vw.transpose(-1, -2) + (vw * vw).sum(-1)[:, :, None]
+    qnorm = scale * qg.norm(dim=-1, keepdim=True)
+    s1 = (pw * qnorm * dist_sq.clamp_min(0).sqrt()).nan_to_num(0.0).sum(2)
+    return out, s1, pw.sum(2)

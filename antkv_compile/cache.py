@@ -1,0 +1,307 @@
+"""The compressed KV cache: a tensor that *is* the dense K (or V) it encodes.
+
+`VQTensor` is a traceable wrapper subclass of shape [B, Hkv, T, D] and the model's dtype. It holds
+
+- `codes` [B, Hkv, T, S]: the product-VQ code of every token, written once when the token arrives
+  (quantize-on-write) and never re-encoded;
+- anchors: exact rows [B, Hkv, A, D] of the ~1% tokens with the highest Anchor Score, their
+  positions [B, Hkv, A] (int32, -1 = empty slot) and scores;
+- `window`: the most recent tokens, exact, with their actual quantization error and the Anchor
+  Score accumulated from the queries that attended to them;
+- the layer's codebook (centroids and expected error per head), shared, not counted as cache bytes.
+
+Appending (`torch.cat([cache, new], dim=-2)`) first flushes the window down to `window` tokens:
+the oldest leave it, and the best of (current anchors + leavers) by score stay exact as anchors,
+the rest fall back to their codes. Then the new tokens join the window whole, so the tokens of
+the current call (a decode step, a prefill, a chunk) are always attended exactly and are scored
+by the queries that attend to them before they are encoded.
+
+Semantics: every op equals the same op on `dequantize(x)`. `cat` appends, SDPA runs VQ attention
+(attention.py), batch `index_select` and sequence crops act on the codes directly, and any other op
+falls back to dequantize-then-run, so nothing is ever silently wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map_only
+
+from .attention import VQParts, vq_attention
+from .quant.pq import check_dtype, decode, encode
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """window: exact recent tokens kept after a flush; anchor_frac: share of the flushed tokens kept
+    exact; error: Anchor Score with each token's 'actual' quantization error or the per-head
+    'expected' one."""
+
+    window: int = 32
+    anchor_frac: float = 0.01
+    error: str = "actual"
+
+    def __post_init__(self):
+        if self.window < 0 or not 0 <= self.anchor_frac <= 1 or self.error not in ("actual", "expected"):
+            raise ValueError(f"invalid cache settings {self}: need window >= 0, 0 <= anchor_frac <= 1, error 'actual' or 'expected'")
+
+
+_INNER = ("codes", "anchor_rows", "anchor_pos", "anchor_score", "window", "window_err", "window_score", "centroids", "expected_err")
+_CODEBOOK = ("centroids", "expected_err")
+
+
+class VQTensor(torch.Tensor):
+    codes: torch.Tensor
+    anchor_rows: torch.Tensor
+    anchor_pos: torch.Tensor
+    anchor_score: torch.Tensor
+    window: torch.Tensor
+    window_err: torch.Tensor
+    window_score: torch.Tensor
+    centroids: torch.Tensor
+    expected_err: torch.Tensor
+    settings: CacheSettings
+
+    @staticmethod
+    def __new__(cls, codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err, settings):
+        B, H, T, _ = codes.shape
+        shape = (B, H, T, window.shape[-1])
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=window.dtype, device=codes.device, requires_grad=False)
+
+    def __init__(self, codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err, settings):
+        self.codes, self.anchor_rows, self.anchor_pos, self.anchor_score = codes, anchor_rows, anchor_pos, anchor_score
+        self.window, self.window_err, self.window_score = window, window_err, window_score
+        self.centroids, self.expected_err, self.settings = centroids, expected_err, settings
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def empty(cls, batch, centroids, expected_err, settings=CacheSettings(), dtype=torch.float32, device=None):
+        """A cache of 0 tokens for `batch` sequences, ready to be appended to."""
+        H, S, K, d = centroids.shape
+        device = centroids.device if device is None else device
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(
+            torch.zeros(batch, H, 0, S, dtype=torch.uint8 if K <= 256 else torch.int16, device=device),
+            torch.zeros(batch, H, 0, S * d, dtype=dtype, device=device),
+            torch.zeros(batch, H, 0, dtype=torch.int32, device=device),
+            torch.zeros(batch, H, 0, **f32),
+            torch.zeros(batch, H, 0, S * d, dtype=dtype, device=device),
+            torch.zeros(batch, H, 0, **f32),
+            torch.zeros(batch, H, 0, **f32),
+            centroids.to(device=device, dtype=torch.float32),
+            expected_err.to(device=device, dtype=torch.float32),
+            settings,
+        )
+
+    def _replace(self, **inner) -> "VQTensor":
+        return VQTensor(**{n: inner.get(n, getattr(self, n)) for n in _INNER}, settings=self.settings)
+
+    # --- tensor-subclass protocol -------------------------------------------------------------
+
+    def __tensor_flatten__(self):
+        return list(_INNER), self.settings
+
+    @staticmethod
+    def __tensor_unflatten__(inner, settings, outer_size, outer_stride):
+        return VQTensor(**inner, settings=settings)
+
+    def __repr__(self):
+        return (
+            f"VQTensor(shape={tuple(self.shape)}, dtype={self.dtype}, window={self.window.shape[2]}, "
+            f"anchors={int((self.anchor_pos >= 0).sum())}, codes={tuple(self.codes.shape)})"
+        )
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            out = _sdpa(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _DIRECT.get(func)
+        if handler is not None:
+            out = handler(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        args, kwargs = tree_map_only(VQTensor, lambda t: t.dequantize(), (args, kwargs))
+        return func(*args, **kwargs)
+
+    # --- what the cache is --------------------------------------------------------------------
+
+    @property
+    def num_window(self) -> int:
+        return self.window.shape[2]
+
+    def parts(self) -> VQParts:
+        return VQParts(self.codes, self.centroids, self.anchor_rows, self.anchor_pos, self.window)
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense tensor this cache stands for: codes decoded, anchor and window rows exact."""
+        B, H, T, D = self.shape
+        Tc = T - self.num_window
+        dense = torch.cat([decode(self.codes[:, :, :Tc], self.centroids), self.window.float()], 2)
+        dense = torch.cat([dense, dense.new_zeros(B, H, 1, D)], 2)  # dummy row for empty anchor slots
+        idx = torch.where(self.anchor_pos >= 0, self.anchor_pos.long(), T)[..., None].expand(-1, -1, -1, D)
+        dense.scatter_(2, idx, self.anchor_rows.float())
+        return dense[:, :, :T].to(self.dtype)
+
+    def cache_nbytes(self) -> int:
+        """Bytes this cache holds (every inner tensor but the shared codebook)."""
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in _INNER if n not in _CODEBOOK)
+
+    # --- direct ops ---------------------------------------------------------------------------
+
+    def append(self, new: torch.Tensor) -> "VQTensor":
+        """Quantize-on-write: flush the window down to `settings.window`, then add `new` [B, H, n, D]."""
+        check_dtype(new)
+        if new.shape[:2] != self.shape[:2] or new.shape[3] != self.shape[3]:
+            raise ValueError(f"cannot append {tuple(new.shape)} to a cache of shape {tuple(self.shape)}")
+        flushed = self._flush(self.num_window - self.settings.window)
+        new = new.to(self.dtype)
+        codes = encode(new, self.centroids)
+        if self.settings.error == "actual":
+            err = (new.float() - decode(codes, self.centroids)).norm(dim=-1)
+        else:
+            err = self.expected_err[None, :, None].expand(new.shape[0], -1, new.shape[2])
+        return flushed._replace(
+            codes=torch.cat([flushed.codes, codes], 2),
+            window=torch.cat([flushed.window, new], 2),
+            window_err=torch.cat([flushed.window_err, err], 2),
+            window_score=torch.cat([flushed.window_score, err.new_zeros(err.shape)], 2),
+        )
+
+    def _flush(self, n_leave: int) -> "VQTensor":
+        """Move the oldest `n_leave` window tokens out; the top scorers among them and the current
+        anchors fill the anchor budget ceil(anchor_frac * encoded tokens)."""
+        if n_leave <= 0:
+            return self
+        T, Tw = self.shape[2], self.num_window
+        Tc = T - Tw + n_leave
+        leave_pos = torch.arange(T - Tw, T - Tw + n_leave, dtype=torch.int32, device=self.device)
+        cand_score = torch.cat([self.anchor_score, self.window_score[:, :, :n_leave]], 2)
+        cand_pos = torch.cat([self.anchor_pos, leave_pos.expand(*self.shape[:2], -1)], 2)
+        cand_rows = torch.cat([self.anchor_rows, self.window[:, :, :n_leave]], 2)
+        budget = min(math.ceil(self.settings.anchor_frac * Tc), cand_score.shape[2])
+        score, idx = cand_score.topk(budget, dim=2)
+        return self._replace(
+            anchor_rows=cand_rows.gather(2, idx[..., None].expand(-1, -1, -1, self.shape[3])),
+            anchor_pos=cand_pos.gather(2, idx),
+            anchor_score=score,
+            window=self.window[:, :, n_leave:],
+            window_err=self.window_err[:, :, n_leave:],
+            window_score=self.window_score[:, :, n_leave:],
+        )
+
+    def crop(self, end: int) -> "VQTensor":
+        """The first `end` tokens (HF's cache crop): codes cut, later anchors emptied, window cut."""
+        T, Tw = self.shape[2], self.num_window
+        end = max(0, min(T, end if end >= 0 else T + end))
+        keep_w = max(0, end - (T - Tw))
+        gone = self.anchor_pos >= end
+        return self._replace(
+            codes=self.codes[:, :, :end],
+            anchor_pos=self.anchor_pos.masked_fill(gone, -1),
+            anchor_score=self.anchor_score.masked_fill(gone, float("-inf")),
+            window=self.window[:, :, : keep_w],
+            window_err=self.window_err[:, :, :keep_w],
+            window_score=self.window_score[:, :, :keep_w],
+        )
+
+    def select_batch(self, index: torch.Tensor) -> "VQTensor":
+        """Reorder / pick sequences (beam search) on every per-sequence inner tensor."""
+        index = index.to(self.device).long()
+        return self._replace(**{n: getattr(self, n).index_select(0, index) for n in _INNER if n not in _CODEBOOK})
+
+
+def dequantize(x: torch.Tensor) -> torch.Tensor:
+    """The dense tensor: `x` itself if it is not compressed."""
+    return x.dequantize() if isinstance(x, VQTensor) else x
+
+
+# --- dispatch handlers: ops computed on the compressed form ------------------------------------
+
+
+def _cat(tensors, dim=0):
+    if len(tensors) != 2 or not isinstance(tensors[0], VQTensor) or isinstance(tensors[1], VQTensor):
+        return NotImplemented
+    cache, new = tensors
+    if dim % 4 != 2 or new.dim() != 4 or new.dtype != cache.dtype:
+        return NotImplemented
+    return cache.append(new)
+
+
+def _slice(x, dim=0, start=None, end=None, step=1):
+    size = x.shape[dim]
+    start = 0 if start is None else start
+    end = size if end is None or end > size else end
+    if step != 1 or start != 0:
+        return NotImplemented
+    if end == size:
+        return x
+    return x.crop(end) if dim % 4 == 2 else NotImplemented
+
+
+def _index_select(x, dim, index):
+    return x.select_batch(index) if isinstance(x, VQTensor) and dim % 4 == 0 else NotImplemented
+
+
+def _index(x, indices):
+    if not isinstance(x, VQTensor) or len(indices) != 1 or indices[0] is None or indices[0].dtype == torch.bool:
+        return NotImplemented
+    return x.select_batch(indices[0])
+
+
+def _same(x, *args, **kwargs):
+    return x._replace(**{n: getattr(x, n).detach() for n in _INNER})
+
+
+def _clone(x, **kwargs):
+    return x._replace(**{n: getattr(x, n).clone() for n in _INNER if n not in _CODEBOOK})
+
+
+_DIRECT = {
+    aten.cat.default: _cat,
+    aten.slice.Tensor: _slice,
+    aten.index_select.default: _index_select,
+    aten.index.Tensor: _index,
+    aten.detach.default: _same,
+    aten.alias.default: _same,
+    aten.clone.default: _clone,
+}
+
+
+# --- SDPA ---------------------------------------------------------------------------------------
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """VQ attention when K and V are both compressed; NotImplemented (-> dense fallback) otherwise."""
+    if not (isinstance(key, VQTensor) and isinstance(value, VQTensor)) or isinstance(query, VQTensor):
+        return NotImplemented
+    if dropout_p > 0 or isinstance(attn_mask, VQTensor) or key.num_window != value.num_window:
+        return NotImplemented
+    Hq, Hkv = query.shape[1], key.shape[1]
+    if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
+        raise RuntimeError(
+            f"scaled_dot_product_attention: {Hq} query heads and {Hkv} kv heads need enable_gqa=True "
+            f"(and a multiple), as for dense tensors"
+        )
+    out, s1, s0 = vq_attention(query, key.parts(), value.parts(), attn_mask, is_causal, scale)
+    if s1 is not None:
+        with torch.no_grad():
+            score = key.window_err * s1 + value.window_err * s0
+            key.window_score.add_(score)
+            if value.window_score is not key.window_score:
+                value.window_score.add_(score)
+    return out
