@@ -1,0 +1,245 @@
+"""Offline calibration: learn token-aware codebooks and the K/V bit split for a model.
+
+1. `collect_calibration` runs the model over calibration text and keeps, per layer, the keys and
+   values (post-RoPE, as the cache sees them), each token's Anchor Score sums (S1, S0) from its
+   real queries (blockwise, causal), and a probe of late queries to measure attention error on.
+2. `fit_codebooks` learns, per layer, kv head and subspace, centroids by k-means weighted with the
+   Anchor Score, and picks the K/V split of the bit budget by the attention-output error each
+   candidate causes on the probe, keys-favoured as the prior ("More for Keys, Less for Values").
+
+`calibrate(model, texts, bits=1.0)` does both. Fitted codebooks are memoized on the
+CalibrationData, so several budgets and ablations share the k-means work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .quant.anchor_score import anchor_score_terms_blockwise, combine
+from .quant.codebook import Codebooks, LayerCodebook, model_fingerprint
+from .quant.kmeans import weighted_kmeans
+from .quant.pq import PRESETS, PQSpec, decode, encode, spec_for_bits
+
+
+@dataclass
+class CalibrationData:
+    keys: list[torch.Tensor]  # per layer [n_seq, Hkv, L, D] float32
+    values: list[torch.Tensor]
+    s1: list[torch.Tensor]  # per layer [n_seq, Hkv, L]: Anchor Score sums of each token
+    s0: list[torch.Tensor]
+    probe_q: list[torch.Tensor]  # per layer [n_seq, Hq, P, D]: the last P queries of each sequence
+    scale: list[float]
+    fingerprint: dict
+    fits: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys[0].shape[0] * self.keys[0].shape[2]
+
+
+def _as_sequences(texts_or_ids, tokenizer, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    if isinstance(texts_or_ids, str) or (isinstance(texts_or_ids, (list, tuple)) and texts_or_ids and isinstance(texts_or_ids[0], str)):
+        if tokenizer is None:
+            raise ValueError("calibrate got text: pass tokenizer=... (or token ids instead of text)")
+        text = texts_or_ids if isinstance(texts_or_ids, str) else "\n\n".join(texts_or_ids)
+        ids = tokenizer(text, return_tensors="pt").input_ids.flatten()
+    else:
+        ids = torch.as_tensor(texts_or_ids).flatten()
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n_seq = ids.numel() // seq_len
+    if n_seq == 0:
+        raise ValueError(f"calibration needs at least seq_len={seq_len} tokens, got {ids.numel()}")
+    return ids[: n_seq * seq_len].view(n_seq, seq_len)
+
+
+@torch.no_grad()
+def collect_calibration(model, texts_or_ids, tokenizer=None, seq_len=1024, max_tokens=8192, probe=64, progress=True) -> CalibrationData:
+    """Run `model` over the calibration tokens and keep what codebook fitting needs (see module doc)."""
+    from .hf import attention_hook
+
+    seqs = _as_sequences(texts_or_ids, tokenizer, seq_len, max_tokens)
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    per_layer: list[list[tuple]] = [[] for _ in range(n_layers)]
+    scales = [0.0] * n_layers
+
+    def hook(module, query, key, value, attention_mask, scaling):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        s1, s0 = anchor_score_terms_blockwise(query, key, value, is_causal=True, scale=scale)
+        per_layer[module.layer_idx].append((key.float(), value.float(), s1, s0, query[:, :, -probe:].float()))
+        scales[module.layer_idx] = scale
+
+    device = next(model.parameters()).device
+    with attention_hook(model, hook):
+        for seq in tqdm(seqs, desc="calibration forward", disable=not progress):
+            model(seq[None].to(device), use_cache=False)
+    cat = [[torch.cat(items, 0) for items in zip(*layer)] for layer in per_layer]
+    k, v, s1, s0, pq = (list(x) for x in zip(*cat))
+    return CalibrationData(k, v, s1, s0, pq, scales, model_fingerprint(model.config))
+
+
+def _expected_error(x: torch.Tensor, spec: PQSpec) -> torch.Tensor:
+    """Error per head before any codebook exists: the Gaussian rate-distortion bound, RMS norm x 2^-bits."""
+    return x.pow(2).sum(-1).mean((0, 2)).sqrt() * 2.0 ** (-spec.bits)
+
+
+def _anchor_scores(data: CalibrationData, layer: int, kspec: PQSpec, vspec: PQSpec) -> torch.Tensor:
+    e_k = _expected_error(data.keys[layer], kspec)
+    e_v = _expected_error(data.values[layer], vspec)
+    return combine(data.s1[layer], data.s0[layer], e_k, e_v)  # [n_seq, Hkv, L]
+
+
+def _token_weights(score: torch.Tensor, anchor_frac: float) -> torch.Tensor:
+    """Anchor Scores as k-means weights, capped at the anchor threshold: the top tokens stay exact
+    in the cache, so they should not pull centroids away from everyone else."""
+    per_head = score.transpose(0, 1).flatten(1)  # [Hkv, N]
+    cap = torch.quantile(per_head, 1 - anchor_frac, dim=1, keepdim=True) if anchor_frac > 0 else per_head.amax(1, keepdim=True)
+    return per_head.minimum(cap).clamp_min(1e-12)
+
+
+def _fit_side(x, weights, spec, iters, seed, kmeans_tokens):
+    """Centroids [Hkv, S, K, d] and mean error per head for one side (K or V) of one layer."""
+    n, H, L, D = x.shape
+    S = spec.num_subspaces(D)
+    tokens = x.transpose(0, 1).reshape(H, n * L, D)
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(n * L, generator=gen)[:kmeans_tokens]
+    sub = tokens[:, pick].unflatten(-1, (S, spec.sub_dim)).transpose(1, 2).reshape(H * S, -1, spec.sub_dim)
+    w = None if weights is None else weights[:, pick].repeat_interleave(S, 0)
+    centroids = weighted_kmeans(sub, spec.num_centroids, w, iters=iters, seed=seed).view(H, S, spec.num_centroids, spec.sub_dim)
+    err = (x - decode(encode(x, centroids), centroids)).norm(dim=-1).mean((0, 2))
+    return centroids, err
+
+
+def _fit_layer(data, layer, kspec, vspec, weighted, anchor_frac, iters, seed, kmeans_tokens) -> LayerCodebook:
+    key = (layer, kspec, vspec, weighted, anchor_frac, iters, seed, kmeans_tokens)
+    if key not in data.fits:
+        w = _token_weights(_anchor_scores(data, layer, kspec, vspec), anchor_frac) if weighted else None
+        kc, ke = _fit_side(data.keys[layer], w, kspec, iters, seed, kmeans_tokens)
+        vc, ve = _fit_side(data.values[layer], w, vspec, iters, seed + 1, kmeans_tokens)
+        data.fits[key] = LayerCodebook(kc, vc, kspec, vspec, ke, ve)
+    return data.fits[key]
+
+
+def _dense_with_anchors(x, centroids, exact_mask):
+    return torch.where(exact_mask[..., None], x, decode(encode(x, centroids), centroids))
+
+
+def attention_error(data: CalibrationData, layer: int, book: LayerCodebook, anchor_frac: float) -> float:
+    """Relative attention-output error on the probe queries with K and V quantized, the top
+    `anchor_frac` tokens by Anchor Score exact (as the cache keeps them)."""
+    k, v, q = data.keys[layer], data.values[layer], data.probe_q[layer]
+    n, H, L, D = k.shape
+    score = _anchor_scores(data, layer, book.key_spec, book.value_spec)
+    n_anchor = math.ceil(anchor_frac * L)
+    exact = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(n_anchor, -1).indices, True)
+    kq = _dense_with_anchors(k, book.key_centroids, exact)
+    vq = _dense_with_anchors(v, book.value_centroids, exact)
+    P = q.shape[2]
+    mask = torch.ones(P, L, dtype=torch.bool).tril(L - P)  # probe i sits at position L - P + i
+
+    def attend(kk, vv):
+        return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=data.scale[layer], enable_gqa=True)
+
+    ref = attend(k, v)
+    return ((attend(kq, vq) - ref).pow(2).sum() / ref.pow(2).sum()).item()
+
+
+def kv_candidates(bits: float) -> list[tuple[PQSpec, PQSpec]]:
+    """Equal split first, then the key-favoured splits one preset step apart with the same average."""
+    spec = spec_for_bits(bits)
+    pairs = [(spec, spec)]
+    for kb in sorted(PRESETS):
+        vb = 2 * spec.bits - kb
+        if kb > spec.bits and vb in PRESETS and kb - vb <= 1.0 + 1e-9:
+            pairs.append((PRESETS[kb], PRESETS[vb]))
+    return pairs
+
+
+def fit_codebooks(
+    data: CalibrationData,
+    bits: float = 1.0,
+    kv_split: str | tuple = "auto",
+    per_layer: bool = False,
+    weighted: bool = True,
+    anchor_frac: float = 0.01,
+    iters: int = 15,
+    seed: int = 0,
+    kmeans_tokens: int = 4096,
+    progress: bool = True,
+) -> Codebooks:
+    """Codebooks for an average budget of `bits` per element.
+
+    kv_split: "auto" (measure the candidates of `kv_candidates`, keep the lowest attention error;
+    on a near tie the norm rule decides), "equal", or explicit (key_bits, value_bits).
+    per_layer: choose the split per layer instead of one split for the model.
+    """
+    n_layers = len(data.keys)
+    if kv_split == "equal":
+        cands = kv_candidates(bits)[:1]
+    elif isinstance(kv_split, (tuple, list)):
+        kb, vb = kv_split
+        cands = [(spec_for_bits(kb), spec_for_bits(vb))]
+    elif kv_split == "auto":
+        cands = kv_candidates(bits)
+    else:
+        raise ValueError(f"kv_split must be 'auto', 'equal' or (key_bits, value_bits), got {kv_split!r}")
+    for kspec, vspec in cands:
+        kspec.num_subspaces(data.keys[0].shape[-1]), vspec.num_subspaces(data.keys[0].shape[-1])
+
+    key_norm = data.keys[0].new_tensor([k.norm(dim=-1).mean() for k in data.keys]).mean().item()
+    value_norm = data.values[0].new_tensor([v.norm(dim=-1).mean() for v in data.values]).mean().item()
+    prior_key = key_norm > value_norm
+
+    errors = torch.zeros(len(cands), n_layers)
+    books = [[None] * n_layers for _ in cands]
+    bar = tqdm(total=len(cands) * n_layers, desc=f"codebooks {bits:g} bit", disable=not progress)
+    for c, (kspec, vspec) in enumerate(cands):
+        for layer in range(n_layers):
+            books[c][layer] = _fit_layer(data, layer, kspec, vspec, weighted, anchor_frac, iters, seed, kmeans_tokens)
+            if len(cands) > 1:
+                errors[c, layer] = attention_error(data, layer, books[c][layer], anchor_frac)
+            bar.update()
+    bar.close()
+
+    def pick(err):  # lowest error; within 2% the norm rule's preferred side wins
+        order = sorted(range(len(cands)), key=lambda i: err[i].item())
+        best = order[0]
+        for i in order[1:]:
+            favoured = cands[i][0].bits > cands[i][1].bits
+            if err[i] <= err[best] * 1.02 and favoured == prior_key and (cands[best][0].bits > cands[best][1].bits) != prior_key:
+                best = i
+        return best
+
+    name = [f"K{k.bits:g}/V{v.bits:g}" for k, v in cands]
+    if per_layer:
+        chosen = [pick(errors[:, l]) for l in range(n_layers)]
+    else:
+        chosen = [pick(errors.mean(1))] * n_layers
+    settings = {
+        "bits": bits,
+        "kv_split": kv_split if isinstance(kv_split, str) else list(kv_split),
+        "per_layer": per_layer,
+        "chosen": [name[c] for c in chosen],
+        "candidate_errors": {name[c]: errors[c].mean().item() for c in range(len(cands))} if len(cands) > 1 else {},
+        "norm_prior": "keys" if prior_key else "values",
+        "mean_key_norm": key_norm,
+        "mean_value_norm": value_norm,
+        "weighted": weighted,
+        "anchor_frac": anchor_frac,
+        "calibration_tokens": data.num_tokens,
+        "kmeans_tokens": kmeans_tokens,
+        "iters": iters,
+        "seed": seed,
+    }
+    return Codebooks([books[c][l] for l, c in enumerate(chosen)], dict(data.fingerprint), settings)
+
+
+def calibrate(model, texts_or_ids, bits: float = 1.0, tokenizer=None, seq_len=1024, max_tokens=8192, progress=True, **fit_kwargs) -> Codebooks:
+    """Codebooks for `model` at an average of `bits` per element, learned from calibration text or ids."""
+    data = collect_calibration(model, texts_or_ids, tokenizer, seq_len=seq_len, max_tokens=max_tokens, progress=progress)
+    return fit_codebooks(data, bits, progress=progress, **fit_kwargs)

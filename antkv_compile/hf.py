@@ -1,0 +1,122 @@
+"""Hugging Face integration: a `Cache` made of VQTensors, and an attention function that reads it.
+
+`AntKVCache(codebooks)` goes wherever a `DynamicCache` goes (`generate(past_key_values=...)`, a
+manual forward loop): its layers are DynamicLayers whose keys and values are VQTensors, so HF's own
+`torch.cat` appends with quantize-on-write, and crop / beam reorder act on the codes.
+
+Transformers' "sdpa" attention repeats K and V per query head (`repeat_kv`) whenever a mask is
+present, which would decode the whole cache. The "antkv" attention implementation registered here
+calls SDPA with `enable_gqa=True` instead, so VQ attention reads the codes once per kv head;
+`use_antkv_attention(model)` switches a model to it (dense caches still go through "sdpa").
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .cache import CacheSettings, VQTensor
+from .quant.codebook import Codebooks, LayerCodebook
+
+ATTN_IMPLEMENTATION = "antkv"
+
+
+class AntKVLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are VQTensors (created on the first update)."""
+
+    def __init__(self, codebook: LayerCodebook, settings: CacheSettings):
+        super().__init__()
+        self.codebook, self.settings = codebook, settings
+
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        book, batch = self.codebook, key_states.shape[0]
+        for name, states, centroids, error in (
+            ("key", key_states, book.key_centroids, book.key_error),
+            ("value", value_states, book.value_centroids, book.value_error),
+        ):
+            if states.shape[1] != centroids.shape[0] or states.shape[-1] != centroids.shape[1] * centroids.shape[3]:
+                raise ValueError(
+                    f"{name} states of shape {tuple(states.shape)} do not match the codebook "
+                    f"[{centroids.shape[0]} kv heads, head_dim {centroids.shape[1] * centroids.shape[3]}]: "
+                    f"these codebooks were calibrated for another model"
+                )
+        self.keys = VQTensor.empty(batch, book.key_centroids, book.key_error, self.settings, self.dtype, self.device)
+        self.values = VQTensor.empty(batch, book.value_centroids, book.value_error, self.settings, self.dtype, self.device)
+        self.is_initialized = True
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            index = torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats)
+            self.keys, self.values = self.keys.select_batch(index), self.values.select_batch(index)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self.keys, self.values = self.keys.select_batch(indices), self.values.select_batch(indices)
+
+
+class AntKVCache(Cache):
+    """An HF cache that stores every layer's K and V vector-quantized (see cache.py)."""
+
+    def __init__(self, codebooks: Codebooks, settings: CacheSettings | None = None, config=None, **setting_kwargs):
+        if config is not None:
+            codebooks.check_model(config)
+        settings = settings or CacheSettings(**setting_kwargs)
+        super().__init__(layers=[AntKVLayer(book, settings) for book in codebooks.layers])
+
+    def cache_nbytes(self) -> int:
+        """Bytes held by the compressed K and V of all layers (codebooks not included)."""
+        return sum(t.cache_nbytes() for layer in self.layers if layer.is_initialized for t in (layer.keys, layer.values))
+
+
+def antkv_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """HF attention function: SDPA with enable_gqa on a VQ cache (no repeat_kv), "sdpa" otherwise."""
+    if not isinstance(key, VQTensor):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    q_len = query.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = q_len > 1 and attention_mask is None and is_causal
+    if is_causal and key.shape[2] > q_len:  # same as HF's sdpa: empty-static-cache prefill
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None
+
+
+ALL_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, antkv_attention_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def use_antkv_attention(model):
+    """Switch `model` to the "antkv" attention implementation (in place); returns the model."""
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+@contextlib.contextmanager
+def attention_hook(model, hook: Callable):
+    """Run `hook(module, query, key, value, attention_mask, scaling)` on every attention call of
+    `model` (post-RoPE, before GQA repetition), then attend as "sdpa" would."""
+    name = "antkv_hook"
+
+    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        hook(module, query, key, value, attention_mask, scaling)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS.register(name, forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
