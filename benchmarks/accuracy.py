@@ -1,0 +1,301 @@
+"""Accuracy benchmark: decode-faithful WikiText-2 perplexity of SmolLM2-135M-Instruct against the
+measured effective bits of each KV-cache row.
+
+Protocol (issue 2, section 5): the token stream of the WikiText-2 test split is cut into a
+calibration slice, tokens [0, --calib-tokens), and evaluation windows of --context tokens starting at
+--eval-offset, so the two never overlap. Each window is fed through the model --chunk tokens at a
+time with a fresh cache, so every prediction reads the cached (compressed) past as in generation.
+Perplexity pools the NLL of all windows; effective bits = bytes held by the cache x 8 / elements of
+the dense K and V it stands for, at the end of each window, averaged over windows. Shared codebooks
+are excluded from those bytes and reported separately.
+
+Rows live in a registry: `register(Row(...))` adds one (see `Row`, `Setup`, `Context`).
+
+    python benchmarks/accuracy.py                        # full run, writes benchmarks/results/
+    python benchmarks/accuracy.py --rows 'fp,quanto-*'   # a subset
+    python benchmarks/accuracy.py --quick                # smoke test, writes to a temp dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import transformers
+from tqdm import tqdm
+from transformers import DynamicCache, QuantizedCache
+
+from antkv_compile.evaluation import (
+    cache_nbytes,
+    decode_faithful_nll,
+    dense_kv_elements,
+    load_smollm2,
+    load_wikitext_ids,
+    perplexity,
+    tensors_nbytes,
+)
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# 2 cores, fp32: FP takes ~10 s per 2048-token window and the QuantizedCache peers ~11-19 s; 6 windows
+# keep the ~14 rows (FP, 4 peers, 5 budgets, 4 ablations) within ~45 minutes including calibration.
+DEFAULT_WINDOWS = 6
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a row may use to build its cache: the model and the calibration slice (disjoint from the
+    evaluation windows)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    calib_ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A row ready to evaluate. `make_cache()` returns a fresh cache for one window. `codebooks`:
+    tensors shared by every cache of the row (None for rows without); they are excluded from the
+    cache bytes and reported as codebook_bytes."""
+
+    make_cache: Callable[[], object]
+    codebooks: Sequence[torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One benchmark row. `setup(ctx)` does any calibration and returns a Setup; it is timed apart
+    from the evaluation. `kind` is "fp", "peer" or "ours" (plot style)."""
+
+    name: str
+    bits_budget: float | None
+    setup: Callable[[Context], Setup]
+    kind: str = "ours"
+    notes: str = ""
+
+
+ROWS: dict[str, Row] = {}
+
+
+def register(row: Row) -> Row:
+    if row.name in ROWS:
+        raise ValueError(f"row {row.name!r} is already registered")
+    ROWS[row.name] = row
+    return row
+
+
+# --- baseline rows -------------------------------------------------------------------------------
+
+register(Row("fp", None, lambda ctx: Setup(lambda: DynamicCache(config=ctx.model.config)), kind="fp",
+             notes="DynamicCache, model dtype"))
+
+
+def _quantized_cache_row(backend: str, nbits: int, notes: str) -> Row:
+    """transformers' QuantizedCache (KIVI-style: a full-precision residual of up to 128 tokens, the
+    rest re-quantized with groups of 64 each time the residual fills), axis 0 for keys and values.
+    Both backends run as-is on CPU: quanto falls back to its pure-PyTorch ops, HQQ is told the
+    cache's device by transformers."""
+
+    def setup(ctx: Context) -> Setup:
+        return Setup(lambda: QuantizedCache(backend, ctx.model.config, nbits=nbits, axis_key=0, axis_value=0,
+                                            q_group_size=64, residual_length=128))
+
+    return Row(f"{backend}-{nbits}bit", float(nbits), setup, kind="peer", notes=notes)
+
+
+_QUANTO_NOTES = "groups of 64 along head_dim (one per token and head), fp scale + shift per group"
+_HQQ_NOTES = "axis 0: HQQ groups 64 elements strided by numel/64 across tokens, heads and dims"
+register(_quantized_cache_row("quanto", 4, _QUANTO_NOTES))
+register(_quantized_cache_row("quanto", 2, _QUANTO_NOTES))
+register(_quantized_cache_row("hqq", 2, _HQQ_NOTES))
+register(_quantized_cache_row("hqq", 1, _HQQ_NOTES))
+
+
+# --- running -------------------------------------------------------------------------------------
+
+def select_rows(spec: str | None) -> list[Row]:
+    """Rows matching a comma list of names or globs, in registry order (all rows if spec is None)."""
+    if spec is None:
+        return list(ROWS.values())
+    patterns = [p.strip() for p in spec.split(",") if p.strip()]
+    unmatched = [p for p in patterns if not fnmatch.filter(ROWS, p)]
+    if unmatched:
+        raise SystemExit(f"--rows: no row matches {', '.join(unmatched)}; rows: {', '.join(ROWS)}")
+    return [row for name, row in ROWS.items() if any(fnmatch.fnmatch(name, p) for p in patterns)]
+
+
+def evaluate_row(row: Row, ctx: Context, windows: list[torch.Tensor], chunk: int) -> dict:
+    """Perplexity and effective bits of one row. An exception is recorded, not raised."""
+    record = {"name": row.name, "kind": row.kind, "bits_budget": row.bits_budget, "effective_bits": None,
+              "ppl": None, "ppl_ratio_vs_fp": None, "codebook_bytes": None, "setup_seconds": None,
+              "seconds": None, "seconds_per_window": None, "notes": row.notes, "error": None}
+    start = time.perf_counter()
+    try:
+        setup = row.setup(ctx)
+        eval_start = time.perf_counter()
+        record["setup_seconds"] = eval_start - start
+        exclude = setup.codebooks or ()
+        total_nll, total_predictions, bits = 0.0, 0, []
+        for window in tqdm(windows, desc=row.name, unit="window"):
+            nll, predictions, cache = decode_faithful_nll(ctx.model, window, setup.make_cache, chunk)
+            total_nll += nll
+            total_predictions += predictions
+            bits.append(cache_nbytes(cache, exclude=exclude) * 8 / dense_kv_elements(cache, ctx.model.config))
+        record["ppl"] = perplexity(total_nll, total_predictions)
+        record["effective_bits"] = sum(bits) / len(bits)
+        if setup.codebooks is not None:
+            record["codebook_bytes"] = tensors_nbytes(setup.codebooks)
+        record["seconds_per_window"] = (time.perf_counter() - eval_start) / len(windows)
+    except Exception as exc:  # a crashing row is a result too; the run goes on
+        traceback.print_exc()
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
+def eval_windows(ids: torch.Tensor, offset: int, context: int, count: int) -> list[torch.Tensor]:
+    needed = offset + context * count
+    if needed > ids.numel():
+        raise SystemExit(f"{count} windows of {context} tokens from offset {offset} need {needed} tokens; "
+                         f"the text has {ids.numel()}")
+    return [ids[offset + i * context: offset + (i + 1) * context] for i in range(count)]
+
+
+# --- reporting -----------------------------------------------------------------------------------
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def write_markdown(path: Path, records: list[dict], header: dict) -> None:
+    lines = ["# Accuracy: decode-faithful WikiText-2 perplexity vs effective KV-cache bits", ""]
+    lines += [f"- {key}: {value}" for key, value in header.items()]
+    lines += ["", "| row | bits budget | effective bits | ppl | ppl / FP | codebook bytes | s / window | notes |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        ppl = f"error: {r['error']}" if r["error"] else _fmt(r["ppl"], ".3f")
+        lines.append(f"| {r['name']} | {_fmt(r['bits_budget'], 'g')} | {_fmt(r['effective_bits'], '.3f')} | {ppl} "
+                     f"| {_fmt(r['ppl_ratio_vs_fp'], '.4f')} | {_fmt(r['codebook_bytes'], ',d')} "
+                     f"| {_fmt(r['seconds_per_window'], '.1f')} | {r['notes']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(path: Path, records: list[dict], title: str) -> None:
+    """Perplexity vs effective bits, both log scale (the 1-2 bit peers land orders of magnitude above
+    FP); FP is a horizontal line, peers and ours have distinct markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"peer": dict(marker="o", color="tab:gray", label="QuantizedCache (peer)"),
+              "ours": dict(marker="s", color="tab:red", label="AnTKV (ours)")}
+    labelled = set()
+    for r in records:
+        if r["error"] or r["ppl"] is None:
+            continue
+        if r["kind"] == "fp":
+            ax.axhline(r["ppl"], color="black", linestyle="--", linewidth=1,
+                       label=f"FP ({r['effective_bits']:.0f} bit) ppl {r['ppl']:.2f}")
+            continue
+        style = dict(styles[r["kind"]])
+        if r["kind"] in labelled:
+            style.pop("label")
+        labelled.add(r["kind"])
+        ax.scatter(r["effective_bits"], r["ppl"], zorder=3, **style)
+        ax.annotate(r["name"], (r["effective_bits"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log", base=2)
+    bits = [r["effective_bits"] for r in records if r["effective_bits"] is not None]
+    if bits:  # power-of-two ticks over the measured range, FP's bits included
+        lo, hi = min(bits) / 1.3, max(bits) * 1.3
+        ax.set_xticks([2.0 ** e for e in range(math.floor(math.log2(lo)), math.ceil(math.log2(hi)) + 1)])
+        ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits per K/V element (measured)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", help=f"comma list of row names or globs (default: all of {', '.join(ROWS)})")
+    p.add_argument("--data", help="path to wiki.test.raw (default: $ANTKV_WIKITEXT or ../shared/data/...)")
+    p.add_argument("--out", type=Path, help=f"output directory (default: {RESULTS_DIR}; a temp dir with --quick)")
+    p.add_argument("--context", type=int, default=2048, help="tokens per evaluation window (default: 2048)")
+    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help=f"evaluation windows (default: {DEFAULT_WINDOWS})")
+    p.add_argument("--chunk", type=int, default=32, help="tokens per forward call (default: 32)")
+    p.add_argument("--eval-offset", type=int, default=100_000, help="first evaluation token (default: 100000)")
+    p.add_argument("--calib-tokens", type=int, default=16_384, help="calibration slice [0, N) (default: 16384)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 window of 256 tokens, 2048 calibration tokens")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.context, args.windows, args.calib_tokens = 256, 1, min(args.calib_tokens, 2048)
+        args.out = args.out or Path(tempfile.gettempdir()) / "antkv-accuracy-quick"
+    args.out = args.out or RESULTS_DIR
+    if args.calib_tokens > args.eval_offset:
+        p.error(f"--calib-tokens {args.calib_tokens} overlaps the evaluation slice starting at --eval-offset {args.eval_offset}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    rows = select_rows(args.rows)
+    model, tokenizer = load_smollm2()
+    ids = load_wikitext_ids(tokenizer, args.data)
+    windows = eval_windows(ids, args.eval_offset, args.context, args.windows)
+    ctx = Context(model, tokenizer, ids[: args.calib_tokens])
+
+    records = [evaluate_row(row, ctx, windows, args.chunk) for row in rows]
+    fp_ppl = next((r["ppl"] for r in records if r["kind"] == "fp" and r["ppl"] is not None), None)
+    for r in records:
+        r.update(context=args.context, windows=args.windows, chunk=args.chunk)
+        if fp_ppl is not None and r["ppl"] is not None:
+            r["ppl_ratio_vs_fp"] = r["ppl"] / fp_ppl
+
+    header = {
+        "command": shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/accuracy.py", *argv]),
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                   f"transformers {transformers.__version__}",
+        "model": f"SmolLM2-135M-Instruct (GGUF Q4_1 weights dequantized), {model.dtype}",
+        "data": f"WikiText-2 test, {ids.numel()} tokens; calibration [0, {args.calib_tokens}), "
+                f"evaluation from token {args.eval_offset}",
+        "context": f"{args.context} tokens per window",
+        "windows": args.windows,
+        "chunk": f"{args.chunk} tokens per forward call (decode-faithful)",
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_markdown(args.out / "accuracy.md", records, header)
+    (args.out / "accuracy.json").write_text(json.dumps(records, indent=2) + "\n")
+    write_plot(args.out / "accuracy.png", records,
+               f"SmolLM2-135M, WikiText-2, {args.windows} x {args.context} tokens, chunk {args.chunk}")
+    print((args.out / "accuracy.md").read_text())
+    return records
+
+
+if __name__ == "__main__":
+    main()
