@@ -165,8 +165,8 @@ def _decode_codes_split(
         v_exact_pos = (vslot >= 0)[None, :]
         vc = tl.load(vcodes_ptr + offs_t[:, None] * stride_vct + offs_sv[None, :] * stride_vcs,
                      mask=t_ok[:, None] & (offs_sv < SV)[None, :], other=-1).to(tl.int32)
-        onehot = tl.reshape(vc[:, :, None] == tl.arange(0, KV)[None, None, :],
-                            (BLOCK_T, BLOCK_SV * KV)).to(tl.float32)
+        onehot = tl.reshape((vc[:, :, None] == tl.arange(0, KV)[None, None, :]).to(tl.float32),
+                            (BLOCK_T, BLOCK_SV * KV))
         hist = hist * alpha[:, None] + tl.dot(tl.where(v_exact_pos, 0.0, p), onehot,
                                               input_precision="ieee")
         acc = acc * alpha[:, None]
@@ -455,6 +455,9 @@ def _check_side(name: str, parts: VQParts, B: int, Hkv: int, dtype: torch.dtype,
                                    parts.anchor_pos, parts.window)
     if cent.dtype != torch.float32 or cent.dim() != 4:
         raise TypeError(f"{name}.centroids must be float32 [H, S, K, d], got {cent.dtype} {tuple(cent.shape)}")
+    if codes.dim() != 4 or win.dim() != 4:
+        raise ValueError(f"{name}.codes and {name}.window must be 4-d [B, H, T, .], got "
+                         f"{tuple(codes.shape)} and {tuple(win.shape)}")
     H, S, K, d = cent.shape
     D = S * d
     if K & (K - 1) or d & (d - 1):
@@ -531,6 +534,12 @@ def _mask_args(mask: torch.Tensor | None, q: torch.Tensor) -> list:
     return [q, 0, 0, 0, 0] if mask is None else [mask, *mask.stride()]
 
 
+def _subspace_block(S: int, K: int) -> int:
+    """Subspaces padded to a power of two, and far enough that the S*K table is >= 16 wide
+    (tl.dot's minimum)."""
+    return max(triton.next_power_of_2(S), triton.cdiv(16, K))
+
+
 def vq_decode_attention(
     q: torch.Tensor,
     k: VQParts,
@@ -576,7 +585,7 @@ def vq_decode_attention(
         KK=KK, KV=KV, DK_SUB=DK_SUB, DV_SUB=DV_SUB,
         BLOCK_M=max(16, triton.next_power_of_2(G * L)),
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
-        BLOCK_SK=triton.next_power_of_2(SK), BLOCK_SV=triton.next_power_of_2(SV), BLOCK_T=BLOCK_T,
+        BLOCK_SK=_subspace_block(SK, KK), BLOCK_SV=_subspace_block(SV, KV), BLOCK_T=BLOCK_T,
         HAS_MASK=mask is not None, IS_CAUSAL=is_causal,
     )
     # Merge the splits by their log-sum-exp; empty splits carry lse = -inf and weigh nothing.
