@@ -102,7 +102,7 @@ def vq_attention(
     sc.scatter_(-1, a_idx, qg @ k.anchor_rows.float().transpose(-1, -2))
     s = torch.cat([sc[..., :Tc], qg @ k.window.float().transpose(-1, -2)], -1) * scale
     s = apply_mask(s.view(B, Hkv, G, L, T), grouped_mask(attn_mask, B, Hkv, G, L, T), is_causal)
-    p = torch.softmax(s, -1).view(B, Hkv, G * L, T)
+    p = torch.softmax(s, -1).nan_to_num(0.0).view(B, Hkv, G * L, T)  # fully masked row -> 0, as SDPA
 
     # Values: anchors and window exact; the encoded part without the anchor columns.
     pc = torch.cat([p[..., :Tc], p.new_zeros(B, Hkv, G * L, 1)], -1)
@@ -115,10 +115,10 @@ def vq_attention(
     if not score_window or Tw == 0:
         return out, None, None
 
-    # Anchor Score sums of the window tokens (see quant/anchor_score.py), fully masked rows -> 0.
-    pw = p[..., Tc:].nan_to_num(0.0)
+    # Anchor Score sums of the window tokens (see quant/anchor_score.py).
+    pw = p[..., Tc:]
     vw = v.window.float()
     dist_sq = (o * o).sum(-1, keepdim=True) - 2 * o @ vw.transpose(-1, -2) + (vw * vw).sum(-1)[:, :, None]
     qnorm = scale * qg.norm(dim=-1, keepdim=True)
-    s1 = (pw * qnorm * dist_sq.clamp_min(0).sqrt()).nan_to_num(0.0).sum(2)
+    s1 = (pw * qnorm * dist_sq.clamp_min(0).sqrt()).sum(2)
     return out, s1, pw.sum(2)

@@ -1,0 +1,93 @@
+"""AntKVCache inside Hugging Face models (tiny random-weight configs): generate() in all its modes,
+and every decode step equals the same model run on a DynamicCache holding the dequantized past."""
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import antkv_compile as ak
+from antkv_compile.cache import VQTensor
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=192, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    books = ak.calibrate(model, torch.randint(3, 96, (512,)), bits=1.0, seq_len=128, max_tokens=512, kmeans_tokens=256, iters=4, progress=False)
+    return model, books
+
+
+def _dense_past(cache, drop_last):
+    ref = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        ref.update(ak.dequantize(layer.keys)[..., : layer.keys.shape[2] - drop_last, :],
+                   ak.dequantize(layer.values)[..., : layer.values.shape[2] - drop_last, :], i)  # fmt: skip
+    return ref
+
+
+@pytest.mark.parametrize("attn", ["antkv", "sdpa"])
+@torch.no_grad()
+def test_each_step_equals_dense_attention_on_the_dequantized_past(tiny, attn):
+    model, books = tiny
+    model.set_attn_implementation(attn)  # "sdpa" repeats K/V densely: the fallback must agree too
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 96, (2, 40), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    cache = ak.AntKVCache(books, window=4, anchor_frac=0.1)
+    for n in (24, 8, 1, 1, 3, 1, 2):  # prefill, a chunk, decode steps, a short chunk
+        start = cache.get_seq_length()
+        step_ids, step_mask = ids[:, start : start + n], mask[:, : start + n]
+        out = model(step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True).logits
+        ref_cache = _dense_past(cache, drop_last=n) if start else None
+        ref = model(step_ids, attention_mask=step_mask, past_key_values=ref_cache, use_cache=True).logits
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        assert all(isinstance(layer.keys, VQTensor) for layer in cache.layers)
+    assert (cache.layers[0].keys.anchor_pos >= 0).any()
+    model.set_attn_implementation("sdpa")
+
+
+@torch.no_grad()
+def test_generate_greedy_sampling_beams(tiny):
+    model, books = tiny
+    ak.use_antkv_attention(model)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 96, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=40, pad_token_id=0)
+    greedy = model.generate(ids, do_sample=False, past_key_values=ak.AntKVCache(books, window=8), **kw)
+    assert greedy.shape == (2, 52)
+    torch.manual_seed(0)
+    sampled = model.generate(ids, do_sample=True, top_k=20, past_key_values=ak.AntKVCache(books), **kw)
+    assert sampled.shape[0] == 2
+    cache = ak.AntKVCache(books, window=8)
+    beams = model.generate(ids, num_beams=3, do_sample=False, past_key_values=cache, **kw)
+    assert beams.shape[0] == 2
+    assert all(isinstance(layer.keys, VQTensor) for layer in cache.layers)
+    assert cache.cache_nbytes() > 0
+    model.set_attn_implementation("sdpa")
+
+
+def test_codebooks_for_another_model_are_refused(tiny):
+    model, books = tiny
+    other = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+    with pytest.raises(ValueError, match="num_key_value_heads: codebooks have 2, model has 4"):
+        ak.AntKVCache(books, config=other)
+    ak.AntKVCache(books, config=model.config)  # the right model passes
+
+
+def test_calibration_records_the_split_and_refuses_bad_head_dim(tiny):
+    model, books = tiny
+    assert books.settings["bits"] == 1.0 and len(books.settings["chosen"]) == 2
+    assert set(books.settings["candidate_errors"]) == {"K1/V1", "K1.5/V0.5"}
+    assert books.settings["norm_prior"] in ("keys", "values")
+    assert books.average_bits == 1.0
+    data = ak.collect_calibration(model, torch.randint(3, 96, (128,)), seq_len=64, max_tokens=128, progress=False)
+    data.keys = [k[..., :24] for k in data.keys]  # pretend head_dim 24: 0.5 bit needs d = 16
+    with pytest.raises(ValueError, match="head_dim 24 is not divisible by the sub-vector size 16"):
+        ak.fit_codebooks(data, bits=0.5, progress=False)
