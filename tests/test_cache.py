@@ -64,7 +64,7 @@ def test_sdpa_on_cache_equals_sdpa_on_dequantized(
         q = 2 * torch.randn(batch, kv_heads * group, n, head_dim, generator=g)
         keep = torch.ones(batch, 1, n, T, dtype=torch.bool).tril(T - n)
         keep &= torch.arange(T)[None, None, None, :] >= pad[:, None, None, None]
-        mask = {"bool": keep, "additive": torch.where(keep, 0.0, -1e4) + 0.1 * torch.randn(keep.shape, generator=g), "none": None}[mask_kind]
+        mask = {"bool": keep, "additive": torch.where(keep, 0.0, float("-inf")) + 0.1 * torch.randn(keep.shape, generator=g), "none": None}[mask_kind]
         got, ref = _sdpa_both(q, kc, vc, mask, enable_gqa=group > 1)
         assert got.dtype == q.dtype and got.shape == q.shape
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
