@@ -68,6 +68,10 @@ class Codebooks:
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the codebooks: shared by all caches, so not counted as cache bytes."""
+        return [t for l in self.layers for t in (l.key_centroids, l.value_centroids, l.key_error, l.value_error)]
+
     @property
     def average_bits(self) -> float:
         return sum(l.key_spec.bits + l.value_spec.bits for l in self.layers) / (2 * len(self.layers))
