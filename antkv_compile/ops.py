@@ -1,0 +1,112 @@
+"""The compressed cache's work as torch.library custom ops, so it can live inside a traced graph.
+
+Every op takes the cache as its plain inner tensors (the fields of `VQTensor`) and returns new
+tensors, never views of its inputs. The fake kernels give output shapes without running the
+quantizer; the window and anchor lengths after an append depend on the flush rule, so they are
+fresh unbacked sizes: a graph that appends never specializes on them, which keeps a growing cache
+from recompiling the decode step.
+
+`VQTensor` (cache.py) calls these ops in eager mode as well; the graph pass (passes/kv_cache.py)
+puts them in place of `cat` + `scaled_dot_product_attention` in a compiled model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Order of a cache's state after an append (the codebook is not returned: it never changes).
+STATE = ("codes", "anchor_rows", "anchor_pos", "anchor_score", "window", "window_err", "window_score")
+
+
+def _fresh(outs, inputs):
+    """Custom ops must not return views of their inputs: copy the ones that are."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs}
+    fresh = []
+    for t in outs:
+        ptr = t.untyped_storage().data_ptr()
+        fresh.append(t.clone() if ptr in seen or t.numel() == 0 else t)
+        seen.add(ptr)
+    return tuple(fresh)
+
+
+@torch.library.custom_op("antkv::append", mutates_args=())
+def append(
+    codes: Tensor, anchor_rows: Tensor, anchor_pos: Tensor, anchor_score: Tensor,
+    window: Tensor, window_err: Tensor, window_score: Tensor, centroids: Tensor, expected_err: Tensor,
+    new: Tensor, window_size: int, anchor_frac: float, error: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Quantize-on-write of `new` [B, H, n, D] onto a cache: the state after `VQTensor.append`."""
+    from .cache import CacheSettings, VQTensor
+
+    inner = (codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score)
+    cache = VQTensor(*inner, centroids, expected_err, CacheSettings(window_size, anchor_frac, error))
+    out = cache.append_eager(new)
+    return _fresh(tuple(getattr(out, n) for n in STATE), inner)
+
+
+@append.register_fake
+def _(codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err, new, window_size, anchor_frac, error):
+    B, H, T, S = codes.shape
+    D, n = window.shape[3], new.shape[2]
+    ctx = torch.library.get_ctx()
+    A, Tw = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    torch._check(Tw >= n)
+    f32 = dict(dtype=torch.float32, device=codes.device)
+    return (
+        codes.new_empty(B, H, T + n, S),
+        anchor_rows.new_empty(B, H, A, D),
+        anchor_pos.new_empty(B, H, A),
+        anchor_score.new_empty(B, H, A),
+        window.new_empty(B, H, Tw, D),
+        torch.empty(B, H, Tw, **f32),
+        torch.empty(B, H, Tw, **f32),
+    )
+
+
+@torch.library.custom_op("antkv::attention", mutates_args=())
+def attention(
+    q: Tensor,
+    k_codes: Tensor, k_centroids: Tensor, k_anchor_rows: Tensor, k_anchor_pos: Tensor, k_window: Tensor, k_window_err: Tensor,
+    v_codes: Tensor, v_centroids: Tensor, v_anchor_rows: Tensor, v_anchor_pos: Tensor, v_window: Tensor, v_window_err: Tensor,
+    attn_mask: Tensor | None, is_causal: bool, scale: float | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """SDPA of q over a compressed K and V (VQ attention, GQA when q has more heads).
+
+    Returns (out, score): `score` [B, Hkv, Tw] is this call's Anchor Score of the window tokens,
+    which the caller adds to both window_score tensors.
+    """
+    from .attention import VQParts, vq_attention
+
+    k = VQParts(k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window)
+    v = VQParts(v_codes, v_centroids, v_anchor_rows, v_anchor_pos, v_window)
+    out, s1, s0 = vq_attention(q, k, v, attn_mask, is_causal, scale)
+    if s1 is None:
+        return out, k_window_err.new_zeros(k_window_err.shape)
+    return out, k_window_err * s1 + v_window_err * s0
+
+
+@attention.register_fake
+def _(q, k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window, k_window_err, v_codes, v_centroids, v_anchor_rows, v_anchor_pos, v_window, v_window_err, attn_mask, is_causal, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k_window_err)
+
+
+@torch.library.custom_op("antkv::dequantize", mutates_args=())
+def dequantize(codes: Tensor, anchor_rows: Tensor, anchor_pos: Tensor, window: Tensor, centroids: Tensor) -> Tensor:
+    """The dense [B, H, T, D] tensor a cache stands for (the fallback of every other op)."""
+    from .quant.pq import decode
+
+    B, H, T, _ = codes.shape
+    D = window.shape[3]
+    Tc = T - window.shape[2]
+    dense = torch.cat([decode(codes[:, :, :Tc], centroids), window.float()], 2)
+    dense = torch.cat([dense, dense.new_zeros(B, H, 1, D)], 2)  # dummy row for empty anchor slots
+    idx = torch.where(anchor_pos >= 0, anchor_pos.long(), T)[..., None].expand(-1, -1, -1, D)
+    dense.scatter_(2, idx, anchor_rows.float())
+    return dense[:, :, :T].to(window.dtype).contiguous()
+
+
+@dequantize.register_fake
+def _(codes, anchor_rows, anchor_pos, window, centroids):
+    B, H, T, _ = codes.shape
+    return window.new_empty(B, H, T, window.shape[3])
