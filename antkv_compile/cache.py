@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map_only
 
-from .attention import VQParts, vq_attention
+from . import ops
+from .attention import VQParts
 from .quant.pq import check_dtype, decode, encode
 
 aten = torch.ops.aten
@@ -149,13 +150,7 @@ class VQTensor(torch.Tensor):
 
     def dequantize(self) -> torch.Tensor:
         """The dense tensor this cache stands for: codes decoded, anchor and window rows exact."""
-        B, H, T, D = self.shape
-        Tc = T - self.num_window
-        dense = torch.cat([decode(self.codes[:, :, :Tc], self.centroids), self.window.float()], 2)
-        dense = torch.cat([dense, dense.new_zeros(B, H, 1, D)], 2)  # dummy row for empty anchor slots
-        idx = torch.where(self.anchor_pos >= 0, self.anchor_pos.long(), T)[..., None].expand(-1, -1, -1, D)
-        dense.scatter_(2, idx, self.anchor_rows.float())
-        return dense[:, :, :T].to(self.dtype)
+        return ops.dequantize(self.codes, self.anchor_rows, self.anchor_pos, self.window, self.centroids)
 
     def cache_nbytes(self) -> int:
         """Bytes this cache holds (every inner tensor but the shared codebook)."""
@@ -168,6 +163,12 @@ class VQTensor(torch.Tensor):
         check_dtype(new)
         if new.shape[:2] != self.shape[:2] or new.shape[3] != self.shape[3]:
             raise ValueError(f"cannot append {tuple(new.shape)} to a cache of shape {tuple(self.shape)}")
+        s = self.settings
+        state = ops.append(*(getattr(self, n) for n in _INNER), new.to(self.dtype), s.window, s.anchor_frac, s.error)
+        return self._replace(**dict(zip(ops.STATE, state)))
+
+    def append_eager(self, new: torch.Tensor) -> "VQTensor":
+        """What `antkv::append` computes (ops.py), on a concrete cache."""
         flushed = self._flush(self.num_window - self.settings.window)
         new = new.to(self.dtype)
         codes = encode(new, self.centroids)
@@ -297,11 +298,10 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
             f"scaled_dot_product_attention: {Hq} query heads and {Hkv} kv heads need enable_gqa=True "
             f"(and a multiple), as for dense tensors"
         )
-    out, s1, s0 = vq_attention(query, key.parts(), value.parts(), attn_mask, is_causal, scale)
-    if s1 is not None:
-        with torch.no_grad():
-            score = key.window_err * s1 + value.window_err * s0
-            key.window_score.add_(score)
-            if value.window_score is not key.window_score:
-                value.window_score.add_(score)
+    k, v = key.parts(), value.parts()
+    out, score = ops.attention(query, *k, key.window_err, *v, value.window_err, attn_mask, is_causal, scale)
+    with torch.no_grad():
+        key.window_score.add_(score)
+        if value.window_score is not key.window_score:
+            value.window_score.add_(score)
     return out
