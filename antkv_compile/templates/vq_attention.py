@@ -7,9 +7,9 @@ last Tw positions. Every kernel computes SDPA on the dense tensor those stand fo
 
 - `vq_decode_attention`: few queries (decode, L <= 16). One program per (batch, kv head, split of
   the sequence) serves all G*L query rows of the group from one read of the codes. Key scores come
-  from a per-row look-up table LUT[s, k] = scale * q_s . centroid[s, k] (a gather per code), values
-  are accumulated per centroid (a histogram of attention weight per value subspace, multiplied by
-  the codebook once per split). Splits are merged by their log-sum-exp (flash-decoding).
+  from a per-row look-up table LUT[s, k] = scale * q_s . centroid[s, k] (a load per code); value
+  tiles are gathered from the codebook by code (see `vq_decode_kernel` for why not a per-centroid
+  histogram). Splits are merged by their log-sum-exp (flash-decoding).
 - `vq_prefill_attention`: many queries. FlashAttention tiling with keys and values decoded tile by
   tile from the codebook (with many query rows a decoded tile and a tensor-core dot beat per-row
   tables), then `vq_window_scores` for the Anchor Score sums of the window tokens.
@@ -38,6 +38,16 @@ MAX_DECODE_QUERIES = 16
 
 
 # --- shared device helpers -----------------------------------------------------------------------
+
+
+@triton.jit
+def _mm(a, b, USE_DOT: tl.constexpr):
+    """a [M, K] @ b [K, N] in float32: tl.dot for tiles of 16+ rows, else a broadcast sum (decode
+    has a handful of query rows; padding them to tl.dot's 16 would waste registers)."""
+    if USE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
 
 
 @triton.jit
@@ -74,7 +84,8 @@ def _decode_tile(
     offs_t, t_ok, offs_d, d_ok, SUB_D: tl.constexpr,
 ):
     """Dense rows [BLOCK_T, BLOCK_D] of encoded positions: exact anchor rows where the slot map
-    has one, centroids gathered by code elsewhere."""
+    has one, centroids gathered by code elsewhere (one head's codebook, S*K*d floats = D*K, stays
+    in L1/L2, so each element costs a cached load, not a DRAM read)."""
     sub = offs_d // SUB_D
     ok = t_ok[:, None] & d_ok[None, :]
     code = tl.load(codes_ptr + offs_t[:, None] * stride_ct + sub[None, :] * stride_cs,
@@ -91,105 +102,15 @@ def _decode_tile(
 
 
 @triton.jit
-def _block_diag_codebook(
-    cent_ptr, stride_cs, stride_ck, stride_cd, S, D,
-    K: tl.constexpr, SUB_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """The codebook of one head as a block-diagonal [BLOCK_S*K, BLOCK_D] matrix: row (s, k) holds
-    centroid[s, k] in columns s*d .. s*d+d-1. q @ this^T is the LUT; hist @ this is the output."""
-    offs_c = tl.arange(0, BLOCK_S * K)
-    c_s = offs_c // K
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (c_s[:, None] == offs_d[None, :] // SUB_D) & (c_s < S)[:, None] & (offs_d < D)[None, :]
-    return tl.load(cent_ptr + c_s[:, None] * stride_cs + (offs_c % K)[:, None] * stride_ck
-                   + (offs_d % SUB_D)[None, :] * stride_cd, mask=ok, other=0.0)
-
-
-# --- decode --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _decode_codes_split(
-    q, row_hq, row_i, row_ok, t_lo, t_hi,
-    mask_ptr, stride_mh, stride_ml, stride_mt,
-    kcodes_ptr, stride_kct, stride_kcs, kcent_ptr, stride_kcs2, stride_kck, stride_kcd,
-    kslot_ptr, stride_kslt, krows_ptr, stride_kra, stride_krd,
-    vcodes_ptr, stride_vct, stride_vcs, vcent_ptr, stride_vcs2, stride_vck, stride_vcd,
-    vslot_ptr, stride_vslt, vrows_ptr, stride_vra, stride_vrd,
-    D, DV, SK, SV,
-    KK: tl.constexpr, KV: tl.constexpr, DK_SUB: tl.constexpr, DV_SUB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_SK: tl.constexpr, BLOCK_SV: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-):
-    """Attention of the (pre-scaled) query rows over encoded positions [t_lo, t_hi).
-
-    Scores: gather LUT[(s, code)] and sum over s; at key anchors the exact q . row replaces it.
-    Values: hist[(s, k)] += p_t for code k of subspace s, formed as the one-hot matmul
-    p [M, T] @ onehot [T, S*K] (Triton has no scatter-add into registers; the dot runs on tensor
-    cores and shares one one-hot tile across the G*L rows); at value anchors p goes to the exact
-    rows instead. hist @ codebook is added once at the end.
-    """
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    offs_sk = tl.arange(0, BLOCK_SK)
-    offs_sv = tl.arange(0, BLOCK_SV)
-    lut = tl.dot(q, tl.trans(_block_diag_codebook(kcent_ptr, stride_kcs2, stride_kck, stride_kcd,
-                                                  SK, D, KK, DK_SUB, BLOCK_SK, BLOCK_D)),
-                 input_precision="ieee")  # [BLOCK_M, BLOCK_SK * KK]
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    hist = tl.zeros([BLOCK_M, BLOCK_SV * KV], dtype=tl.float32)
-    for t0 in range(t_lo, t_hi, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = offs_t < t_hi
-
-        kc = tl.load(kcodes_ptr + offs_t[:, None] * stride_kct + offs_sk[None, :] * stride_kcs,
-                     mask=t_ok[:, None] & (offs_sk < SK)[None, :], other=0).to(tl.int32)
-        idx = tl.reshape(offs_sk[None, :] * KK + kc, (BLOCK_T * BLOCK_SK,))
-        picked = tl.gather(lut, tl.broadcast_to(idx[None, :], (BLOCK_M, BLOCK_T * BLOCK_SK)), axis=1)
-        s = tl.sum(tl.reshape(picked, (BLOCK_M, BLOCK_T, BLOCK_SK)), axis=2)
-        kslot = tl.load(kslot_ptr + offs_t * stride_kslt, mask=t_ok, other=-1).to(tl.int32)
-        if tl.max(kslot, axis=0) >= 0:
-            k_exact = tl.load(krows_ptr + kslot[:, None] * stride_kra + offs_d[None, :] * stride_krd,
-                              mask=(kslot >= 0)[:, None] & (offs_d < D)[None, :], other=0.0)
-            s_exact = tl.dot(q, tl.trans(k_exact.to(tl.float32)), input_precision="ieee")
-            s = tl.where((kslot >= 0)[None, :], s_exact, s)
-        s = _mask_scores(s, offs_t, t_ok, row_hq, row_i, row_ok,
-                         mask_ptr, stride_mh, stride_ml, stride_mt, HAS_MASK, IS_CAUSAL)
-        m_i, alpha, p, l_i = _online_softmax(m_i, l_i, s)
-
-        vslot = tl.load(vslot_ptr + offs_t * stride_vslt, mask=t_ok, other=-1).to(tl.int32)
-        v_exact_pos = (vslot >= 0)[None, :]
-        vc = tl.load(vcodes_ptr + offs_t[:, None] * stride_vct + offs_sv[None, :] * stride_vcs,
-                     mask=t_ok[:, None] & (offs_sv < SV)[None, :], other=-1).to(tl.int32)
-        onehot = tl.reshape((vc[:, :, None] == tl.arange(0, KV)[None, None, :]).to(tl.float32),
-                            (BLOCK_T, BLOCK_SV * KV))
-        hist = hist * alpha[:, None] + tl.dot(tl.where(v_exact_pos, 0.0, p), onehot,
-                                              input_precision="ieee")
-        acc = acc * alpha[:, None]
-        if tl.max(vslot, axis=0) >= 0:
-            v_exact = tl.load(vrows_ptr + vslot[:, None] * stride_vra + offs_dv[None, :] * stride_vrd,
-                              mask=(vslot >= 0)[:, None] & (offs_dv < DV)[None, :], other=0.0)
-            acc += tl.dot(tl.where(v_exact_pos, p, 0.0), v_exact.to(tl.float32), input_precision="ieee")
-
-    vbook = _block_diag_codebook(vcent_ptr, stride_vcs2, stride_vck, stride_vcd,
-                                 SV, DV, KV, DV_SUB, BLOCK_SV, BLOCK_DV)
-    acc += tl.dot(hist, vbook, input_precision="ieee")
-    return m_i, l_i, acc
-
-
-@triton.jit
 def _dense_rows_attention(
     q, row_hq, row_i, row_ok, n, pos0, m_i, l_i, acc,
     mask_ptr, stride_mh, stride_ml, stride_mt,
     krows_ptr, stride_krt, stride_krd, vrows_ptr, stride_vrt, stride_vrd,
     D, DV, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_DOT: tl.constexpr,
 ):
-    """Plain flash attention of the query rows over n exact rows at positions pos0 .. pos0+n-1."""
+    """Plain flash attention of the (pre-scaled) query rows over n exact rows at positions
+    pos0 .. pos0+n-1 (the window)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for j0 in range(0, n, BLOCK_T):
@@ -197,13 +118,64 @@ def _dense_rows_attention(
         j_ok = offs_j < n
         k = tl.load(krows_ptr + offs_j[:, None] * stride_krt + offs_d[None, :] * stride_krd,
                     mask=j_ok[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s = _mm(q, tl.trans(k), USE_DOT)
         s = _mask_scores(s, pos0 + offs_j, j_ok, row_hq, row_i, row_ok,
                          mask_ptr, stride_mh, stride_ml, stride_mt, HAS_MASK, IS_CAUSAL)
         m_i, alpha, p, l_i = _online_softmax(m_i, l_i, s)
         v = tl.load(vrows_ptr + offs_j[:, None] * stride_vrt + offs_dv[None, :] * stride_vrd,
                     mask=j_ok[:, None] & (offs_dv < DV)[None, :], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + _mm(p, v, USE_DOT)
+    return m_i, l_i, acc
+
+
+# --- decode --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_codes_split(
+    q, lut_rows, stride_lutc, row_hq, row_i, row_ok, t_lo, t_hi,
+    mask_ptr, stride_mh, stride_ml, stride_mt,
+    kcodes_ptr, stride_kct, stride_kcs, kslot_ptr, stride_kslt, krows_ptr, stride_kra, stride_krd,
+    vcodes_ptr, stride_vct, stride_vcs, vcent_ptr, stride_vcs2, stride_vck, stride_vcd,
+    vslot_ptr, stride_vslt, vrows_ptr, stride_vra, stride_vrd,
+    D, DV, SK,
+    KK: tl.constexpr, DV_SUB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_SK: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """Attention of the query rows over encoded positions [t_lo, t_hi): scores gathered from the
+    LUT rows (sum over subspaces of LUT[s*K + code]), the exact q . row at key anchors; values
+    decoded by code, exact at value anchors."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_sk = tl.arange(0, BLOCK_SK)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = offs_t < t_hi
+
+        code_ok = t_ok[:, None] & (offs_sk < SK)[None, :]
+        kc = tl.load(kcodes_ptr + offs_t[:, None] * stride_kct + offs_sk[None, :] * stride_kcs,
+                     mask=code_ok, other=0).to(tl.int32)
+        s = tl.sum(tl.load(lut_rows[:, None, None] + (offs_sk[None, :] * KK + kc)[None, :, :] * stride_lutc,
+                           mask=row_ok[:, None, None] & code_ok[None, :, :], other=0.0), axis=2)
+        kslot = tl.load(kslot_ptr + offs_t * stride_kslt, mask=t_ok, other=-1).to(tl.int32)
+        if tl.max(kslot, axis=0) >= 0:
+            k_exact = tl.load(krows_ptr + kslot[:, None] * stride_kra + offs_d[None, :] * stride_krd,
+                              mask=(kslot >= 0)[:, None] & (offs_d < D)[None, :], other=0.0)
+            s_exact = _mm(q, tl.trans(k_exact.to(tl.float32)), False)
+            s = tl.where((kslot >= 0)[None, :], s_exact, s)
+        s = _mask_scores(s, offs_t, t_ok, row_hq, row_i, row_ok,
+                         mask_ptr, stride_mh, stride_ml, stride_mt, HAS_MASK, IS_CAUSAL)
+        m_i, alpha, p, l_i = _online_softmax(m_i, l_i, s)
+
+        v = _decode_tile(vcodes_ptr, stride_vct, stride_vcs, vcent_ptr, stride_vcs2, stride_vck,
+                         stride_vcd, vslot_ptr, stride_vslt, vrows_ptr, stride_vra, stride_vrd,
+                         offs_t, t_ok, offs_dv, offs_dv < DV, DV_SUB)
+        acc = acc * alpha[:, None] + _mm(p, v, False)
     return m_i, l_i, acc
 
 
@@ -221,18 +193,28 @@ def vq_decode_kernel(
     vslot_ptr, stride_vslb, stride_vslh, stride_vslt,
     vrows_ptr, stride_vrb, stride_vrh, stride_vra, stride_vrd,
     vwin_ptr, stride_vwb, stride_vwh, stride_vwt, stride_vwd,
+    lut_ptr, stride_lutb, stride_luth, stride_lutm, stride_lutc,
     o_ptr, stride_ob, stride_oh, stride_ol, stride_os, stride_od,
     lse_ptr, stride_lb, stride_lh, stride_ll, stride_ls,
-    scale, Hkv, G, L, T_enc, Tw, split_len, NUM_SPLITS,
-    D, DV, SK, SV,
-    KK: tl.constexpr, KV: tl.constexpr, DK_SUB: tl.constexpr, DV_SUB: tl.constexpr,
+    scale, Hkv, G, L, T_enc, Tw, split_len, NUM_SPLITS, D, DV, SK,
+    KK: tl.constexpr, DV_SUB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_SK: tl.constexpr, BLOCK_SV: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_SK: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
 ):
     """Grid (B * Hkv, NUM_SPLITS + 1). Split i < NUM_SPLITS covers encoded positions
     [i * split_len, (i+1) * split_len); the last split covers the exact window. Each writes its
-    normalized partial output and log-sum-exp for the G*L query rows (row m = g*L + i)."""
+    normalized partial output and log-sum-exp for the G*L query rows (row m = g*L + i).
+
+    The key LUT [B, Hkv, G*L, S*K] comes precomputed (a small batched matmul, once per kv head
+    rather than once per split) and is gathered with pointer loads that hit L1/L2: gathering it
+    from registers with tl.gather compiled for sm_90 to ~17 KB of spills per thread.
+
+    Values are decoded by code rather than accumulated per centroid: a weighted histogram needs
+    a scatter-add, which Triton has only as global atomics; the one-hot matmul alternative
+    (p [M, T] @ onehot [T, S*K]) costs K/d times the FLOPs of decoding and, compiled for sm_90 at
+    1 bit (D=64, d=8, K=256), needed 644 KB of shared memory (the limit is 227 KB).
+    """
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // Hkv
@@ -252,18 +234,18 @@ def vq_decode_kernel(
         t_lo = split * split_len
         t_hi = tl.minimum(t_lo + split_len, T_enc)
         m_i, l_i, acc = _decode_codes_split(
-            q, row_hq, row_i, row_ok, t_lo, t_hi,
+            q, lut_ptr + b * stride_lutb + h * stride_luth + offs_m * stride_lutm,
+            stride_lutc, row_hq, row_i, row_ok, t_lo, t_hi,
             mask_b, stride_mh, stride_ml, stride_mt,
             kcodes_ptr + b * stride_kcb + h * stride_kch, stride_kct, stride_kcs,
-            kcent_ptr + h * stride_kch2, stride_kcs2, stride_kck, stride_kcd,
             kslot_ptr + b * stride_kslb + h * stride_kslh, stride_kslt,
             krows_ptr + b * stride_krb + h * stride_krh, stride_kra, stride_krd,
             vcodes_ptr + b * stride_vcb + h * stride_vch, stride_vct, stride_vcs,
             vcent_ptr + h * stride_vch2, stride_vcs2, stride_vck, stride_vcd,
             vslot_ptr + b * stride_vslb + h * stride_vslh, stride_vslt,
             vrows_ptr + b * stride_vrb + h * stride_vrh, stride_vra, stride_vrd,
-            D, DV, SK, SV, KK, KV, DK_SUB, DV_SUB,
-            BLOCK_M, BLOCK_D, BLOCK_DV, BLOCK_SK, BLOCK_SV, BLOCK_T, HAS_MASK, IS_CAUSAL,
+            D, DV, SK, KK, DV_SUB, BLOCK_M, BLOCK_D, BLOCK_DV, BLOCK_SK, BLOCK_T,
+            HAS_MASK, IS_CAUSAL,
         )
     else:
         m_i, l_i, acc = _dense_rows_attention(
@@ -274,7 +256,7 @@ def vq_decode_kernel(
             mask_b, stride_mh, stride_ml, stride_mt,
             kwin_ptr + b * stride_kwb + h * stride_kwh, stride_kwt, stride_kwd,
             vwin_ptr + b * stride_vwb + h * stride_vwh, stride_vwt, stride_vwd,
-            D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, HAS_MASK, IS_CAUSAL,
+            D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, HAS_MASK, IS_CAUSAL, False,
         )
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -369,7 +351,7 @@ def vq_prefill_kernel(
         mask_b, stride_mh, stride_ml, stride_mt,
         kwin_ptr + b * stride_kwb + h * stride_kwh, stride_kwt, stride_kwd,
         vwin_ptr + b * stride_vwb + h * stride_vwh, stride_vwt, stride_vwd,
-        D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, HAS_MASK, IS_CAUSAL,
+        D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, HAS_MASK, IS_CAUSAL, True,
     )
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -534,10 +516,26 @@ def _mask_args(mask: torch.Tensor | None, q: torch.Tensor) -> list:
     return [q, 0, 0, 0, 0] if mask is None else [mask, *mask.stride()]
 
 
-def _subspace_block(S: int, K: int) -> int:
-    """Subspaces padded to a power of two, and far enough that the S*K table is >= 16 wide
-    (tl.dot's minimum)."""
-    return max(triton.next_power_of_2(S), triton.cdiv(16, K))
+# Block sizes (num_warps=4). tests/test_triton_sm90.py compiles each kernel with these for sm_90
+# and checks shared memory and register spills; larger query tiles spilled with float32 dots.
+
+
+def decode_config(G: int, L: int, D: int, DV: int) -> dict:
+    BLOCK_M = triton.next_power_of_2(G * L)
+    BLOCK_D, BLOCK_DV = triton.next_power_of_2(D), triton.next_power_of_2(DV)
+    # Broadcast products are [rows, BLOCK_T, head_dim]: keep them near 8K elements.
+    BLOCK_T = max(8, min(64, 8192 // (BLOCK_M * max(BLOCK_D, BLOCK_DV))))
+    return dict(BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T)
+
+
+def prefill_config(D: int, DV: int) -> dict:
+    return dict(BLOCK_L=16, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                BLOCK_DV=max(16, triton.next_power_of_2(DV)), BLOCK_T=32)
+
+
+def window_scores_config(D: int, DV: int) -> dict:
+    return dict(BLOCK_L=16, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_W=32,
+                DV_CHUNK=min(16, triton.next_power_of_2(DV)))
 
 
 def vq_decode_attention(
@@ -564,28 +562,29 @@ def vq_decode_attention(
                          f"use vq_prefill_attention")
     Hkv = Hq // G
     _, SK, KK, DK_SUB = k.centroids.shape
-    _, SV, KV, DV_SUB = v.centroids.shape
-    DV = SV * DV_SUB
+    DV = v.centroids.shape[1] * v.centroids.shape[3]
     scale = 1 / math.sqrt(D) if scale is None else scale
     T_enc = T - Tw
-    BLOCK_T = 32
+    cfg = decode_config(G, L, D, DV)
+    BLOCK_T = cfg["BLOCK_T"]
     if num_splits is None:
         num_splits = min(triton.cdiv(T_enc, 256), 64)
     num_splits = max(min(num_splits, triton.cdiv(T_enc, BLOCK_T)), 1 if T_enc else 0)
     split_len = triton.cdiv(triton.cdiv(T_enc, num_splits), BLOCK_T) * BLOCK_T if num_splits else 0
 
+    # LUT[b, h, g*L + i, s*K + k] = scale * q[b, h*G + g, i, s*d:(s+1)*d] . centroid[h, s, k]
+    lut = torch.einsum("bhmsd,hskd->bhmsk", q.float().reshape(B, Hkv, G * L, SK, DK_SUB) * scale,
+                       k.centroids).flatten(-2)
     o_part = torch.empty(B, Hq, L, num_splits + 1, DV, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, Hq, L, num_splits + 1, dtype=torch.float32, device=q.device)
     vq_decode_kernel[(B * Hkv, num_splits + 1)](
         q, *q.stride(), *_mask_args(mask, q),
         *_side_args(k, _anchor_slots(k.anchor_pos, T_enc)),
         *_side_args(v, _anchor_slots(v.anchor_pos, T_enc)),
-        o_part, *o_part.stride(), lse_part, *lse_part.stride(),
-        scale, Hkv, G, L, T_enc, Tw, split_len, num_splits, D, DV, SK, SV,
-        KK=KK, KV=KV, DK_SUB=DK_SUB, DV_SUB=DV_SUB,
-        BLOCK_M=max(16, triton.next_power_of_2(G * L)),
-        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
-        BLOCK_SK=_subspace_block(SK, KK), BLOCK_SV=_subspace_block(SV, KV), BLOCK_T=BLOCK_T,
+        lut, *lut.stride(), o_part, *o_part.stride(), lse_part, *lse_part.stride(),
+        scale, Hkv, G, L, T_enc, Tw, split_len, num_splits, D, DV, SK,
+        KK=KK, DV_SUB=v.centroids.shape[3],
+        BLOCK_SK=triton.next_power_of_2(SK), **cfg,
         HAS_MASK=mask is not None, IS_CAUSAL=is_causal,
     )
     # Merge the splits by their log-sum-exp; empty splits carry lse = -inf and weigh nothing.
@@ -602,17 +601,15 @@ def _prefill(q, k, v, G, T, Tw, mask, scale, is_causal):
     T_enc = T - Tw
     out = torch.empty(B, Hq, L, DV, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
-    BLOCK_L = max(16, min(64, triton.next_power_of_2(L)))
-    vq_prefill_kernel[(B * Hq, triton.cdiv(L, BLOCK_L))](
+    cfg = prefill_config(D, DV)
+    vq_prefill_kernel[(B * Hq, triton.cdiv(L, cfg["BLOCK_L"]))](
         q, *q.stride(), *_mask_args(mask, q),
         *_side_args(k, _anchor_slots(k.anchor_pos, T_enc)),
         *_side_args(v, _anchor_slots(v.anchor_pos, T_enc)),
         out, *out.stride(), lse, *lse.stride(),
         scale, Hq, G, L, T_enc, Tw, D, DV,
         DK_SUB=k.centroids.shape[-1], DV_SUB=DV_SUB,
-        BLOCK_L=BLOCK_L, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_DV=max(16, triton.next_power_of_2(DV)), BLOCK_T=32,
-        HAS_MASK=mask is not None, IS_CAUSAL=is_causal,
+        **cfg, HAS_MASK=mask is not None, IS_CAUSAL=is_causal,
     )
     return out, lse
 
@@ -624,16 +621,14 @@ def _window_scores(q, k, v, out, lse, G, T, Tw, mask, scale, is_causal):
     s1 = torch.zeros_like(s0)
     if Tw == 0 or L == 0:
         return s0, s1
-    BLOCK_W = 32
-    vq_window_scores_kernel[(B * Hkv, triton.cdiv(Tw, BLOCK_W))](
+    cfg = window_scores_config(D, DV)
+    vq_window_scores_kernel[(B * Hkv, triton.cdiv(Tw, cfg["BLOCK_W"]))](
         q, *q.stride(), *_mask_args(mask, q),
         k.window, *k.window.stride(), v.window, *v.window.stride(),
         out, *out.stride(), lse, *lse.stride(),
         s0, s1, *s0.stride(),
         scale, Hkv, G, L, T - Tw, Tw, D, DV,
-        BLOCK_L=max(16, min(64, triton.next_power_of_2(L))), BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_W=BLOCK_W, DV_CHUNK=min(16, triton.next_power_of_2(DV)),
-        HAS_MASK=mask is not None, IS_CAUSAL=is_causal,
+        **cfg, HAS_MASK=mask is not None, IS_CAUSAL=is_causal,
     )
     return s0, s1
 

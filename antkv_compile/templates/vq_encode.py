@@ -66,6 +66,12 @@ def codes_dtype(num_centroids: int) -> torch.dtype:
     raise ValueError(f"at most 2^15 centroids per subspace are supported, got {num_centroids}")
 
 
+def encode_config(K: int, d: int) -> dict:
+    """Block sizes (num_warps=4); the [BLOCK_T, BLOCK_K, d] distance tile stays at 16K elements.
+    Checked for sm_90 resources by tests/test_triton_sm90.py."""
+    return dict(BLOCK_T=16, BLOCK_K=min(triton.next_power_of_2(K), max(16, 1024 // d)))
+
+
 def vq_encode(
     x: torch.Tensor,
     centroids: torch.Tensor,
@@ -122,15 +128,14 @@ def vq_encode(
     if B * T == 0:
         return codes, err
 
-    BLOCK_T = 16
-    BLOCK_K = min(triton.next_power_of_2(K), max(16, 1024 // d))
-    grid = (B * H, triton.cdiv(T, BLOCK_T))
+    cfg = encode_config(K, d)
+    grid = (B * H, triton.cdiv(T, cfg["BLOCK_T"]))
     vq_encode_kernel[grid](
         x4, *x4.stride(),
         centroids, *centroids.stride(),
         codes4, *codes4.stride(),
         err3, *err3.stride(),
         H, T, S, K,
-        SUB_D=d, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K,
+        SUB_D=d, **cfg,
     )
     return codes, err
