@@ -10,24 +10,33 @@ from __future__ import annotations
 import torch
 
 
-def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """[G, N, d] x [G, K, d] -> [G, N, K] squared distances, clamped at 0."""
-    return ((x * x).sum(-1, keepdim=True) - 2 * x @ c.transpose(1, 2) + (c * c).sum(-1)[:, None]).clamp_min_(0)
+def _assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Nearest centroid of every point: x [G, N, d], c [G, K, d] -> [G, N]. argmin of
+    ||c||^2 - 2 x.c (||x||^2 does not change it) in one baddbmm, chunked over N to stay in cache."""
+    c_sq = (c * c).sum(-1)[:, None]  # [G, 1, K]
+    ct = c.transpose(1, 2)
+    return torch.cat([torch.baddbmm(c_sq, x[:, i : i + chunk], ct, alpha=-2).argmin(-1) for i in range(0, x.shape[1], chunk)], 1)
+
+
+def _sample(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One index per row with probability proportional to p [G, N] (inverse CDF: far cheaper
+    than torch.multinomial on long rows)."""
+    cdf = p.double().cumsum(-1)
+    u = torch.rand(p.shape[0], 1, generator=gen, dtype=torch.float64, device=p.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_max(p.shape[1] - 1)
 
 
 def kmeans_pp_init(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """k-means++ seeding with weighted sampling: P(pick i) ~ w_i * D(i)^2. x [G, N, d] -> [G, k, d]."""
     G, N, d = x.shape
     rows = torch.arange(G, device=x.device)
-    first = torch.multinomial(w + 1e-30, 1, generator=gen).squeeze(1)
-    centers = [x[rows, first]]
+    centers = [x[rows, _sample(w, gen)]]
     best = ((x - centers[0][:, None]) ** 2).sum(-1)
     for _ in range(1, k):
         p = w * best
         # A group whose points are all covered (fewer distinct points than k) re-picks by weight.
-        p = torch.where(p.sum(-1, keepdim=True) > 0, p, w + 1e-30)
-        pick = torch.multinomial(p, 1, generator=gen).squeeze(1)
-        centers.append(x[rows, pick])
+        p = torch.where(p.sum(-1, keepdim=True) > 0, p, w)
+        centers.append(x[rows, _sample(p, gen)])
         best = torch.minimum(best, ((x - centers[-1][:, None]) ** 2).sum(-1))
     return torch.stack(centers, 1)
 
@@ -51,7 +60,7 @@ def weighted_kmeans(
     gen = torch.Generator(device=x.device).manual_seed(seed)
     c = kmeans_pp_init(x, w, k, gen)
     for _ in range(iters):
-        assign = _sq_dist(x, c).argmin(-1)  # [G, N]
+        assign = _assign(x, c)  # [G, N]
         mass = torch.zeros(G, k, device=x.device).scatter_add_(1, assign, w)
         sums = torch.zeros(G, k, d, device=x.device).scatter_add_(1, assign[..., None].expand(G, N, d), w[..., None] * x)
         new_c = torch.where(mass[..., None] > 0, sums / mass.clamp_min(1e-30)[..., None], c)
