@@ -12,8 +12,11 @@ puts them in place of `cat` + `scaled_dot_product_attention` in a compiled model
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+from torch._library.fake_impl import allocate_size
 
 # Order of a cache's state after an append (the codebook is not returned: it never changes).
 STATE = ("codes", "anchor_rows", "anchor_pos", "anchor_score", "window", "window_err", "window_score")
@@ -45,13 +48,26 @@ def append(
     return _fresh(tuple(getattr(out, n) for n in STATE), inner)
 
 
-@append.register_fake
-def _(codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err, new, window_size, anchor_frac, error):
+def _lengths_after_append(T, A, Tw, n, window_size, anchor_frac):
+    """(anchors, window) lengths after `VQTensor.append` (cache.py's flush rule) for concrete sizes."""
+    n_leave = Tw - window_size
+    if n_leave <= 0:
+        return A, Tw + n
+    return min(math.ceil(anchor_frac * (T - Tw + n_leave)), A + n_leave), window_size + n
+
+
+def _append_fake(codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, new, window_size, anchor_frac):
     B, H, T, S = codes.shape
-    D, n = window.shape[3], new.shape[2]
-    ctx = torch.library.get_ctx()
-    A, Tw = ctx.new_dynamic_size(), ctx.new_dynamic_size()
-    torch._check(Tw >= n)
+    D, n, A, Tw = window.shape[3], new.shape[2], anchor_rows.shape[2], window.shape[2]
+    if all(isinstance(x, int) for x in (T, A, Tw, n)):
+        A, Tw = _lengths_after_append(T, A, Tw, n, window_size, anchor_frac)
+    else:
+        # Symbolic: fresh unbacked sizes, allocated directly rather than by ctx.new_dynamic_size(),
+        # which Dynamo only allows under capture_dynamic_output_shape_ops: they are sizes of
+        # inner tensors of the cache, never data-dependent outputs the user sees.
+        shape_env = torch.library.get_ctx()._shape_env
+        A, Tw = allocate_size(shape_env), allocate_size(shape_env)
+        torch._check(Tw >= n)
     f32 = dict(dtype=torch.float32, device=codes.device)
     return (
         codes.new_empty(B, H, T + n, S),
@@ -62,6 +78,40 @@ def _(codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_s
         torch.empty(B, H, Tw, **f32),
         torch.empty(B, H, Tw, **f32),
     )
+
+
+@append.register_fake
+def _(codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err, new, window_size, anchor_frac, error):
+    return _append_fake(codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, new, window_size, anchor_frac)
+
+
+@torch.library.custom_op("antkv::start", mutates_args=())
+def start(
+    past: Tensor, new: Tensor, centroids: Tensor, expected_err: Tensor, window_size: int, anchor_frac: float, error: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A compressed cache from a dense `past` (empty, or [B, H, Tp, D]) and the call's `new` tokens."""
+    from .cache import CacheSettings, VQTensor
+
+    settings = CacheSettings(window_size, anchor_frac, error)
+    cache = VQTensor.empty(new.shape[0], centroids, expected_err, settings, dtype=new.dtype, device=new.device)
+    if past.numel():
+        cache = cache.append_eager(past)
+    out = cache.append_eager(new)
+    return _fresh(tuple(getattr(out, n) for n in STATE), (past, new, centroids, expected_err))
+
+
+@start.register_fake
+def _(past, new, centroids, expected_err, window_size, anchor_frac, error):
+    B, H, n, D = new.shape
+    S, K = centroids.shape[1], centroids.shape[2]
+    Tp = past.shape[2] if past.dim() == 4 else 0
+    empty = torch.empty(B, H, 0, S, dtype=torch.uint8 if K <= 256 else torch.int16, device=new.device)
+    f32 = dict(dtype=torch.float32, device=new.device)
+    state = (empty, new.new_empty(B, H, 0, D), torch.empty(B, H, 0, dtype=torch.int32, device=new.device),
+             torch.empty(B, H, 0, **f32), new.new_empty(B, H, 0, D), torch.empty(B, H, 0, **f32), torch.empty(B, H, 0, **f32))  # fmt: skip
+    if not (isinstance(Tp, int) and Tp == 0):
+        state = _append_fake(*state, past, window_size, anchor_frac)
+    return _append_fake(*state, new, window_size, anchor_frac)
 
 
 @torch.library.custom_op("antkv::attention", mutates_args=())

@@ -1,0 +1,123 @@
+"""`antkv_backend`: a torch.compile backend that stores KV caches vector-quantized.
+
+    model = torch.compile(model, backend=antkv_backend, options={"codebooks": books, "window": 32})
+    model = torch.compile(model, backend=AntKVBackend(books, anchor_frac=0.02))
+    model = antkv_compile.patch(hf_model, books)          # generate() runs compiled
+
+The backend runs the graph pass (passes/kv_cache.py) on the Dynamo graph, then hands it to
+Inductor. How the compressed cache crosses calls: a graph's compressed inputs and outputs are
+`VQTensor`s for the user (and for Dynamo, which guards on them like any tensor subclass), but the
+compiled code only sees their inner tensors: the backend flattens `VQTensor` arguments before the
+call and wraps the new caches' inner tensors into `VQTensor`s after it. The first call of a model
+sees a dense (or empty) past and writes back a `VQTensor`; later calls read it.
+
+Recompilation stays bounded: the caches it returns have their sequence length marked dynamic and
+their window / anchor lengths unbacked, so the decode step is traced once for all lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+
+import torch
+import torch.fx as fx
+
+from .cache import _INNER, CacheSettings, VQTensor
+from .passes.kv_cache import PassResult, Site, copy_graph_module, kv_cache_pass
+from .quant.codebook import Codebooks
+
+log = logging.getLogger(__name__)
+
+_SETTINGS = {f.name for f in dataclasses.fields(CacheSettings)}
+_GRAPH_IDS = itertools.count()
+_UNBACKED = ("anchor_rows", "anchor_pos", "anchor_score", "window", "window_err", "window_score")
+
+
+def _mark_growing(cache: VQTensor) -> VQTensor:
+    """Tell Dynamo which sizes of a returned cache will change, so the next trace is general."""
+    torch._dynamo.maybe_mark_dynamic(cache, 2)
+    torch._dynamo.maybe_mark_dynamic(cache.codes, 2)
+    for name in _UNBACKED:
+        torch._dynamo.decorators.mark_unbacked(getattr(cache, name), 2)
+    return cache
+
+
+class _CompiledGraph:
+    """Calls the compiled graph on flattened caches and wraps the new caches it returns."""
+
+    def __init__(self, fn, vq_inputs: list[bool], result: PassResult, num_outputs: int):
+        self.fn, self.vq_inputs, self.result, self.num_outputs = fn, vq_inputs, result, num_outputs
+
+    def __call__(self, *args):
+        flat = []
+        for arg, is_vq in zip(args, self.vq_inputs):
+            flat.extend(getattr(arg, n) for n in _INNER) if is_vq else flat.append(arg)
+        flat.extend(self.result.extra_inputs)
+        outs = list(self.fn(*flat))
+        for i, idx, settings, _ in self.result.vq_outputs:
+            outs[i] = _mark_growing(VQTensor(*(outs[j] for j in idx), settings=settings))
+        return tuple(outs[: self.num_outputs])
+
+
+class AntKVBackend:
+    """A torch.compile backend with its settings: codebooks (a `Codebooks`, per layer in the order
+    the graph reaches its attention sites) and the cache settings (window, anchor_frac, error).
+    Extra `options` of torch.compile that are not ours go to Inductor's config.
+
+    `sites` keeps the report of every attention site of every graph compiled so far."""
+
+    def __init__(self, codebooks: Codebooks | None = None, *, inductor: bool = True, inductor_config: dict | None = None, **settings):
+        unknown = set(settings) - _SETTINGS
+        if unknown:
+            raise TypeError(f"unknown antkv settings {sorted(unknown)}; known: codebooks, {', '.join(sorted(_SETTINGS))}")
+        self.codebooks, self.settings = codebooks, CacheSettings(**settings)
+        self.inductor, self.inductor_config = inductor, dict(inductor_config or {})
+        self.sites: list[Site] = []
+
+    def configured(self, options: dict) -> "AntKVBackend":
+        """A backend with `options` (torch.compile's options=...) applied over these settings."""
+        options = dict(options)
+        codebooks = options.pop("codebooks", self.codebooks)
+        ours = {k: options.pop(k) for k in list(options) if k in _SETTINGS}
+        settings = {**dataclasses.asdict(self.settings), **ours}
+        backend = AntKVBackend(codebooks, inductor=self.inductor, inductor_config={**self.inductor_config, **options}, **settings)
+        backend.sites = self.sites  # one report across configured copies
+        return backend
+
+    def __call__(self, gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+        if options:
+            return self.configured(options)(gm, example_inputs)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        num_outputs = len(output.args[0]) if isinstance(output.args[0], (tuple, list)) else 1
+        graph_id = next(_GRAPH_IDS)
+        gm = copy_graph_module(gm)
+        result = kv_cache_pass(gm, self.codebooks, self.settings, graph_id)
+        for site in result.sites:
+            self.sites.append(site)
+            log.info("antkv: %s", site)
+        vq_inputs = [n.name in result.vq_inputs for n in placeholders]
+        leftover = [n.name for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("example_value"), VQTensor)]
+        if leftover:
+            log.warning("antkv: graph %d reads compressed caches %s outside a rewritten site: it runs eagerly", graph_id, leftover)
+            return gm.forward
+        flat_inputs = []
+        for arg, is_vq in zip(example_inputs, vq_inputs):
+            flat_inputs.extend(getattr(arg, n) for n in _INNER) if is_vq else flat_inputs.append(arg)
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        for t in result.extra_inputs:
+            flat_inputs.append(fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t)
+        fn = gm
+        if self.inductor:
+            from torch._inductor.compile_fx import compile_fx
+
+            fn = compile_fx(gm, flat_inputs, config_patches=self.inductor_config or None)
+        return _CompiledGraph(fn, vq_inputs, result, num_outputs)
+
+
+antkv_backend = AntKVBackend()
+"""The backend with default settings; `torch.compile(m, backend=antkv_backend, options={...})`."""
+
+torch._dynamo.register_backend(antkv_backend, name="antkv")

@@ -1,0 +1,396 @@
+"""The graph pass: KV-cache concatenation + SDPA -> quantize-on-write + VQ attention.
+
+On a Dynamo FX graph it finds every `scaled_dot_product_attention` and, for key and value, walks
+back from the SDPA operand to `k = torch.cat([k_past, k_new], dim=2)` through pure data movement
+(`repeat_kv`'s expand + reshape, `repeat_interleave`, `contiguous`, ...). A site is rewritten when
+the walk provably only repeats kv heads for GQA, the concatenation is also a graph output (the
+value written back to the cache) and nothing else reads it. The rewrite:
+
+    k_state = antkv.append(k_past inner tensors..., k_new)     # or antkv.start(k_past, k_new, codebook)
+    v_state = antkv.append(v_past inner tensors..., v_new)
+    out, score = antkv.attention(q, k_state..., v_state..., attn_mask, is_causal, scale)
+    k_state.window_score += score;  v_state.window_score += score
+
+and the output that was `k` becomes the inner tensors of the new cache, which the backend wraps
+back into a `VQTensor`. A past that is already a `VQTensor` arrives as its inner tensors (the
+backend flattens it), so no dense K or V of the full length exists in the graph.
+
+Anything not provably equivalent is left as it is and reported with the reason.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch._dynamo.source import AttrSource
+from torch.fx.experimental.symbolic_shapes import optimization_hint as hint_int
+
+from ..cache import _INNER, CacheSettings, VQTensor
+from ..ops import STATE
+
+SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+# Pure data movement a cache may go through on its way to SDPA; the probe below checks what it does.
+MOVES_METHODS = {"expand", "reshape", "view", "contiguous", "transpose", "repeat_interleave", "unsqueeze", "clone"}
+MOVES_FUNCTIONS = {torch.repeat_interleave, torch.reshape, torch.transpose, torch.unsqueeze, operator.getitem}
+
+
+class Decline(Exception):
+    """A site the pass leaves as it is; the message is the reason shown by explain()."""
+
+
+@dataclass
+class Site:
+    """One attention call found in a graph, rewritten or declined."""
+
+    graph: int
+    sdpa: str
+    rewritten: bool
+    detail: str
+    layer: int | None = None
+
+    def __str__(self):
+        layer = "" if self.layer is None else f" layer {self.layer}"
+        verdict = "rewritten" if self.rewritten else "declined"
+        return f"graph {self.graph} {self.sdpa}{layer}: {verdict}: {self.detail}"
+
+
+@dataclass
+class CacheSide:
+    """The key (or value) half of a site: where the cache comes from and how it reaches SDPA."""
+
+    cat: fx.Node
+    past: fx.Node
+    new: fx.Node
+    chain: list[fx.Node]
+    groups: int
+    past_is_vq: bool
+
+
+@dataclass
+class PassResult:
+    sites: list[Site] = field(default_factory=list)
+    vq_inputs: dict[str, CacheSettings] = field(default_factory=dict)  # placeholder name -> settings
+    vq_outputs: list[tuple[int, list[int], CacheSettings, torch.dtype]] = field(default_factory=list)
+    extra_inputs: list[torch.Tensor] = field(default_factory=list)  # codebooks, after the graph's inputs
+
+
+def _val(node):
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
+
+
+def _sdpa_args(node) -> dict:
+    args = dict(SDPA_DEFAULTS)
+    args.update(zip(SDPA_ARGS, node.args))
+    args.update(node.kwargs)
+    return args
+
+
+def _is_size_query(user: fx.Node, tensor: fx.Node) -> bool:
+    if user.op == "call_method":
+        return user.target == "size"
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[1] == "shape" or user.args[1] in _INNER
+    return user.op == "call_function" and user.target is torch.ops.aten.sym_size.int
+
+
+def cache_size(codes: torch.Tensor, window: torch.Tensor, dim=None):
+    """The [B, H, T, D] size of a compressed cache (what `k.shape` / `k.size(dim)` read)."""
+    size = torch.Size([*codes.shape[:3], window.shape[3]])
+    return size if dim is None or dim == "shape" else size[dim]
+
+
+def _is_move(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in MOVES_METHODS
+    if node.op == "call_function" and node.target in MOVES_FUNCTIONS:
+        if node.target is operator.getitem:  # only full slices and None (unsqueeze)
+            idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            return all(i is None or i is Ellipsis or i == slice(None) for i in idx)
+        return True
+    return False
+
+
+def _concrete(x):
+    """Replay value of a non-tensor argument: symbolic sizes at their hints."""
+    if isinstance(x, fx.Node):
+        v = _val(x)
+        if isinstance(v, torch.SymInt):
+            return hint_int(v)
+        raise Decline(f"a data-movement op also reads the tensor {x.name}")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_concrete(i) for i in x)
+    return hint_int(x) if isinstance(x, torch.SymInt) else x
+
+
+def _replay(chain: list[fx.Node], probe: torch.Tensor) -> torch.Tensor:
+    x = probe
+    for node in chain:
+        args = [x] + [_concrete(a) for a in node.args[1:]]
+        kwargs = {k: _concrete(v) for k, v in node.kwargs.items()}
+        x = getattr(x, node.target)(*args[1:], **kwargs) if node.op == "call_method" else node.target(*args, **kwargs)
+    return x
+
+
+def _groups(cat: fx.Node, chain: list[fx.Node], what: str) -> int:
+    """Replay the chain on a probe whose every element is distinct: it must equal repeat_interleave
+    of the kv heads (GQA), nothing else. Returns the repeat factor."""
+    if not chain:
+        return 1
+    shape = [hint_int(s) for s in _val(cat).shape]
+    probe = torch.arange(torch.Size(shape).numel(), dtype=torch.float64).view(shape)
+    got = _replay(chain, probe)
+    H = shape[1]
+    if got.dim() != 4 or got.shape[0] != shape[0] or got.shape[2:] != probe.shape[2:] or got.shape[1] % H:
+        raise Decline(f"the {what} cache reaches SDPA rearranged to {tuple(got.shape)}, not [B, H, T, D] with repeated heads")
+    G = got.shape[1] // H
+    if not torch.equal(got, probe.repeat_interleave(G, 1)):
+        raise Decline(f"the {what} cache is rearranged by {', '.join(str(n.target) for n in chain)}: not a GQA head repeat")
+    return G
+
+
+def _trace_side(gm: fx.GraphModule, sdpa: fx.Node, operand: fx.Node, what: str, outputs: set) -> CacheSide:
+    chain, node = [], operand
+    while isinstance(node, fx.Node) and _is_move(node):
+        chain.append(node)
+        node = node.args[0]
+    chain.reverse()
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.cat):
+        if isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
+            name = getattr(node.target, "__name__", node.target)
+            raise Decline(f"the {what} reaches SDPA through `{name}` (a score or key modification, or not a cache)")
+        raise Decline(f"the {what} is not a KV-cache concatenation")
+    cat = node
+    tensors = cat.args[0]
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    out = _val(cat)
+    if len(tensors) != 2:
+        raise Decline(f"the {what} cache concatenates {len(tensors)} tensors, not [past, new]")
+    if out.dim() != 4 or dim % 4 != 2:
+        raise Decline(f"the {what} cache is concatenated on dim {dim} of a rank-{out.dim()} tensor: the compressed cache stores [B, H, T, D] with the sequence at dim 2")
+    past, new = tensors
+    past_val, new_val = _val(past), _val(new)
+    if isinstance(new_val, VQTensor) or new_val.dim() != 4:
+        raise Decline(f"the new {what} tokens are not a [B, H, n, D] tensor")
+    past_is_vq = isinstance(past_val, VQTensor)
+    if past_is_vq and past.op != "placeholder":
+        raise Decline(f"the compressed {what} cache is computed inside the graph, not read from the cache")
+    if not past_is_vq and not (past_val.dim() == 4 or (past_val.dim() == 1 and past_val.numel() == 0)):
+        raise Decline(f"the past {what} has shape {tuple(past_val.shape)}")
+    if new_val.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise Decline(f"the {what} dtype {new_val.dtype} is not quantized (float32/16, bfloat16 only)")
+    if cat not in outputs:
+        raise Decline(f"the concatenated {what} is not written back as is (e.g. sliced for a sliding window)")
+    for i, link in enumerate([cat] + chain):
+        nxt = chain[i] if i < len(chain) else sdpa
+        for user in link.users:
+            if user is nxt or (link is cat and user.op == "output") or _is_size_query(user, link):
+                continue
+            raise Decline(f"the concatenated {what} is also read by `{getattr(user.target, '__name__', user.target)}`")
+    return CacheSide(cat, past, new, chain, _groups(cat, chain, what), past_is_vq)
+
+
+def _check_site(sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, codebook, settings) -> None:
+    if args["dropout_p"] != 0.0:
+        raise Decline(f"dropout_p={args['dropout_p']}: VQ attention has no dropout")
+    if torch.is_grad_enabled() and any(getattr(_val(n), "requires_grad", False) for n in (args["query"], k.new, v.new)):
+        raise Decline("grad is enabled: quantize-on-write is not differentiable (run under torch.no_grad())")
+    mask = args["attn_mask"]
+    if mask is not None:
+        mval = _val(mask)
+        if not isinstance(mval, torch.Tensor) or isinstance(mval, VQTensor) or not (mval.dtype == torch.bool or mval.is_floating_point()):
+            raise Decline(f"unsupported attn_mask {type(mval).__name__} {getattr(mval, 'dtype', '')}")
+    if not isinstance(args["is_causal"], bool) or not (args["scale"] is None or isinstance(args["scale"], (int, float))):
+        raise Decline("is_causal / scale are not constants of the graph")
+    if k.past_is_vq != v.past_is_vq:
+        raise Decline("only one of key and value is compressed")
+    kv, qv = _val(k.cat), _val(args["query"])
+    if _val(v.cat).shape[1] != kv.shape[1] or k.groups != v.groups:
+        raise Decline("key and value have different kv heads")
+    Hq, Hkv = qv.shape[1], kv.shape[1]
+    if Hq != Hkv * k.groups and not (args["enable_gqa"] and Hq % (Hkv * k.groups) == 0):
+        raise Decline(f"{Hq} query heads do not share {Hkv} kv heads")
+    if k.past_is_vq:
+        return
+    if codebook is None:
+        raise Decline("no codebook for this layer (pass codebooks=..., or calibrate them)")
+    D = kv.shape[3]
+    for what, centroids in (("key", codebook.key_centroids), ("value", codebook.value_centroids)):
+        H, S, _, d = centroids.shape
+        if D % d:
+            raise Decline(f"head_dim {D} is not divisible by the {what} sub-vector size {d}")
+        if (H, S * d) != (Hkv, D):
+            raise Decline(f"the {what} codebook is for {H} kv heads of dim {S * d}, the model has {Hkv} of dim {D}")
+
+
+def _describe(args: dict, k: CacheSide, L) -> str:
+    parts = ["decode" if L == 1 else "prefill/chunk"]
+    if k.groups > 1:
+        how = " + ".join(str(n.target) for n in k.chain if str(n.target) in ("expand", "reshape", "view", "repeat_interleave")) or "moves"
+        parts.append(f"GQA x{k.groups} by {how}")
+    elif args["enable_gqa"]:
+        parts.append("GQA by enable_gqa")
+    if args["is_causal"]:
+        parts.append("is_causal")
+    if args["attn_mask"] is not None:
+        parts.append(f"{'bool' if _val(args['attn_mask']).dtype == torch.bool else 'additive'} mask")
+    parts.append("past compressed" if k.past_is_vq else "past dense (compressed from here on)")
+    return ", ".join(parts)
+
+
+class _Rewriter:
+    def __init__(self, gm: fx.GraphModule, settings: CacheSettings, result: PassResult):
+        self.gm, self.graph, self.settings, self.result = gm, gm.graph, settings, result
+        self.inner: dict[fx.Node, dict[str, fx.Node]] = {}
+
+    def inner_of(self, placeholder: fx.Node) -> dict[str, fx.Node]:
+        """Placeholders for a compressed input's inner tensors, in `_INNER` order, before it."""
+        if placeholder not in self.inner:
+            val = _val(placeholder)
+            nodes = {}
+            with self.graph.inserting_before(placeholder):
+                for name in _INNER:
+                    node = self.graph.placeholder(f"{placeholder.name}_{name}")
+                    node.meta["example_value"] = node.meta["val"] = getattr(val, name)
+                    source = getattr(placeholder, "_dynamo_source", None)
+                    node._dynamo_source = source and AttrSource(source, name)  # for AOTAutograd
+                    nodes[name] = node
+            self.inner[placeholder] = nodes
+            self.result.vq_inputs[placeholder.name] = val.settings
+        return self.inner[placeholder]
+
+    def constant(self, name: str, tensor: torch.Tensor) -> fx.Node:
+        """A codebook tensor, as an extra input after the graph's own (the backend passes it)."""
+        last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+        with self.graph.inserting_after(last):
+            node = self.graph.placeholder(name)
+        node.meta["example_value"] = node.meta["val"] = tensor
+        node._dynamo_source = None  # not a Dynamo input: AOTAutograd accepts no source
+        self.result.extra_inputs.append(tensor)
+        return node
+
+    def append(self, side: CacheSide, centroids, expected_err, tag: str) -> dict[str, fx.Node]:
+        s = self.settings
+        with self.graph.inserting_before(side.cat):
+            if side.past_is_vq:
+                inner = self.inner_of(side.past)
+                settings = _val(side.past).settings
+                call = self.graph.call_function(
+                    torch.ops.antkv.append.default,
+                    (*(inner[n] for n in _INNER), side.new, settings.window, settings.anchor_frac, settings.error),
+                )
+                book = {n: inner[n] for n in ("centroids", "expected_err")}
+            else:
+                settings = s
+                book = {"centroids": self.constant(f"{tag}_centroids", centroids), "expected_err": self.constant(f"{tag}_expected_err", expected_err)}
+                call = self.graph.call_function(
+                    torch.ops.antkv.start.default,
+                    (side.past, side.new, book["centroids"], book["expected_err"], s.window, s.anchor_frac, s.error),
+                )
+            state = {n: self.graph.call_function(operator.getitem, (call, i)) for i, n in enumerate(STATE)}
+        state.update(book)
+        state["settings"] = settings
+        return state
+
+    def rewrite(self, sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, book, layer: int) -> None:
+        ks = self.append(k, book and book.key_centroids, book and book.key_error, f"_antkv_{layer}_key")
+        vs = self.append(v, book and book.value_centroids, book and book.value_error, f"_antkv_{layer}_value")
+        part = ("codes", "centroids", "anchor_rows", "anchor_pos", "window", "window_err")
+        with self.graph.inserting_before(sdpa):
+            call = self.graph.call_function(
+                torch.ops.antkv.attention.default,
+                (args["query"], *(ks[n] for n in part), *(vs[n] for n in part), args["attn_mask"], args["is_causal"], args["scale"]),
+            )
+            out = self.graph.call_function(operator.getitem, (call, 0))
+            score = self.graph.call_function(operator.getitem, (call, 1))
+            ks["window_score"] = self.graph.call_function(operator.add, (ks["window_score"], score))
+            vs["window_score"] = self.graph.call_function(operator.add, (vs["window_score"], score))
+        sdpa.replace_all_uses_with(out)
+        for node in [sdpa, *reversed(k.chain), *reversed(v.chain)]:
+            self.graph.erase_node(node)
+        for side, state in ((k, ks), (v, vs)):
+            self._retarget_queries(side, state)
+            side.cat.meta["antkv_state"] = state
+
+    def _retarget_queries(self, side: CacheSide, state: dict) -> None:
+        """Size queries and Dynamo's inner-tensor reads of the concatenation now read the new cache."""
+        for user in list(side.cat.users):
+            if user.op == "output":
+                continue
+            if user.op == "call_function" and user.target is getattr and user.args[1] in _INNER:
+                user.replace_all_uses_with(state[user.args[1]])
+                self.graph.erase_node(user)
+                continue
+            with self.graph.inserting_before(user):
+                size = self.graph.call_function(cache_size, (state["codes"], state["window"], *user.args[1:]))
+            user.replace_all_uses_with(size)
+            self.graph.erase_node(user)
+
+    def finish_outputs(self) -> None:
+        """Outputs that were a concatenation become its new cache's inner tensors (appended at the end)."""
+        output = next(n for n in reversed(self.graph.nodes) if n.op == "output")
+        outs = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+        extra = []
+        for i, node in enumerate(outs):
+            state = isinstance(node, fx.Node) and node.meta.get("antkv_state")
+            if not state:
+                continue
+            start = len(outs) + len(extra)
+            extra += [state[n] for n in _INNER]
+            self.result.vq_outputs.append((i, list(range(start, start + len(_INNER))), state["settings"], _val(node).dtype))
+            outs[i] = None
+        output.args = (tuple(outs + extra),)
+        for node in reversed(list(self.graph.nodes)):
+            if node.meta.get("antkv_state") and not node.users:
+                self.graph.erase_node(node)
+        for ph, _ in list(self.inner.items()):
+            if not ph.users:
+                self.graph.erase_node(ph)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a Dynamo graph module to rewrite (Dynamo still reads the original's placeholders),
+    with the metadata AOTAutograd expects of a Dynamo graph."""
+    graph, nodes = fx.Graph(), {}
+    graph.output(graph.graph_copy(gm.graph, nodes))
+    for old, new in nodes.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = gm._param_name_to_source
+    return copy
+
+
+def kv_cache_pass(gm: fx.GraphModule, codebooks=None, settings: CacheSettings = CacheSettings(), graph_id: int = 0) -> PassResult:
+    """Rewrite every provable cat + SDPA site of `gm` in place; report every SDPA site found."""
+    result = PassResult()
+    rewriter = _Rewriter(gm, settings, result)
+    outputs = {n for n in next(n for n in reversed(gm.graph.nodes) if n.op == "output").all_input_nodes}
+    layer = 0
+    for sdpa in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA]:
+        args = _sdpa_args(sdpa)
+        this_layer = None
+        try:
+            k = _trace_side(gm, sdpa, args["key"], "key", outputs)
+            this_layer, layer = layer, layer + 1
+            v = _trace_side(gm, sdpa, args["value"], "value", outputs)
+            book = codebooks[this_layer] if codebooks is not None and this_layer < len(codebooks) else None
+            _check_site(sdpa, args, k, v, book, settings)
+        except Decline as why:
+            result.sites.append(Site(graph_id, sdpa.name, False, str(why), this_layer))
+            continue
+        detail = _describe(args, k, _val(args["query"]).shape[2])
+        rewriter.rewrite(sdpa, args, k, v, book, this_layer)
+        result.sites.append(Site(graph_id, sdpa.name, True, detail, this_layer))
+    rewriter.finish_outputs()
+    gm.graph.lint()
+    gm.recompile()
+    return result
