@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.utils._pytree import tree_map_only
 
 from . import ops
@@ -290,7 +291,7 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     """VQ attention when K and V are both compressed; NotImplemented (-> dense fallback) otherwise."""
     if not (isinstance(key, VQTensor) and isinstance(value, VQTensor)) or isinstance(query, VQTensor):
         return NotImplemented
-    if dropout_p > 0 or isinstance(attn_mask, VQTensor) or key.num_window != value.num_window:
+    if dropout_p > 0 or isinstance(attn_mask, VQTensor) or guard_or_false(key.num_window != value.num_window):
         return NotImplemented
     Hq, Hkv = query.shape[1], key.shape[1]
     if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
