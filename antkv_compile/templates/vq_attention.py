@@ -516,8 +516,9 @@ def _mask_args(mask: torch.Tensor | None, q: torch.Tensor) -> list:
     return [q, 0, 0, 0, 0] if mask is None else [mask, *mask.stride()]
 
 
-# Block sizes (num_warps=4). tests/test_triton_sm90.py compiles each kernel with these for sm_90
-# and checks shared memory and register spills; larger query tiles spilled with float32 dots.
+# Launch configurations. tests/test_triton_sm90.py compiles each kernel with these for sm_90 and
+# checks shared memory and register spills (e.g. 32-query or 32-key tiles at D=128 spilled with
+# float32 dots).
 
 
 def decode_config(G: int, L: int, D: int, DV: int) -> dict:
@@ -525,17 +526,20 @@ def decode_config(G: int, L: int, D: int, DV: int) -> dict:
     BLOCK_D, BLOCK_DV = triton.next_power_of_2(D), triton.next_power_of_2(DV)
     # Broadcast products are [rows, BLOCK_T, head_dim]: keep them near 8K elements.
     BLOCK_T = max(8, min(64, 8192 // (BLOCK_M * max(BLOCK_D, BLOCK_DV))))
-    return dict(BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T)
+    return dict(BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T, num_warps=4)
 
 
 def prefill_config(D: int, DV: int) -> dict:
-    return dict(BLOCK_L=16, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                BLOCK_DV=max(16, triton.next_power_of_2(DV)), BLOCK_T=32)
+    BLOCK_D, BLOCK_DV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
+    wide = max(BLOCK_D, BLOCK_DV) > 64
+    return dict(BLOCK_L=16, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_T=16 if wide else 32,
+                num_warps=8 if wide else 4)
 
 
 def window_scores_config(D: int, DV: int) -> dict:
-    return dict(BLOCK_L=16, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_W=32,
-                DV_CHUNK=min(16, triton.next_power_of_2(DV)))
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    return dict(BLOCK_L=16, BLOCK_D=BLOCK_D, BLOCK_W=32 if BLOCK_D <= 64 else 16,
+                DV_CHUNK=min(16, triton.next_power_of_2(DV)), num_warps=4)
 
 
 def vq_decode_attention(

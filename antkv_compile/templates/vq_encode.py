@@ -67,9 +67,9 @@ def codes_dtype(num_centroids: int) -> torch.dtype:
 
 
 def encode_config(K: int, d: int) -> dict:
-    """Block sizes (num_warps=4); the [BLOCK_T, BLOCK_K, d] distance tile stays at 16K elements.
+    """Launch configuration: the [BLOCK_T, BLOCK_K, d] distance tile stays at 16K elements.
     Checked for sm_90 resources by tests/test_triton_sm90.py."""
-    return dict(BLOCK_T=16, BLOCK_K=min(triton.next_power_of_2(K), max(16, 1024 // d)))
+    return dict(BLOCK_T=16, BLOCK_K=min(triton.next_power_of_2(K), max(16, 1024 // d)), num_warps=4)
 
 
 def vq_encode(
