@@ -93,7 +93,7 @@ class AntKVBackend:
         output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         num_outputs = len(output.args[0]) if isinstance(output.args[0], (tuple, list)) else 1
         graph_id = next(_GRAPH_IDS)
-        gm = copy_graph_module(gm)
+        original, gm = gm, copy_graph_module(gm)
         result = kv_cache_pass(gm, self.codebooks, self.settings, graph_id)
         for site in result.sites:
             self.sites.append(site)
@@ -102,7 +102,7 @@ class AntKVBackend:
         leftover = [n.name for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("example_value"), VQTensor)]
         if leftover:
             log.warning("antkv: graph %d reads compressed caches %s outside a rewritten site: it runs eagerly", graph_id, leftover)
-            return gm.forward
+            return original.forward
         flat_inputs = []
         for arg, is_vq in zip(example_inputs, vq_inputs):
             flat_inputs.extend(getattr(arg, n) for n in _INNER) if is_vq else flat_inputs.append(arg)
@@ -121,3 +121,15 @@ antkv_backend = AntKVBackend()
 """The backend with default settings; `torch.compile(m, backend=antkv_backend, options={...})`."""
 
 torch._dynamo.register_backend(antkv_backend, name="antkv")
+
+
+def explain(model, *example_args, codebooks: Codebooks | None = None, **settings) -> list[Site]:
+    """Run `model(*example_args)` once through the pass (no Inductor) and print every attention site
+    found: rewritten, or declined with the reason. Returns the sites. Keyword arguments other than
+    the antkv settings go to the model."""
+    ours = {k: settings.pop(k) for k in list(settings) if k in _SETTINGS}
+    backend = AntKVBackend(codebooks, inductor=False, **ours)
+    torch.compile(model, backend=backend)(*example_args, **settings)
+    for site in backend.sites:
+        print(site)
+    return backend.sites

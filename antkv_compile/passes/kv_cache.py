@@ -20,6 +20,7 @@ Anything not provably equivalent is left as it is and reported with the reason.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -92,18 +93,26 @@ def _sdpa_args(node) -> dict:
     return args
 
 
-def _is_size_query(user: fx.Node, tensor: fx.Node) -> bool:
-    if user.op == "call_method":
-        return user.target == "size"
-    if user.op == "call_function" and user.target is getattr:
-        return user.args[1] == "shape" or user.args[1] in _INNER
-    return user.op == "call_function" and user.target is torch.ops.aten.sym_size.int
+def _size_query(user: fx.Node) -> tuple | None:
+    """(what, *args) if `user` only reads the size of its input tensor: size(dim), shape, numel(),
+    dim(), or an inner tensor Dynamo reads to bind unbacked sizes; None otherwise."""
+    if user.op == "call_method" and user.target in ("size", "numel", "dim"):
+        return (user.target, *user.args[1:])
+    if user.op == "call_function" and user.target is getattr and (user.args[1] == "shape" or user.args[1] in _INNER):
+        return (user.args[1],)
+    if user.op == "call_function" and user.target is torch.ops.aten.sym_size.int:
+        return ("size", user.args[1])
+    return None
 
 
-def cache_size(codes: torch.Tensor, window: torch.Tensor, dim=None):
-    """The [B, H, T, D] size of a compressed cache (what `k.shape` / `k.size(dim)` read)."""
-    size = torch.Size([*codes.shape[:3], window.shape[3]])
-    return size if dim is None or dim == "shape" else size[dim]
+def cache_size(codes: torch.Tensor, window: torch.Tensor, what: str, dim=None):
+    """A size query on a compressed cache of outer shape [B, H, T, D], from its inner tensors."""
+    size = (*codes.shape[:3], window.shape[3])
+    if what == "numel":
+        return math.prod(size)  # not torch.Size.numel(), which specializes symbolic sizes
+    if what == "dim":
+        return 4
+    return torch.Size(size) if dim is None else size[dim]
 
 
 def _is_move(node: fx.Node) -> bool:
@@ -190,7 +199,7 @@ def _trace_side(gm: fx.GraphModule, sdpa: fx.Node, operand: fx.Node, what: str, 
     for i, link in enumerate([cat] + chain):
         nxt = chain[i] if i < len(chain) else sdpa
         for user in link.users:
-            if user is nxt or (link is cat and user.op == "output") or _is_size_query(user, link):
+            if user is nxt or (link is cat and user.op == "output") or _size_query(user):
                 continue
             raise Decline(f"the concatenated {what} is also read by `{getattr(user.target, '__name__', user.target)}`")
     return CacheSide(cat, past, new, chain, _groups(cat, chain, what), past_is_vq)
@@ -315,21 +324,22 @@ class _Rewriter:
         for node in [sdpa, *reversed(k.chain), *reversed(v.chain)]:
             self.graph.erase_node(node)
         for side, state in ((k, ks), (v, vs)):
-            self._retarget_queries(side, state)
+            self._retarget_queries(side.cat, state)
             side.cat.meta["antkv_state"] = state
 
-    def _retarget_queries(self, side: CacheSide, state: dict) -> None:
-        """Size queries and Dynamo's inner-tensor reads of the concatenation now read the new cache."""
-        for user in list(side.cat.users):
-            if user.op == "output":
+    def _retarget_queries(self, node: fx.Node, state: dict) -> None:
+        """Size queries on a cache that is now inner tensors read them instead (and so do Dynamo's
+        reads of inner tensors that bind unbacked sizes)."""
+        for user in list(node.users):
+            query = _size_query(user)
+            if query is None:
                 continue
-            if user.op == "call_function" and user.target is getattr and user.args[1] in _INNER:
-                user.replace_all_uses_with(state[user.args[1]])
-                self.graph.erase_node(user)
-                continue
-            with self.graph.inserting_before(user):
-                size = self.graph.call_function(cache_size, (state["codes"], state["window"], *user.args[1:]))
-            user.replace_all_uses_with(size)
+            if query[0] in _INNER:
+                user.replace_all_uses_with(state[query[0]])
+            else:
+                with self.graph.inserting_before(user):
+                    size = self.graph.call_function(cache_size, (state["codes"], state["window"], *query))
+                user.replace_all_uses_with(size)
             self.graph.erase_node(user)
 
     def finish_outputs(self) -> None:
@@ -349,7 +359,8 @@ class _Rewriter:
         for node in reversed(list(self.graph.nodes)):
             if node.meta.get("antkv_state") and not node.users:
                 self.graph.erase_node(node)
-        for ph, _ in list(self.inner.items()):
+        for ph, inner in list(self.inner.items()):
+            self._retarget_queries(ph, inner)
             if not ph.users:
                 self.graph.erase_node(ph)
 
