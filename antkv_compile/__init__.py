@@ -3,15 +3,21 @@
     codebooks = antkv_compile.calibrate(model, token_ids, bits=1.0)
     cache = antkv_compile.AntKVCache(codebooks)
     model.generate(..., past_key_values=cache)
+
+    model = torch.compile(model, backend=antkv_compile.antkv_backend, options={"codebooks": codebooks})
+    model = antkv_compile.patch(hf_model, codebooks)     # generate() runs compiled
 """
 
+from .backend import AntKVBackend, antkv_backend, explain
 from .cache import CacheSettings, VQTensor, dequantize
 from .calibrate import CalibrationData, calibrate, collect_calibration, fit_codebooks
 from .hf import AntKVCache, use_antkv_attention
+from .patch import patch
 from .quant.codebook import Codebooks, LayerCodebook
 from .quant.pq import PQSpec
 
 __all__ = [
+    "AntKVBackend",
     "AntKVCache",
     "CacheSettings",
     "CalibrationData",
@@ -19,9 +25,12 @@ __all__ = [
     "LayerCodebook",
     "PQSpec",
     "VQTensor",
+    "antkv_backend",
     "calibrate",
     "collect_calibration",
     "dequantize",
+    "explain",
     "fit_codebooks",
+    "patch",
     "use_antkv_attention",
 ]
