@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .quant.anchor_score import apply_mask, grouped_mask
+from .quant.anchor_score import apply_mask, grouped_mask, pairwise_dist
 from .quant.pq import decode
 
 
@@ -117,8 +117,6 @@ def vq_attention(
 
     # Anchor Score sums of the window tokens (see quant/anchor_score.py).
     pw = p[..., Tc:]
-    vw = v.window.float()
-    dist_sq = (o * o).sum(-1, keepdim=True) - 2 * o @ vw.transpose(-1, -2) + (vw * vw).sum(-1)[:, :, None]
     qnorm = scale * qg.norm(dim=-1, keepdim=True)
-    s1 = (pw * qnorm * dist_sq.clamp_min(0).sqrt()).sum(2)
+    s1 = (pw * qnorm * pairwise_dist(o, v.window).float()).sum(2)
     return out, s1, pw.sum(2)

@@ -51,7 +51,7 @@ def apply_mask(s: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, q0: 
     return s
 
 
-def _pairwise_dist(o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def pairwise_dist(o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """||v_j - o_i|| for o [..., L, D], v [..., T, D] -> [..., L, T]. The Gram expansion cancels
     where o_i ~ v_j (a query attending to one token), so it runs in float64."""
     o, v = o.double(), v.double()
@@ -71,7 +71,7 @@ def anchor_score_terms_dense(q, k, v, attn_mask=None, is_causal=False, scale=Non
     s = apply_mask(scale * qg @ kd.transpose(-1, -2), grouped_mask(attn_mask, B, Hkv, G, L, T), is_causal)
     a = torch.softmax(s, -1).nan_to_num(0.0)  # a fully masked query row attends to nothing
     o = a @ vd
-    w1 = a * (scale * qg.norm(dim=-1))[..., None] * _pairwise_dist(o, vd).to(dt)
+    w1 = a * (scale * qg.norm(dim=-1))[..., None] * pairwise_dist(o, vd).to(dt)
     return w1.sum((2, 3)), a.sum((2, 3))
 
 
@@ -112,7 +112,7 @@ def anchor_score_terms_blockwise(q, k, v, attn_mask=None, is_causal=False, scale
         qnorm = scale * qb.norm(dim=-1)
         for k0 in range(0, T, block_k):
             a = torch.exp(tile(qb, q0, k0) - lse[..., None]).nan_to_num(0.0)
-            dist = _pairwise_dist(o, vd[..., k0 : k0 + block_k, :]).to(dt)
+            dist = pairwise_dist(o, vd[..., k0 : k0 + block_k, :]).to(dt)
             s1[..., k0 : k0 + block_k] += (a * qnorm[..., None] * dist).sum((2, 3))
             s0[..., k0 : k0 + block_k] += a.sum((2, 3))
     return s1, s0
