@@ -63,8 +63,9 @@ class _CompiledGraph:
 
 class AntKVBackend:
     """A torch.compile backend with its settings: codebooks (a `Codebooks`, per layer in the order
-    the graph reaches its attention sites) and the cache settings (window, anchor_frac, error).
-    Extra `options` of torch.compile that are not ours go to Inductor's config.
+    the graph reaches its attention sites), the cache settings (window, anchor_frac, error) and
+    `inductor` (False: run the rewritten graph as is, for explain() and fast tests). Options of
+    torch.compile(options=...) that are not ours go to Inductor's config.
 
     `sites` keeps the report of every attention site of every graph compiled so far."""
 
@@ -80,9 +81,10 @@ class AntKVBackend:
         """A backend with `options` (torch.compile's options=...) applied over these settings."""
         options = dict(options)
         codebooks = options.pop("codebooks", self.codebooks)
+        inductor = options.pop("inductor", self.inductor)
         ours = {k: options.pop(k) for k in list(options) if k in _SETTINGS}
         settings = {**dataclasses.asdict(self.settings), **ours}
-        backend = AntKVBackend(codebooks, inductor=self.inductor, inductor_config={**self.inductor_config, **options}, **settings)
+        backend = AntKVBackend(codebooks, inductor=inductor, inductor_config={**self.inductor_config, **options}, **settings)
         backend.sites = self.sites  # one report across configured copies
         return backend
 

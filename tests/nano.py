@@ -1,0 +1,122 @@
+"""A hand-written nanoGPT-style decoder with a user tuple cache, in the attention variants the
+compiler pass must see through: GQA by enable_gqa / repeat_kv (expand + reshape) /
+repeat_interleave, causal or bool / additive masks, default or explicit scale."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from antkv_compile import CacheSettings, Codebooks, LayerCodebook, VQTensor
+from antkv_compile.quant.pq import spec_for_bits
+
+
+def repeat_kv(x, n_rep):
+    B, H, T, D = x.shape
+    return x[:, :, None, :, :].expand(B, H, n_rep, T, D).reshape(B, H * n_rep, T, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, n_head, n_kv_head, gqa="enable_gqa", scale=None, dropout=0.0, score_mod=False, seq_dim=2):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * n_kv_head * self.head_dim, bias=False)
+        self.o = nn.Linear(dim, dim, bias=False)
+        self.gqa, self.scale, self.dropout, self.score_mod, self.seq_dim = gqa, scale, dropout, score_mod, seq_dim
+
+    def forward(self, x, past, mask):
+        B, L, _ = x.shape
+        q = self.q(x).view(B, L, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(B, L, 2 * self.n_kv_head, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+        pk, pv = past
+        if self.seq_dim == 1:  # a [B, T, H, D] cache, transposed for SDPA
+            k = torch.cat([pk, k.transpose(1, 2)], dim=1)
+            v = torch.cat([pv, v.transpose(1, 2)], dim=1)
+            kk, vv = k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            k, v = torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=2)
+            kk, vv = k, v
+        G = self.n_head // self.n_kv_head
+        if self.gqa == "repeat_kv":
+            kk, vv = repeat_kv(kk, G), repeat_kv(vv, G)
+        elif self.gqa == "repeat_interleave":
+            kk, vv = kk.repeat_interleave(G, dim=1), torch.repeat_interleave(vv, G, dim=1)
+        if self.score_mod:
+            kk = kk * 0.5  # a key / score modification the pass must not see through
+        causal = mask is None and L > 1
+        out = F.scaled_dot_product_attention(
+            q, kk, vv, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal,
+            scale=self.scale, enable_gqa=self.gqa == "enable_gqa",
+        )  # fmt: skip
+        return self.o(out.transpose(1, 2).reshape(B, L, -1)), (k, v)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, **attn):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, **attn)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, past, mask):
+        a, present = self.attn(self.ln1(x), past, mask)
+        x = x + a
+        return x + self.mlp(self.ln2(x)), present
+
+
+class NanoGPT(nn.Module):
+    """forward(idx, past) -> (logits, present): `past` a tuple of (k, v) per layer."""
+
+    def __init__(self, vocab=64, dim=64, n_layer=2, n_head=4, n_kv_head=2, **attn):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(Block(dim, n_head=n_head, n_kv_head=n_kv_head, **attn) for _ in range(n_layer))
+        self.ln, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
+        self.n_kv_head, self.head_dim = n_kv_head, dim // n_head
+
+    def forward(self, idx, past, mask=None):
+        x = self.emb(idx)
+        present = []
+        for block, layer_past in zip(self.blocks, past):
+            x, p = block(x, layer_past, mask)
+            present.append(p)
+        return self.head(self.ln(x)), tuple(present)
+
+    def empty_past(self, batch, seq_dim=2):
+        shape = (batch, 0, self.n_kv_head, self.head_dim) if seq_dim == 1 else (batch, self.n_kv_head, 0, self.head_dim)
+        return tuple((torch.zeros(shape), torch.zeros(shape)) for _ in self.blocks)
+
+
+def random_codebooks(n_layer, kv_heads, head_dim, bits=1.0, seed=0) -> Codebooks:
+    g = torch.Generator().manual_seed(seed)
+    spec = spec_for_bits(bits)
+    S = spec.num_subspaces(head_dim)
+
+    def side():
+        return torch.randn(kv_heads, S, spec.num_centroids, spec.sub_dim, generator=g)
+
+    layers = [LayerCodebook(side(), side(), spec, spec, torch.rand(kv_heads, generator=g), torch.rand(kv_heads, generator=g)) for _ in range(n_layer)]
+    return Codebooks(layers, {})
+
+
+def vq_past(books: Codebooks, batch, settings: CacheSettings):
+    """The eager reference's starting cache: empty VQTensors with the same codebooks."""
+    return tuple(
+        (VQTensor.empty(batch, b.key_centroids, b.key_error, settings), VQTensor.empty(batch, b.value_centroids, b.value_error, settings))
+        for b in books.layers
+    )
+
+
+def prefix_mask(pad, L, T, additive=False, g=None):
+    """Left padding + causal, as SDPA masks [B, 1, L, T]: query i sits at position T - L + i."""
+    keep = torch.ones(len(pad), 1, L, T, dtype=torch.bool).tril(T - L)
+    keep &= torch.arange(T)[None, None, None, :] >= pad[:, None, None, None]
+    if not additive:
+        return keep
+    return torch.where(keep, 0.0, float("-inf")) + 0.1 * torch.randn(keep.shape, generator=g)
+
+
+def softmax_scale(head_dim):
+    return 1 / math.sqrt(head_dim) * 0.7
