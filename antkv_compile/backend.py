@@ -27,6 +27,7 @@ import torch.fx as fx
 from .cache import _INNER, CacheSettings, VQTensor
 from .passes.kv_cache import PassResult, Site, copy_graph_module, kv_cache_pass
 from .quant.codebook import Codebooks
+from .quant.pq import spec_for_bits
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +64,21 @@ class _CompiledGraph:
 
 class AntKVBackend:
     """A torch.compile backend with its settings: codebooks (a `Codebooks`, per layer in the order
-    the graph reaches its attention sites), the cache settings (window, anchor_frac, error) and
+    the graph reaches its attention sites; without them, each layer learns a codebook of `bits`
+    per element from its own keys and values once a call has enough tokens), the cache settings (window, anchor_frac, error) and
     `inductor` (False: run the rewritten graph as is, for explain() and fast tests). Options of
     torch.compile(options=...) that are not ours go to Inductor's config.
 
     `sites` keeps the report of every attention site of every graph compiled so far."""
 
-    def __init__(self, codebooks: Codebooks | None = None, *, inductor: bool = True, inductor_config: dict | None = None, **settings):
+    def __init__(
+        self, codebooks: Codebooks | None = None, *, bits: float = 1.0, inductor: bool = True, inductor_config: dict | None = None, **settings
+    ):
         unknown = set(settings) - _SETTINGS
         if unknown:
-            raise TypeError(f"unknown antkv settings {sorted(unknown)}; known: codebooks, {', '.join(sorted(_SETTINGS))}")
-        self.codebooks, self.settings = codebooks, CacheSettings(**settings)
+            raise TypeError(f"unknown antkv settings {sorted(unknown)}; known: codebooks, bits, inductor, {', '.join(sorted(_SETTINGS))}")
+        self.codebooks, self.settings, self.bits = codebooks, CacheSettings(**settings), bits
+        self.online = None if codebooks is not None else spec_for_bits(bits)
         self.inductor, self.inductor_config = inductor, dict(inductor_config or {})
         self.sites: list[Site] = []
 
@@ -82,9 +87,10 @@ class AntKVBackend:
         options = dict(options)
         codebooks = options.pop("codebooks", self.codebooks)
         inductor = options.pop("inductor", self.inductor)
+        bits = options.pop("bits", self.bits)
         ours = {k: options.pop(k) for k in list(options) if k in _SETTINGS}
         settings = {**dataclasses.asdict(self.settings), **ours}
-        backend = AntKVBackend(codebooks, inductor=inductor, inductor_config={**self.inductor_config, **options}, **settings)
+        backend = AntKVBackend(codebooks, bits=bits, inductor=inductor, inductor_config={**self.inductor_config, **options}, **settings)
         backend.sites = self.sites  # one report across configured copies
         return backend
 
@@ -96,7 +102,7 @@ class AntKVBackend:
         num_outputs = len(output.args[0]) if isinstance(output.args[0], (tuple, list)) else 1
         graph_id = next(_GRAPH_IDS)
         original, gm = gm, copy_graph_module(gm)
-        result = kv_cache_pass(gm, self.codebooks, self.settings, graph_id)
+        result = kv_cache_pass(gm, self.codebooks, self.settings, graph_id, self.online)
         for site in result.sites:
             self.sites.append(site)
             log.info("antkv: %s", site)
@@ -128,8 +134,8 @@ torch._dynamo.register_backend(antkv_backend, name="antkv")
 def explain(model, *example_args, codebooks: Codebooks | None = None, **settings) -> list[Site]:
     """Run `model(*example_args)` once through the pass (no Inductor) and print every attention site
     found: rewritten, or declined with the reason. Returns the sites. Keyword arguments other than
-    the antkv settings go to the model."""
-    ours = {k: settings.pop(k) for k in list(settings) if k in _SETTINGS}
+    the antkv settings (and bits) go to the model."""
+    ours = {k: settings.pop(k) for k in list(settings) if k in _SETTINGS | {"bits"}}
     backend = AntKVBackend(codebooks, inductor=False, **ours)
     torch.compile(model, backend=backend)(*example_args, **settings)
     for site in backend.sites:

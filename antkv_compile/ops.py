@@ -114,6 +114,32 @@ def _(past, new, centroids, expected_err, window_size, anchor_frac, error):
     return _append_fake(*state, new, window_size, anchor_frac)
 
 
+@torch.library.custom_op("antkv::learn_start", mutates_args=())
+def learn_start(
+    past: Tensor, new: Tensor, sub_dim: int, code_bits: int, window_size: int, anchor_frac: float, error: str, seed: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`start` with a codebook learned from these tokens (k-means per kv head and subspace, no
+    calibration data): the state, then the centroids and the mean error per head."""
+    from .quant.kmeans import weighted_kmeans
+    from .quant.pq import decode, encode
+
+    x = (torch.cat([past, new], 2) if past.numel() else new).float()
+    B, H, T, D = x.shape
+    S = D // sub_dim
+    sub = x.transpose(0, 1).reshape(H, B * T, S, sub_dim).transpose(1, 2).reshape(H * S, B * T, sub_dim)
+    centroids = weighted_kmeans(sub, 1 << code_bits, iters=10, seed=seed).view(H, S, 1 << code_bits, sub_dim)
+    expected_err = (x - decode(encode(x, centroids), centroids)).norm(dim=-1).mean((0, 2))
+    return (*start(past, new, centroids, expected_err, window_size, anchor_frac, error), centroids, expected_err)
+
+
+@learn_start.register_fake
+def _(past, new, sub_dim, code_bits, window_size, anchor_frac, error, seed):
+    H, D = new.shape[1], new.shape[3]
+    centroids = torch.empty(H, D // sub_dim, 1 << code_bits, sub_dim, device=new.device)
+    expected_err = torch.empty(H, device=new.device)
+    return (*torch.ops.antkv.start(past, new, centroids, expected_err, window_size, anchor_frac, error), centroids, expected_err)
+
+
 @torch.library.custom_op("antkv::attention", mutates_args=())
 def attention(
     q: Tensor,

@@ -226,3 +226,45 @@ def test_the_dense_kv_detector_sees_a_dense_cache():
     x, past = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 9, 16)
     graph = make_fx(decode, tracing_mode="symbolic")(x, past, past, x, x).graph
     assert len(_dense_cache_nodes(graph, _seq_symbols(graph))) >= 4  # k_past, v_past, k, v
+
+
+def test_default_backend_learns_codebooks_online():
+    """`backend=antkv_backend` with no settings: each layer learns its codebook (1 bit: 256
+    centroids) from the prompt's own keys and values, then decodes on the compressed cache."""
+    torch.manual_seed(0)
+    model = NanoGPT().eval()
+    compiled = torch.compile(model, backend=ak.antkv_backend)
+    past = model.empty_past(2)
+    with torch.no_grad():
+        for n in (128, 1, 1):
+            ids = torch.randint(0, 64, (2, n))
+            ref_past = tuple((copy.deepcopy(k), copy.deepcopy(v)) for k, v in past) if n == 1 else None
+            logits, new_past = compiled(ids, past)
+            if ref_past is not None:  # decode: compiled == eager on the same compressed cache
+                ref, _ = _eager_twin(model)(ids, ref_past)
+                torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+            past = new_past
+    k = past[0][0]
+    assert isinstance(k, VQTensor) and k.centroids.shape == (2, 2, 256, 8) and k.shape[2] == 130
+    sites = ak.antkv_backend.sites[-4:]
+    assert all(s.rewritten for s in sites) and "learned online" in sites[0].detail
+
+
+def test_online_codebooks_wait_for_enough_tokens():
+    """Until a call has as many tokens as centroids, the cache stays dense and exact."""
+    torch.manual_seed(0)
+    model = NanoGPT().eval()
+    backend = AntKVBackend(bits=0.25, inductor=False)  # 16 centroids of 16 dims
+    compiled = torch.compile(model, backend=backend)
+    past = model.empty_past(2)
+    kinds = []
+    with torch.no_grad():
+        for n in (5, 1, 1, 1, 1):
+            ids = torch.randint(0, 64, (2, n))
+            logits, new_past = compiled(ids, past)
+            if not isinstance(past[0][0], VQTensor):
+                torch.testing.assert_close(logits, model(ids, past)[0])
+            past = new_past
+            kinds.append(type(past[0][0]).__name__)
+    assert kinds == ["Tensor", "Tensor", "Tensor", "VQTensor", "VQTensor"]  # 2 x 8 tokens >= 16
+    assert "no codebook yet: 10 tokens seen" in backend.sites[0].detail

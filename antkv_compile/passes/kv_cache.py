@@ -32,6 +32,7 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint as hint_int
 
 from ..cache import _INNER, CacheSettings, VQTensor
 from ..ops import STATE
+from ..quant.pq import PQSpec
 
 SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -205,7 +206,7 @@ def _trace_side(gm: fx.GraphModule, sdpa: fx.Node, operand: fx.Node, what: str, 
     return CacheSide(cat, past, new, chain, _groups(cat, chain, what), past_is_vq)
 
 
-def _check_site(sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, codebook, settings) -> None:
+def _check_site(sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, codebook, online: PQSpec | None) -> None:
     if args["dropout_p"] != 0.0:
         raise Decline(f"dropout_p={args['dropout_p']}: VQ attention has no dropout")
     if torch.is_grad_enabled() and any(getattr(_val(n), "requires_grad", False) for n in (args["query"], k.new, v.new)):
@@ -227,9 +228,16 @@ def _check_site(sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, codebook,
         raise Decline(f"{Hq} query heads do not share {Hkv} kv heads")
     if k.past_is_vq:
         return
-    if codebook is None:
-        raise Decline("no codebook for this layer (pass codebooks=..., or calibrate them)")
     D = kv.shape[3]
+    if codebook is None and online is None:
+        raise Decline("no codebook for this layer (pass codebooks=..., or calibrate them)")
+    if codebook is None:
+        if D % online.sub_dim:
+            raise Decline(f"head_dim {D} is not divisible by the sub-vector size {online.sub_dim} of {online.bits:g} bits")
+        tokens, need = kv.shape[0] * kv.shape[2], online.num_centroids
+        if not tokens >= need:  # a guard: Dynamo recompiles once enough tokens were seen
+            raise Decline(f"no codebook yet: {hint_int(tokens)} tokens seen, learning {need} centroids online needs {need}; the cache stays dense (exact) until then")
+        return
     for what, centroids in (("key", codebook.key_centroids), ("value", codebook.value_centroids)):
         H, S, _, d = centroids.shape
         if D % d:
@@ -284,7 +292,7 @@ class _Rewriter:
         self.result.extra_inputs.append(tensor)
         return node
 
-    def append(self, side: CacheSide, centroids, expected_err, tag: str) -> dict[str, fx.Node]:
+    def append(self, side: CacheSide, centroids, expected_err, tag: str, online: PQSpec | None, seed: int) -> dict[str, fx.Node]:
         s = self.settings
         with self.graph.inserting_before(side.cat):
             if side.past_is_vq:
@@ -295,6 +303,13 @@ class _Rewriter:
                     (*(inner[n] for n in _INNER), side.new, settings.window, settings.anchor_frac, settings.error),
                 )
                 book = {n: inner[n] for n in ("centroids", "expected_err")}
+            elif centroids is None:
+                settings = s
+                call = self.graph.call_function(
+                    torch.ops.antkv.learn_start.default,
+                    (side.past, side.new, online.sub_dim, online.code_bits, s.window, s.anchor_frac, s.error, seed),
+                )
+                book = {n: self.graph.call_function(operator.getitem, (call, len(STATE) + i)) for i, n in enumerate(("centroids", "expected_err"))}
             else:
                 settings = s
                 book = {"centroids": self.constant(f"{tag}_centroids", centroids), "expected_err": self.constant(f"{tag}_expected_err", expected_err)}
@@ -307,9 +322,9 @@ class _Rewriter:
         state["settings"] = settings
         return state
 
-    def rewrite(self, sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, book, layer: int) -> None:
-        ks = self.append(k, book and book.key_centroids, book and book.key_error, f"_antkv_{layer}_key")
-        vs = self.append(v, book and book.value_centroids, book and book.value_error, f"_antkv_{layer}_value")
+    def rewrite(self, sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, book, layer: int, online: PQSpec | None) -> None:
+        ks = self.append(k, book and book.key_centroids, book and book.key_error, f"_antkv_{layer}_key", online, 2 * layer)
+        vs = self.append(v, book and book.value_centroids, book and book.value_error, f"_antkv_{layer}_value", online, 2 * layer + 1)
         part = ("codes", "centroids", "anchor_rows", "anchor_pos", "window", "window_err")
         with self.graph.inserting_before(sdpa):
             call = self.graph.call_function(
@@ -380,8 +395,12 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
-def kv_cache_pass(gm: fx.GraphModule, codebooks=None, settings: CacheSettings = CacheSettings(), graph_id: int = 0) -> PassResult:
-    """Rewrite every provable cat + SDPA site of `gm` in place; report every SDPA site found."""
+def kv_cache_pass(
+    gm: fx.GraphModule, codebooks=None, settings: CacheSettings = CacheSettings(), graph_id: int = 0, online: PQSpec | None = None
+) -> PassResult:
+    """Rewrite every provable cat + SDPA site of `gm` in place; report every SDPA site found.
+    `online`: without a codebook for a layer, learn one of this spec from the layer's own keys and
+    values once the call has enough tokens."""
     result = PassResult()
     rewriter = _Rewriter(gm, settings, result)
     outputs = {n for n in next(n for n in reversed(gm.graph.nodes) if n.op == "output").all_input_nodes}
@@ -394,12 +413,14 @@ def kv_cache_pass(gm: fx.GraphModule, codebooks=None, settings: CacheSettings = 
             this_layer, layer = layer, layer + 1
             v = _trace_side(gm, sdpa, args["value"], "value", outputs)
             book = codebooks[this_layer] if codebooks is not None and this_layer < len(codebooks) else None
-            _check_site(sdpa, args, k, v, book, settings)
+            _check_site(sdpa, args, k, v, book, online)
         except Decline as why:
             result.sites.append(Site(graph_id, sdpa.name, False, str(why), this_layer))
             continue
         detail = _describe(args, k, _val(args["query"]).shape[2])
-        rewriter.rewrite(sdpa, args, k, v, book, this_layer)
+        if book is None and not k.past_is_vq:
+            detail += f", codebook learned online ({online.bits:g} bits) from this call's tokens"
+        rewriter.rewrite(sdpa, args, k, v, book, this_layer, online)
         result.sites.append(Site(graph_id, sdpa.name, True, detail, this_layer))
     rewriter.finish_outputs()
     gm.graph.lint()
