@@ -111,7 +111,7 @@ def vq_attention(
     pc.scatter_(-1, va_idx, 0.0)
     o = _code_values(pc[..., :Tc], v, Tc) + p_anchor @ v.anchor_rows.float()
     o = o + p[..., Tc:] @ v.window.float()
-    out = o.view(B, Hq, L, D).to(q.dtype)
+    out = o.reshape(B, Hq, L, D).to(q.dtype)  # o may keep the einsum's permuted strides (S = 1)
     if not score_window or Tw == 0:
         return out, None, None
 
