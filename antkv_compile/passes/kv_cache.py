@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -79,7 +80,7 @@ class CacheSide:
 class PassResult:
     sites: list[Site] = field(default_factory=list)
     vq_inputs: dict[str, CacheSettings] = field(default_factory=dict)  # placeholder name -> settings
-    vq_outputs: list[tuple[int, list[int], CacheSettings, torch.dtype]] = field(default_factory=list)
+    vq_outputs: list[tuple[int, list[int], CacheSettings]] = field(default_factory=list)  # output, inner outputs
     extra_inputs: list[torch.Tensor] = field(default_factory=list)  # codebooks, after the graph's inputs
 
 
@@ -165,7 +166,7 @@ def _groups(cat: fx.Node, chain: list[fx.Node], what: str) -> int:
     return G
 
 
-def _trace_side(gm: fx.GraphModule, sdpa: fx.Node, operand: fx.Node, what: str, outputs: set) -> CacheSide:
+def _trace_side(sdpa: fx.Node, operand: fx.Node, what: str, outputs: set) -> CacheSide:
     chain, node = [], operand
     while isinstance(node, fx.Node) and _is_move(node):
         chain.append(node)
@@ -249,7 +250,8 @@ def _check_site(sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, codebook,
 def _describe(args: dict, k: CacheSide, L) -> str:
     parts = ["decode" if L == 1 else "prefill/chunk"]
     if k.groups > 1:
-        how = " + ".join(str(n.target) for n in k.chain if str(n.target) in ("expand", "reshape", "view", "repeat_interleave")) or "moves"
+        names = [getattr(n.target, "__name__", n.target) for n in k.chain]
+        how = " + ".join(n for n in names if n in ("expand", "reshape", "view", "repeat_interleave"))
         parts.append(f"GQA x{k.groups} by {how}")
     elif args["enable_gqa"]:
         parts.append("GQA by enable_gqa")
@@ -368,7 +370,7 @@ class _Rewriter:
                 continue
             start = len(outs) + len(extra)
             extra += [state[n] for n in _INNER]
-            self.result.vq_outputs.append((i, list(range(start, start + len(_INNER))), state["settings"], _val(node).dtype))
+            self.result.vq_outputs.append((i, list(range(start, start + len(_INNER))), state["settings"]))
             outs[i] = None
         output.args = (tuple(outs + extra),)
         for node in reversed(list(self.graph.nodes)):
@@ -378,6 +380,14 @@ class _Rewriter:
             self._retarget_queries(ph, inner)
             if not ph.users:
                 self.graph.erase_node(ph)
+
+
+def _layer_index(past: fx.Node, ordinal: int) -> int:
+    """Which codebook a site uses: the layer of the cache it reads when Dynamo's source names one
+    (`past_key_values.layers[i]`, `past[i][0]`), else its order among the graph's SDPA calls."""
+    source = getattr(past, "_dynamo_source", None)
+    match = source and re.search(r"layers\[(\d+)\]|\[(\d+)\]\[[01]\]$", source.name)
+    return int(match.group(1) or match.group(2)) if match else ordinal
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -404,24 +414,23 @@ def kv_cache_pass(
     result = PassResult()
     rewriter = _Rewriter(gm, settings, result)
     outputs = {n for n in next(n for n in reversed(gm.graph.nodes) if n.op == "output").all_input_nodes}
-    layer = 0
-    for sdpa in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA]:
+    for ordinal, sdpa in enumerate([n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA]):
         args = _sdpa_args(sdpa)
-        this_layer = None
+        layer = None
         try:
-            k = _trace_side(gm, sdpa, args["key"], "key", outputs)
-            this_layer, layer = layer, layer + 1
-            v = _trace_side(gm, sdpa, args["value"], "value", outputs)
-            book = codebooks[this_layer] if codebooks is not None and this_layer < len(codebooks) else None
+            k = _trace_side(sdpa, args["key"], "key", outputs)
+            layer = _layer_index(k.past, ordinal)
+            v = _trace_side(sdpa, args["value"], "value", outputs)
+            book = codebooks[layer] if codebooks is not None and layer < len(codebooks) else None
             _check_site(sdpa, args, k, v, book, online)
         except Decline as why:
-            result.sites.append(Site(graph_id, sdpa.name, False, str(why), this_layer))
+            result.sites.append(Site(graph_id, sdpa.name, False, str(why), layer))
             continue
         detail = _describe(args, k, _val(args["query"]).shape[2])
         if book is None and not k.past_is_vq:
             detail += f", codebook learned online ({online.bits:g} bits) from this call's tokens"
-        rewriter.rewrite(sdpa, args, k, v, book, this_layer, online)
-        result.sites.append(Site(graph_id, sdpa.name, True, detail, this_layer))
+        rewriter.rewrite(sdpa, args, k, v, book, layer, online)
+        result.sites.append(Site(graph_id, sdpa.name, True, detail, layer))
     rewriter.finish_outputs()
     gm.graph.lint()
     gm.recompile()
