@@ -19,6 +19,7 @@ Rows live in a registry: `register(Row(...))` adds one (see `Row`, `Setup`, `Con
 from __future__ import annotations
 
 import argparse
+import fcntl
 import fnmatch
 import json
 import math
@@ -39,6 +40,7 @@ import transformers
 from tqdm import tqdm
 from transformers import DynamicCache, QuantizedCache
 
+import antkv_compile as ak
 from antkv_compile.evaluation import (
     cache_nbytes,
     decode_faithful_nll,
@@ -52,7 +54,7 @@ from antkv_compile.evaluation import (
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # 2 cores, fp32: FP takes ~10 s per 2048-token window and the QuantizedCache peers ~11-19 s; 6 windows
 # keep the ~14 rows (FP, 4 peers, 5 budgets, 4 ablations) within ~45 minutes including calibration.
-DEFAULT_WINDOWS = 6
+DEFAULT_WINDOWS = 4
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Setup:
 
     make_cache: Callable[[], object]
     codebooks: Sequence[torch.Tensor] | None = None
+    details: str = ""  # appended to the row's notes, e.g. the K/V split calibration chose
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,45 @@ register(_quantized_cache_row("hqq", 2, _HQQ_NOTES))
 register(_quantized_cache_row("hqq", 1, _HQQ_NOTES))
 
 
+# --- our rows ------------------------------------------------------------------------------------
+
+_CALIBRATION: dict[int, ak.CalibrationData] = {}
+
+
+def _calibration(ctx: Context) -> ak.CalibrationData:
+    """Collected once per process and shared by all our rows; k-means fits are memoized on it, so
+    budgets and ablations that need the same codebooks fit them once."""
+    key = id(ctx.calib_ids)
+    if key not in _CALIBRATION:
+        _CALIBRATION[key] = ak.collect_calibration(ctx.model, ctx.calib_ids, seq_len=1024, max_tokens=None)
+    return _CALIBRATION[key]
+
+
+def _antkv_row(name: str, bits: float, notes: str, fit: dict | None = None, **cache_settings) -> Row:
+    """AnTKV at an average budget of `bits`: codebooks fitted on the calibration slice (K/V split
+    chosen by measured attention error unless `fit` says otherwise), cache settings as given."""
+
+    def setup(ctx: Context) -> Setup:
+        books = ak.fit_codebooks(_calibration(ctx), bits, **(fit or {}))
+        ak.use_antkv_attention(ctx.model)  # dense caches still run plain sdpa through it
+        split = books.settings["chosen"][0]
+        errors = ", ".join(f"{k} {v:.4f}" for k, v in books.settings["candidate_errors"].items())
+        return Setup(lambda: ak.AntKVCache(books, **cache_settings), codebooks=books.tensors(),
+                     details=f"split {split}" + (f" (probe attention error {errors})" if errors else ""))
+
+    return Row(name, bits, setup, kind="ours", notes=notes)
+
+
+_DEFAULTS = "window 32, anchors 1%, Anchor-Score-weighted k-means"
+for _bits in (4.0, 2.0, 1.0, 0.5, 0.375):
+    register(_antkv_row(f"antkv-{_bits:g}bit", _bits, _DEFAULTS))
+register(_antkv_row("antkv-1bit-no-anchors", 1.0, "ablation: no anchor tokens", anchor_frac=0.0))
+register(_antkv_row("antkv-1bit-unweighted", 1.0, "ablation: plain (unweighted) k-means", fit={"weighted": False}))
+register(_antkv_row("antkv-1bit-equal-split", 1.0, "ablation: K and V forced to equal bits", fit={"kv_split": "equal"}))
+register(_antkv_row("antkv-1bit-key-favoured", 1.0, "ablation: K and V forced to K1.5/V0.5", fit={"kv_split": (1.5, 0.5)}))
+register(_antkv_row("antkv-1bit-no-window", 1.0, "ablation: no exact window (only the current call's tokens)", window=0))
+
+
 # --- running -------------------------------------------------------------------------------------
 
 def select_rows(spec: str | None) -> list[Row]:
@@ -158,6 +200,8 @@ def evaluate_row(row: Row, ctx: Context, windows: list[torch.Tensor], chunk: int
         record["effective_bits"] = sum(bits) / len(bits)
         if setup.codebooks is not None:
             record["codebook_bytes"] = tensors_nbytes(setup.codebooks)
+        if setup.details:
+            record["notes"] = f"{row.notes}; {setup.details}" if row.notes else setup.details
         record["seconds_per_window"] = (time.perf_counter() - eval_start) / len(windows)
     except Exception as exc:  # a crashing row is a result too; the run goes on
         traceback.print_exc()
@@ -249,7 +293,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help=f"evaluation windows (default: {DEFAULT_WINDOWS})")
     p.add_argument("--chunk", type=int, default=32, help="tokens per forward call (default: 32)")
     p.add_argument("--eval-offset", type=int, default=100_000, help="first evaluation token (default: 100000)")
-    p.add_argument("--calib-tokens", type=int, default=16_384, help="calibration slice [0, N) (default: 16384)")
+    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration slice [0, N) (default: 8192)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of an earlier run in --out that this run does not recompute (runs of row subsets, e.g. in parallel)")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 window of 256 tokens, 2048 calibration tokens")
     args = p.parse_args(argv)
     if args.quick:
@@ -269,16 +315,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     windows = eval_windows(ids, args.eval_offset, args.context, args.windows)
     ctx = Context(model, tokenizer, ids[: args.calib_tokens])
 
+    command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/accuracy.py", *argv])
     records = [evaluate_row(row, ctx, windows, args.chunk) for row in rows]
+    for r in records:
+        r.update(context=args.context, windows=args.windows, chunk=args.chunk, command=command,
+                 date=datetime.now().astimezone().isoformat(timespec="seconds"))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "accuracy.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent --merge runs write one after the other
+        if args.merge and (args.out / "accuracy.json").exists():
+            fresh = {r["name"] for r in records}
+            kept = [r for r in json.loads((args.out / "accuracy.json").read_text()) if r["name"] not in fresh]
+            order = list(ROWS)
+            records = sorted(kept + records, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+        write_results(args, records, model, ids)
+    print((args.out / "accuracy.md").read_text())
+    return records
+
+
+def write_results(args: argparse.Namespace, records: list[dict], model, ids: torch.Tensor) -> None:
     fp_ppl = next((r["ppl"] for r in records if r["kind"] == "fp" and r["ppl"] is not None), None)
     for r in records:
-        r.update(context=args.context, windows=args.windows, chunk=args.chunk)
-        if fp_ppl is not None and r["ppl"] is not None:
-            r["ppl_ratio_vs_fp"] = r["ppl"] / fp_ppl
-
+        r["ppl_ratio_vs_fp"] = r["ppl"] / fp_ppl if fp_ppl is not None and r["ppl"] is not None else None
+    runs: dict[str, str] = {}  # command -> date of its first row
+    for r in records:
+        runs.setdefault(r.get("command", "?"), r.get("date", "?"))
     header = {
-        "command": shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/accuracy.py", *argv]),
-        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "runs": "; ".join(f"`{cmd}` ({date})" for cmd, date in runs.items()),
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"transformers {transformers.__version__}",
         "model": f"SmolLM2-135M-Instruct (GGUF Q4_1 weights dequantized), {model.dtype}",
@@ -288,13 +352,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "windows": args.windows,
         "chunk": f"{args.chunk} tokens per forward call (decode-faithful)",
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     write_markdown(args.out / "accuracy.md", records, header)
     (args.out / "accuracy.json").write_text(json.dumps(records, indent=2) + "\n")
     write_plot(args.out / "accuracy.png", records,
                f"SmolLM2-135M, WikiText-2, {args.windows} x {args.context} tokens, chunk {args.chunk}")
-    print((args.out / "accuracy.md").read_text())
-    return records
 
 
 if __name__ == "__main__":
