@@ -12,7 +12,8 @@ call and wraps the new caches' inner tensors into `VQTensor`s after it. The firs
 sees a dense (or empty) past and writes back a `VQTensor`; later calls read it.
 
 Recompilation stays bounded: the caches it returns have their sequence length marked dynamic and
-their window / anchor lengths unbacked, so the decode step is traced once for all lengths.
+their window / anchor lengths unbacked (the custom ops' fake kernels never guard on them), so the
+decode step is traced once for all lengths: prefill + decode = 2 graphs for a whole generation.
 """
 
 from __future__ import annotations
@@ -63,11 +64,15 @@ class _CompiledGraph:
 
 
 class AntKVBackend:
-    """A torch.compile backend with its settings: codebooks (a `Codebooks`, per layer in the order
-    the graph reaches its attention sites; without them, each layer learns a codebook of `bits`
-    per element from its own keys and values once a call has enough tokens), the cache settings (window, anchor_frac, error) and
-    `inductor` (False: run the rewritten graph as is, for explain() and fast tests). Options of
-    torch.compile(options=...) that are not ours go to Inductor's config.
+    """A torch.compile backend with its settings:
+
+    - codebooks: a `Codebooks`, one per layer (the layer a cache belongs to, as Dynamo names it).
+      Without them each layer learns a codebook of `bits` per element from its own keys and values
+      once a call has enough tokens;
+    - the cache settings: window, anchor_frac, error (see `CacheSettings`);
+    - inductor: False runs the rewritten graph as is (explain(), fast tests).
+
+    Options of torch.compile(options=...) that are not ours go to Inductor's config.
 
     `sites` keeps the report of every attention site of every graph compiled so far."""
 
