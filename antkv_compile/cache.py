@@ -42,15 +42,19 @@ aten = torch.ops.aten
 class CacheSettings:
     """window: exact recent tokens kept after a flush; anchor_frac: share of the flushed tokens kept
     exact; error: Anchor Score with each token's 'actual' quantization error or the per-head
-    'expected' one."""
+    'expected' one; seq_dim: the sequence axis of the tensor the cache is, 2 for [B, H, T, D]
+    (SDPA's layout) or 1 for [B, T, H, D] (a model that transposes its cache before SDPA)."""
 
     window: int = 32
     anchor_frac: float = 0.01
     error: str = "actual"
+    seq_dim: int = 2
 
     def __post_init__(self):
-        if self.window < 0 or not 0 <= self.anchor_frac <= 1 or self.error not in ("actual", "expected"):
-            raise ValueError(f"invalid cache settings {self}: need window >= 0, 0 <= anchor_frac <= 1, error 'actual' or 'expected'")
+        if self.window < 0 or not 0 <= self.anchor_frac <= 1 or self.error not in ("actual", "expected") or self.seq_dim not in (1, 2):
+            raise ValueError(
+                f"invalid cache settings {self}: need window >= 0, 0 <= anchor_frac <= 1, error 'actual' or 'expected', seq_dim 1 or 2"
+            )
 
 
 _INNER = ("codes", "anchor_rows", "anchor_pos", "anchor_score", "window", "window_err", "window_score", "centroids", "expected_err")
@@ -72,7 +76,7 @@ class VQTensor(torch.Tensor):
     @staticmethod
     def __new__(cls, codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err, settings):
         B, H, T, _ = codes.shape
-        shape = (B, H, T, window.shape[-1])
+        shape = (B, H, T, window.shape[-1]) if settings.seq_dim == 2 else (B, T, H, window.shape[-1])
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=window.dtype, device=codes.device, requires_grad=False)
 
     def __init__(self, codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err, settings):
@@ -146,12 +150,18 @@ class VQTensor(torch.Tensor):
     def num_window(self) -> int:
         return self.window.shape[2]
 
+    @property
+    def bhtd(self) -> tuple:
+        """[B, H, T, D] whatever the outer layout: the shape every inner tensor is indexed by."""
+        return (*self.codes.shape[:3], self.window.shape[3])
+
     def parts(self) -> VQParts:
         return VQParts(self.codes, self.centroids, self.anchor_rows, self.anchor_pos, self.window)
 
     def dequantize(self) -> torch.Tensor:
         """The dense tensor this cache stands for: codes decoded, anchor and window rows exact."""
-        return ops.dequantize(self.codes, self.anchor_rows, self.anchor_pos, self.window, self.centroids)
+        dense = ops.dequantize(self.codes, self.anchor_rows, self.anchor_pos, self.window, self.centroids)
+        return dense if self.settings.seq_dim == 2 else dense.transpose(1, 2)
 
     def cache_nbytes(self) -> int:
         """Bytes this cache holds (every inner tensor but the shared codebook)."""
@@ -160,9 +170,12 @@ class VQTensor(torch.Tensor):
     # --- direct ops ---------------------------------------------------------------------------
 
     def append(self, new: torch.Tensor) -> "VQTensor":
-        """Quantize-on-write: flush the window down to `settings.window`, then add `new` [B, H, n, D]."""
+        """Quantize-on-write: flush the window down to `settings.window`, then add `new` [B, H, n, D]
+        (or [B, n, H, D] if the cache's seq_dim is 1)."""
         check_dtype(new)
-        if new.shape[:2] != self.shape[:2] or new.shape[3] != self.shape[3]:
+        if self.settings.seq_dim == 1 and new.dim() == 4:
+            new = new.transpose(1, 2)
+        if new.shape[:2] != self.bhtd[:2] or new.shape[3] != self.bhtd[3]:
             raise ValueError(f"cannot append {tuple(new.shape)} to a cache of shape {tuple(self.shape)}")
         s = self.settings
         state = ops.append(*(getattr(self, n) for n in _INNER), new.to(self.dtype), s.window, s.anchor_frac, s.error)
@@ -189,16 +202,16 @@ class VQTensor(torch.Tensor):
         anchors fill the anchor budget ceil(anchor_frac * encoded tokens)."""
         if n_leave <= 0:
             return self
-        T, Tw = self.shape[2], self.num_window
+        T, Tw = self.bhtd[2], self.num_window
         Tc = T - Tw + n_leave
         leave_pos = torch.arange(T - Tw, T - Tw + n_leave, dtype=torch.int32, device=self.device)
         cand_score = torch.cat([self.anchor_score, self.window_score[:, :, :n_leave]], 2)
-        cand_pos = torch.cat([self.anchor_pos, leave_pos.expand(*self.shape[:2], -1)], 2)
+        cand_pos = torch.cat([self.anchor_pos, leave_pos.expand(*self.bhtd[:2], -1)], 2)
         cand_rows = torch.cat([self.anchor_rows, self.window[:, :, :n_leave]], 2)
         budget = min(math.ceil(self.settings.anchor_frac * Tc), cand_score.shape[2])
         score, idx = cand_score.topk(budget, dim=2)
         return self._replace(
-            anchor_rows=cand_rows.gather(2, idx[..., None].expand(-1, -1, -1, self.shape[3])),
+            anchor_rows=cand_rows.gather(2, idx[..., None].expand(-1, -1, -1, self.bhtd[3])),
             anchor_pos=cand_pos.gather(2, idx),
             anchor_score=score,
             window=self.window[:, :, n_leave:],
@@ -208,7 +221,7 @@ class VQTensor(torch.Tensor):
 
     def crop(self, end: int) -> "VQTensor":
         """The first `end` tokens (HF's cache crop): codes cut, later anchors emptied, window cut."""
-        T, Tw = self.shape[2], self.num_window
+        T, Tw = self.bhtd[2], self.num_window
         end = max(0, min(T, end if end >= 0 else T + end))
         keep_w = max(0, end - (T - Tw))
         gone = self.anchor_pos >= end
@@ -239,7 +252,7 @@ def _cat(tensors, dim=0):
     if len(tensors) != 2 or not isinstance(tensors[0], VQTensor) or isinstance(tensors[1], VQTensor):
         return NotImplemented
     cache, new = tensors
-    if dim % 4 != 2 or new.dim() != 4 or new.dtype != cache.dtype:
+    if dim % 4 != cache.settings.seq_dim or new.dim() != 4 or new.dtype != cache.dtype:
         return NotImplemented
     return cache.append(new)
 
@@ -252,7 +265,7 @@ def _slice(x, dim=0, start=None, end=None, step=1):
         return NotImplemented
     if end == size:
         return x
-    return x.crop(end) if dim % 4 == 2 else NotImplemented
+    return x.crop(end) if dim % 4 == x.settings.seq_dim else NotImplemented
 
 
 def _index_select(x, dim, index):
@@ -290,6 +303,8 @@ _DIRECT = {
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """VQ attention when K and V are both compressed; NotImplemented (-> dense fallback) otherwise."""
     if not (isinstance(key, VQTensor) and isinstance(value, VQTensor)) or isinstance(query, VQTensor):
+        return NotImplemented
+    if key.settings.seq_dim != 2 or value.settings.seq_dim != 2:
         return NotImplemented
     if dropout_p > 0 or isinstance(attn_mask, VQTensor) or guard_or_false(key.num_window != value.num_window):
         return NotImplemented
