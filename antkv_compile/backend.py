@@ -39,7 +39,7 @@ _UNBACKED = ("anchor_rows", "anchor_pos", "anchor_score", "window", "window_err"
 
 def _mark_growing(cache: VQTensor) -> VQTensor:
     """Tell Dynamo which sizes of a returned cache will change, so the next trace is general."""
-    torch._dynamo.maybe_mark_dynamic(cache, 2)
+    torch._dynamo.maybe_mark_dynamic(cache, cache.settings.seq_dim)
     torch._dynamo.maybe_mark_dynamic(cache.codes, 2)
     for name in _UNBACKED:
         torch._dynamo.decorators.mark_unbacked(getattr(cache, name), 2)

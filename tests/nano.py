@@ -102,7 +102,7 @@ def random_codebooks(n_layer, kv_heads, head_dim, bits=1.0, seed=0) -> Codebooks
 
 
 def vq_past(books: Codebooks, batch, settings: CacheSettings):
-    """The eager reference's starting cache: empty VQTensors with the same codebooks."""
+    """The eager reference's starting cache: empty VQTensors with the same codebooks (and layout)."""
     return tuple(
         (VQTensor.empty(batch, b.key_centroids, b.key_error, settings), VQTensor.empty(batch, b.value_centroids, b.value_error, settings))
         for b in books.layers

@@ -8,6 +8,7 @@ Most runs use `AntKVBackend(inductor=False)`: the rewritten graph runs without I
 checks the pass in seconds; the tests marked "Inductor" compile for real."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -28,21 +29,23 @@ def fresh_dynamo():
 
 
 def _eager_twin(model):
-    """The same weights attending with enable_gqa: what SDPA on the compressed cache computes eagerly
-    (repeat_kv / repeat_interleave on a VQTensor would dequantize it)."""
+    """The same weights attending with enable_gqa on a [B, H, T, D] cache: what SDPA on the
+    compressed cache computes eagerly (repeat_kv, repeat_interleave or a transpose on a VQTensor
+    would dequantize it: right values, but the window tokens would not be scored)."""
     twin = copy.deepcopy(model)
     for block in twin.blocks:
-        block.attn.gqa = "enable_gqa"
+        block.attn.gqa, block.attn.seq_dim = "enable_gqa", 2
     return twin
 
 
 def _run(model, backend, books, settings, batch, steps, mask_kind, seed=0):
+    """settings.seq_dim is the model's cache layout."""
     """Prefill + decode / chunks through `backend` and eagerly on VQTensor caches; asserts the
     logits agree at every step and returns the compiled caches."""
     g = torch.Generator().manual_seed(seed)
     twin = _eager_twin(model)
     compiled = torch.compile(model, backend=backend)
-    past, ref_past = model.empty_past(batch), vq_past(books, batch, settings)
+    past, ref_past = model.empty_past(batch, settings.seq_dim), vq_past(books, batch, dataclasses.replace(settings, seq_dim=2))
     pad = torch.randint(0, 3, (batch,), generator=g)
     T = 0
     for n in steps:
@@ -56,7 +59,8 @@ def _run(model, backend, books, settings, batch, steps, mask_kind, seed=0):
         assert all(isinstance(t, VQTensor) for layer in past for t in layer)
     for layer, ref_layer in zip(past, ref_past):
         for t, r in zip(layer, ref_layer):
-            torch.testing.assert_close(dequantize(t), dequantize(r), rtol=1e-4, atol=1e-4)
+            r = dequantize(r) if settings.seq_dim == 2 else dequantize(r).transpose(1, 2)
+            torch.testing.assert_close(dequantize(t), r, rtol=1e-4, atol=1e-4)
     return past
 
 
@@ -69,15 +73,17 @@ def _run(model, backend, books, settings, batch, steps, mask_kind, seed=0):
     scale=st.booleans(),
     steps=st.lists(st.integers(1, 6), min_size=2, max_size=4),
     window=st.sampled_from([0, 2, 8]),
+    seq_dim=st.sampled_from([2, 1]),
 )
-def test_compiled_equals_eager_on_the_compressed_cache(seed, batch, heads, gqa, mask_kind, scale, steps, window):
-    """Random shapes, GQA spellings, masks, prompt and decode lengths (the pass, without Inductor)."""
+def test_compiled_equals_eager_on_the_compressed_cache(seed, batch, heads, gqa, mask_kind, scale, steps, window, seq_dim):
+    """Random shapes, GQA spellings, masks, prompt and decode lengths, cache layouts [B, H, T, D]
+    and [B, T, H, D] (transposed before SDPA); the pass, without Inductor."""
     torch._dynamo.reset()
     n_head, n_kv = heads
     torch.manual_seed(seed)
-    model = NanoGPT(n_layer=1, n_head=n_head, n_kv_head=n_kv, gqa=gqa, scale=softmax_scale(16) if scale else None).eval()
+    model = NanoGPT(n_layer=1, n_head=n_head, n_kv_head=n_kv, gqa=gqa, scale=softmax_scale(16) if scale else None, seq_dim=seq_dim).eval()
     books = random_codebooks(1, n_kv, 16, seed=seed)
-    settings = CacheSettings(window=window, anchor_frac=0.3)
+    settings = CacheSettings(window=window, anchor_frac=0.3, seq_dim=seq_dim)
     backend = AntKVBackend(books, inductor=False, window=window, anchor_frac=0.3)
     _run(model, backend, books, settings, batch, steps, mask_kind, seed)
     assert backend.sites and all(site.rewritten for site in backend.sites), backend.sites
@@ -123,7 +129,6 @@ def test_settings_pass_like_torch_compile_options():
 DECLINES = {
     "dropout": (dict(dropout=0.1), "dropout_p=0.1"),
     "score modification": (dict(score_mod=True), "through `mul`"),
-    "cache layout [B, T, H, D]": (dict(seq_dim=1), "concatenated on dim 1"),
 }
 
 
@@ -168,6 +173,17 @@ def test_declines_grad_head_dim_and_missing_codebook():
         books = random_codebooks(2, 2, 16)
         sites = ak.explain(model12, ids, model12.empty_past(1), codebooks=books)
         assert all("head_dim 12 is not divisible" in s.detail for s in sites)
+
+
+def test_cache_layout_with_the_sequence_last_is_declined():
+    def attend(q, k_past, v_past, k_new, v_new):  # keys cached as [B, H, D, T]
+        k, v = torch.cat([k_past, k_new], 3), torch.cat([v_past, v_new], 2)
+        return torch.nn.functional.scaled_dot_product_attention(q, k.transpose(2, 3), v), k, v
+
+    x = torch.randn(1, 2, 3, 16)
+    with torch.no_grad():
+        sites = ak.explain(attend, x, x.transpose(2, 3), x, x.transpose(2, 3), x, codebooks=random_codebooks(1, 2, 16))
+    assert "concatenated on dim 3" in sites[0].detail
 
 
 def test_written_back_slice_is_declined():
@@ -268,3 +284,18 @@ def test_online_codebooks_wait_for_enough_tokens():
             kinds.append(type(past[0][0]).__name__)
     assert kinds == ["Tensor", "Tensor", "Tensor", "VQTensor", "VQTensor"]  # 2 x 8 tokens >= 16
     assert "no codebook yet: 10 tokens seen" in backend.sites[0].detail
+
+
+def test_a_cache_in_b_t_h_d_layout():
+    """VQTensor with seq_dim=1 (eager): [B, T, H, D], cat on dim 1 appends; other ops (transpose)
+    see its dequantized form."""
+    books = random_codebooks(1, 2, 16)
+    ((k, _),) = vq_past(books, 2, CacheSettings(window=2, anchor_frac=0.5, seq_dim=1))
+    ((ref, _),) = vq_past(books, 2, CacheSettings(window=2, anchor_frac=0.5))
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 1, 2):
+        new = torch.randn(2, n, 2, 16, generator=g)
+        k, ref = torch.cat([k, new], dim=1), torch.cat([ref, new.transpose(1, 2)], dim=2)
+    assert isinstance(k, VQTensor) and k.shape == (2, 8, 2, 16)
+    torch.testing.assert_close(dequantize(k), dequantize(ref).transpose(1, 2))
+    torch.testing.assert_close(k.transpose(1, 2), dequantize(ref))

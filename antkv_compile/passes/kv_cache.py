@@ -20,6 +20,7 @@ Anything not provably equivalent is left as it is and reported with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import re
@@ -74,6 +75,13 @@ class CacheSide:
     chain: list[fx.Node]
     groups: int
     past_is_vq: bool
+    seq_dim: int  # 2: the cache is [B, H, T, D]; 1: [B, T, H, D], transposed on its way to SDPA
+    chain_queries: dict = field(default_factory=dict)  # size query on a chain node -> its layout
+
+    @property
+    def bhtd(self) -> tuple:
+        shape = tuple(_val(self.cat).shape)
+        return shape if self.seq_dim == 2 else (shape[0], shape[2], shape[1], shape[3])
 
 
 @dataclass
@@ -107,14 +115,33 @@ def _size_query(user: fx.Node) -> tuple | None:
     return None
 
 
-def cache_size(codes: torch.Tensor, window: torch.Tensor, what: str, dim=None):
-    """A size query on a compressed cache of outer shape [B, H, T, D], from its inner tensors."""
-    size = (*codes.shape[:3], window.shape[3])
+def cache_size(codes: torch.Tensor, window: torch.Tensor, seq_dim: int, what: str, dim=None, layout=None):
+    """A size query on a compressed cache of outer shape [B, H, T, D] (or [B, T, H, D]), from its
+    inner tensors; with `layout`, on a view of it (each dim a constant or ("cache", i))."""
+    B, H, T, D = (*codes.shape[:3], window.shape[3])
+    size = (B, H, T, D) if seq_dim == 2 else (B, T, H, D)
+    if layout is not None:
+        size = tuple(size[x[1]] if isinstance(x, tuple) else x for x in layout)
     if what == "numel":
         return math.prod(size)  # not torch.Size.numel(), which specializes symbolic sizes
     if what == "dim":
         return 4
     return torch.Size(size) if dim is None else size[dim]
+
+
+def _layout(view: torch.Tensor, cache: torch.Tensor) -> tuple | None:
+    """The dims of a view of the cache as constants or ("cache", i) when it has the i-th cache
+    dim's symbolic size; None if a symbolic size is neither."""
+    cache_exprs = [getattr(c, "node", None) and c.node.expr for c in cache.shape]
+    layout = []
+    for size in view.shape:
+        if not isinstance(size, torch.SymInt):
+            layout.append(size)
+        elif size.node.expr in cache_exprs:
+            layout.append(("cache", cache_exprs.index(size.node.expr)))
+        else:
+            return None
+    return tuple(layout)
 
 
 def _is_move(node: fx.Node) -> bool:
@@ -149,19 +176,21 @@ def _replay(chain: list[fx.Node], probe: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _groups(cat: fx.Node, chain: list[fx.Node], what: str) -> int:
-    """Replay the chain on a probe whose every element is distinct: it must equal repeat_interleave
-    of the kv heads (GQA), nothing else. Returns the repeat factor."""
-    if not chain:
+def _groups(cat: fx.Node, chain: list[fx.Node], what: str, seq_dim: int) -> int:
+    """Replay the chain on a probe whose every element is distinct: it must equal the cache in
+    [B, H, T, D] with its kv heads repeated for GQA (repeat_interleave), nothing else. Returns the
+    repeat factor."""
+    if not chain and seq_dim == 2:
         return 1
     shape = [hint_int(s) for s in _val(cat).shape]
     probe = torch.arange(torch.Size(shape).numel(), dtype=torch.float64).view(shape)
+    bhtd = probe if seq_dim == 2 else probe.transpose(1, 2)
     got = _replay(chain, probe)
-    H = shape[1]
-    if got.dim() != 4 or got.shape[0] != shape[0] or got.shape[2:] != probe.shape[2:] or got.shape[1] % H:
+    H = bhtd.shape[1]
+    if got.dim() != 4 or got.shape[0] != bhtd.shape[0] or got.shape[2:] != bhtd.shape[2:] or got.shape[1] % H:
         raise Decline(f"the {what} cache reaches SDPA rearranged to {tuple(got.shape)}, not [B, H, T, D] with repeated heads")
     G = got.shape[1] // H
-    if not torch.equal(got, probe.repeat_interleave(G, 1)):
+    if not torch.equal(got, bhtd.repeat_interleave(G, 1)):
         raise Decline(f"the {what} cache is rearranged by {', '.join(str(n.target) for n in chain)}: not a GQA head repeat")
     return G
 
@@ -183,8 +212,9 @@ def _trace_side(sdpa: fx.Node, operand: fx.Node, what: str, outputs: set) -> Cac
     out = _val(cat)
     if len(tensors) != 2:
         raise Decline(f"the {what} cache concatenates {len(tensors)} tensors, not [past, new]")
-    if out.dim() != 4 or dim % 4 != 2:
-        raise Decline(f"the {what} cache is concatenated on dim {dim} of a rank-{out.dim()} tensor: the compressed cache stores [B, H, T, D] with the sequence at dim 2")
+    if out.dim() != 4 or dim % 4 not in (1, 2):
+        raise Decline(f"the {what} cache is concatenated on dim {dim} of a rank-{out.dim()} tensor: the compressed cache is [B, H, T, D] or [B, T, H, D]")
+    seq_dim = dim % 4
     past, new = tensors
     past_val, new_val = _val(past), _val(new)
     if isinstance(new_val, VQTensor) or new_val.dim() != 4:
@@ -192,19 +222,25 @@ def _trace_side(sdpa: fx.Node, operand: fx.Node, what: str, outputs: set) -> Cac
     past_is_vq = isinstance(past_val, VQTensor)
     if past_is_vq and past.op != "placeholder":
         raise Decline(f"the compressed {what} cache is computed inside the graph, not read from the cache")
+    if past_is_vq and past_val.settings.seq_dim != seq_dim:
+        raise Decline(f"the compressed {what} cache has its sequence at dim {past_val.settings.seq_dim}, the model concatenates on dim {seq_dim}")
     if not past_is_vq and not (past_val.dim() == 4 or (past_val.dim() == 1 and past_val.numel() == 0)):
         raise Decline(f"the past {what} has shape {tuple(past_val.shape)}")
     if new_val.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise Decline(f"the {what} dtype {new_val.dtype} is not quantized (float32/16, bfloat16 only)")
     if cat not in outputs:
         raise Decline(f"the concatenated {what} is not written back as is (e.g. sliced for a sliding window)")
+    chain_queries = {}
     for i, link in enumerate([cat] + chain):
         nxt = chain[i] if i < len(chain) else sdpa
         for user in link.users:
-            if user is nxt or (link is cat and user.op == "output") or _size_query(user):
+            if user is nxt or (link is cat and user.op == "output") or (link is cat and _size_query(user)):
+                continue
+            if _size_query(user) and (layout := _layout(_val(link), out)) is not None:
+                chain_queries[user] = layout
                 continue
             raise Decline(f"the concatenated {what} is also read by `{getattr(user.target, '__name__', user.target)}`")
-    return CacheSide(cat, past, new, chain, _groups(cat, chain, what), past_is_vq)
+    return CacheSide(cat, past, new, chain, _groups(cat, chain, what, seq_dim), past_is_vq, seq_dim, chain_queries)
 
 
 def _check_site(sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, codebook, online: PQSpec | None) -> None:
@@ -221,21 +257,21 @@ def _check_site(sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, codebook,
         raise Decline("is_causal / scale are not constants of the graph")
     if k.past_is_vq != v.past_is_vq:
         raise Decline("only one of key and value is compressed")
-    kv, qv = _val(k.cat), _val(args["query"])
-    if _val(v.cat).shape[1] != kv.shape[1] or k.groups != v.groups:
-        raise Decline("key and value have different kv heads")
-    Hq, Hkv = qv.shape[1], kv.shape[1]
+    kv, qv = k.bhtd, _val(args["query"])
+    if v.bhtd[1] != kv[1] or k.groups != v.groups or k.seq_dim != v.seq_dim:
+        raise Decline("key and value have different kv heads or layouts")
+    Hq, Hkv = qv.shape[1], kv[1]
     if Hq != Hkv * k.groups and not (args["enable_gqa"] and Hq % (Hkv * k.groups) == 0):
         raise Decline(f"{Hq} query heads do not share {Hkv} kv heads")
     if k.past_is_vq:
         return
-    D = kv.shape[3]
+    D = kv[3]
     if codebook is None and online is None:
         raise Decline("no codebook for this layer (pass codebooks=..., or calibrate them)")
     if codebook is None:
         if D % online.sub_dim:
             raise Decline(f"head_dim {D} is not divisible by the sub-vector size {online.sub_dim} of {online.bits:g} bits")
-        tokens, need = kv.shape[0] * kv.shape[2], online.num_centroids
+        tokens, need = kv[0] * kv[2], online.num_centroids
         if not tokens >= need:  # a guard: Dynamo recompiles once enough tokens were seen
             raise Decline(f"no codebook yet: {hint_int(tokens)} tokens seen, learning {need} centroids online needs {need}; the cache stays dense (exact) until then")
         return
@@ -259,6 +295,8 @@ def _describe(args: dict, k: CacheSide, L) -> str:
         parts.append("is_causal")
     if args["attn_mask"] is not None:
         parts.append(f"{'bool' if _val(args['attn_mask']).dtype == torch.bool else 'additive'} mask")
+    if k.seq_dim == 1:
+        parts.append("cache [B, T, H, D] transposed for SDPA")
     parts.append("past compressed" if k.past_is_vq else "past dense (compressed from here on)")
     return ", ".join(parts)
 
@@ -280,6 +318,7 @@ class _Rewriter:
                     source = getattr(placeholder, "_dynamo_source", None)
                     node._dynamo_source = source and AttrSource(source, name)  # for AOTAutograd
                     nodes[name] = node
+            nodes["settings"] = val.settings
             self.inner[placeholder] = nodes
             self.result.vq_inputs[placeholder.name] = val.settings
         return self.inner[placeholder]
@@ -295,21 +334,26 @@ class _Rewriter:
         return node
 
     def append(self, side: CacheSide, centroids, expected_err, tag: str, online: PQSpec | None, seed: int) -> dict[str, fx.Node]:
-        s = self.settings
+        s = dataclasses.replace(self.settings, seq_dim=side.seq_dim)
         with self.graph.inserting_before(side.cat):
+            new, past = side.new, side.past
+            if side.seq_dim == 1:  # the ops take [B, H, T, D]
+                new = self.graph.call_method("transpose", (new, 1, 2))
+                if not side.past_is_vq and _val(past).dim() == 4:
+                    past = self.graph.call_method("transpose", (past, 1, 2))
             if side.past_is_vq:
                 inner = self.inner_of(side.past)
                 settings = _val(side.past).settings
                 call = self.graph.call_function(
                     torch.ops.antkv.append.default,
-                    (*(inner[n] for n in _INNER), side.new, settings.window, settings.anchor_frac, settings.error),
+                    (*(inner[n] for n in _INNER), new, settings.window, settings.anchor_frac, settings.error),
                 )
                 book = {n: inner[n] for n in ("centroids", "expected_err")}
             elif centroids is None:
                 settings = s
                 call = self.graph.call_function(
                     torch.ops.antkv.learn_start.default,
-                    (side.past, side.new, online.sub_dim, online.code_bits, s.window, s.anchor_frac, s.error, seed),
+                    (past, new, online.sub_dim, online.code_bits, s.window, s.anchor_frac, s.error, seed),
                 )
                 book = {n: self.graph.call_function(operator.getitem, (call, len(STATE) + i)) for i, n in enumerate(("centroids", "expected_err"))}
             else:
@@ -317,7 +361,7 @@ class _Rewriter:
                 book = {"centroids": self.constant(f"{tag}_centroids", centroids), "expected_err": self.constant(f"{tag}_expected_err", expected_err)}
                 call = self.graph.call_function(
                     torch.ops.antkv.start.default,
-                    (side.past, side.new, book["centroids"], book["expected_err"], s.window, s.anchor_frac, s.error),
+                    (past, new, book["centroids"], book["expected_err"], s.window, s.anchor_frac, s.error),
                 )
             state = {n: self.graph.call_function(operator.getitem, (call, i)) for i, n in enumerate(STATE)}
         state.update(book)
@@ -338,6 +382,9 @@ class _Rewriter:
             ks["window_score"] = self.graph.call_function(operator.add, (ks["window_score"], score))
             vs["window_score"] = self.graph.call_function(operator.add, (vs["window_score"], score))
         sdpa.replace_all_uses_with(out)
+        for side, state in ((k, ks), (v, vs)):
+            for user, layout in side.chain_queries.items():
+                self._replace_query(user, state, layout)
         for node in [sdpa, *reversed(k.chain), *reversed(v.chain)]:
             self.graph.erase_node(node)
         for side, state in ((k, ks), (v, vs)):
@@ -353,11 +400,16 @@ class _Rewriter:
                 continue
             if query[0] in _INNER:
                 user.replace_all_uses_with(state[query[0]])
+                self.graph.erase_node(user)
             else:
-                with self.graph.inserting_before(user):
-                    size = self.graph.call_function(cache_size, (state["codes"], state["window"], *query))
-                user.replace_all_uses_with(size)
-            self.graph.erase_node(user)
+                self._replace_query(user, state)
+
+    def _replace_query(self, user: fx.Node, state: dict, layout=None) -> None:
+        with self.graph.inserting_before(user):
+            args = (state["codes"], state["window"], state["settings"].seq_dim, *_size_query(user))
+            size = self.graph.call_function(cache_size, args, {"layout": layout})
+        user.replace_all_uses_with(size)
+        self.graph.erase_node(user)
 
     def finish_outputs(self) -> None:
         """Outputs that were a concatenation become its new cache's inner tensors (appended at the end)."""
