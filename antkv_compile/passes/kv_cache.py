@@ -1,10 +1,12 @@
 """The graph pass: KV-cache concatenation + SDPA -> quantize-on-write + VQ attention.
 
 On a Dynamo FX graph it finds every `scaled_dot_product_attention` and, for key and value, walks
-back from the SDPA operand to `k = torch.cat([k_past, k_new], dim=2)` through pure data movement
-(`repeat_kv`'s expand + reshape, `repeat_interleave`, `contiguous`, ...). A site is rewritten when
-the walk provably only repeats kv heads for GQA, the concatenation is also a graph output (the
-value written back to the cache) and nothing else reads it. The rewrite:
+back from the SDPA operand to `k = torch.cat([k_past, k_new], dim=2)` (or dim=1 for a [B, T, H, D]
+cache) through pure data movement (`repeat_kv`'s expand + reshape, `repeat_interleave`,
+`transpose`, `contiguous`, ...). A site is rewritten when replaying the walk on a probe shows it
+only brings the cache to [B, H, T, D] and repeats kv heads for GQA, the concatenation is also a
+graph output (the value written back to the cache) and nothing else reads it but size queries.
+The rewrite:
 
     k_state = antkv.append(k_past inner tensors..., k_new)     # or antkv.start(k_past, k_new, codebook)
     v_state = antkv.append(v_past inner tensors..., v_new)
