@@ -2,9 +2,9 @@
 
 Every op takes the cache as its plain inner tensors (the fields of `VQTensor`) and returns new
 tensors, never views of its inputs. The fake kernels give output shapes without running the
-quantizer; the window and anchor lengths after an append depend on the flush rule, so they are
-fresh unbacked sizes: a graph that appends never specializes on them, which keeps a growing cache
-from recompiling the decode step.
+quantizer. The window and anchor lengths after an append follow the flush rule: computed when the
+sizes are concrete, fresh unbacked sizes when they are symbolic, so a traced decode step never
+specializes on them and a growing cache does not recompile it.
 
 `VQTensor` (cache.py) calls these ops in eager mode as well; the graph pass (passes/kv_cache.py)
 puts them in place of `cat` + `scaled_dot_product_attention` in a compiled model.

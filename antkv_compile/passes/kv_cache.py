@@ -224,6 +224,8 @@ def _trace_side(sdpa: fx.Node, operand: fx.Node, what: str, outputs: set) -> Cac
     past_is_vq = isinstance(past_val, VQTensor)
     if past_is_vq and past.op != "placeholder":
         raise Decline(f"the compressed {what} cache is computed inside the graph, not read from the cache")
+    if past_is_vq and new_val.dtype != past_val.dtype:
+        raise Decline(f"the new {what} tokens are {new_val.dtype}, the compressed cache {past_val.dtype}")
     if past_is_vq and past_val.settings.seq_dim != seq_dim:
         raise Decline(f"the compressed {what} cache has its sequence at dim {past_val.settings.seq_dim}, the model concatenates on dim {seq_dim}")
     if not past_is_vq and not (past_val.dim() == 4 or (past_val.dim() == 1 and past_val.numel() == 0)):
