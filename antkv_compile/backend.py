@@ -13,7 +13,8 @@ sees a dense (or empty) past and writes back a `VQTensor`; later calls read it.
 
 Recompilation stays bounded: the caches it returns have their sequence length marked dynamic and
 their window / anchor lengths unbacked (the custom ops' fake kernels never guard on them), so the
-decode step is traced once for all lengths: prefill + decode = 2 graphs for a whole generation.
+decode step is traced for all lengths: prefill, decode, and once more when the anchor count first
+grows (Dynamo guards the strides that follow it, then makes them dynamic): at most 3 graphs.
 """
 
 from __future__ import annotations
