@@ -52,8 +52,9 @@ from antkv_compile.evaluation import (
 )
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# 2 cores, fp32: FP takes ~10 s per 2048-token window and the QuantizedCache peers ~11-19 s; 6 windows
-# keep the ~14 rows (FP, 4 peers, 5 budgets, 4 ablations) within ~45 minutes including calibration.
+# Measured per 2048-token window on this 2-core machine (fp32, three benchmark processes sharing it):
+# FP 26 s, quanto 4/2 bit 25/54 s, HQQ 2/1 bit 133/146 s (HQQ runs its optimizer over the whole cache
+# at every residual flush). 4 windows keep the baseline rows under ~26 minutes.
 DEFAULT_WINDOWS = 4
 
 
