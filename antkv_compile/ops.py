@@ -150,8 +150,18 @@ def attention(
     """SDPA of q over a compressed K and V (VQ attention, GQA when q has more heads).
 
     Returns (out, score): `score` [B, Hkv, Tw] is this call's Anchor Score of the window tokens,
-    which the caller adds to both window_score tensors.
+    which the caller adds to both window_score tensors. This body (the PyTorch reference of
+    attention.py) runs on every device but CPU, whose kernel is registered below.
     """
+    return _attention_reference(q, k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window, k_window_err,
+                                v_codes, v_centroids, v_anchor_rows, v_anchor_pos, v_window, v_window_err,
+                                attn_mask, is_causal, scale)  # fmt: skip
+
+
+def _attention_reference(
+    q, k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window, k_window_err,
+    v_codes, v_centroids, v_anchor_rows, v_anchor_pos, v_window, v_window_err, attn_mask, is_causal, scale,
+):  # fmt: skip
     from .attention import VQParts, vq_attention
 
     k = VQParts(k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window)
@@ -160,6 +170,18 @@ def attention(
     if s1 is None:
         return out, k_window_err.new_zeros(k_window_err.shape)
     return out, k_window_err * s1 + v_window_err * s0
+
+
+@attention.register_kernel("cpu")
+def _(q, k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window, k_window_err, v_codes, v_centroids, v_anchor_rows, v_anchor_pos, v_window, v_window_err, attn_mask, is_causal, scale):
+    """On CPU: the C++ kernel (cpu/attention.cpp) for decode and chunks of up to
+    cpu.MAX_ROWS query rows per kv head; the reference for larger calls or where the kernel
+    cannot be built."""
+    from . import cpu
+
+    args = (q, k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window, k_window_err,
+            v_codes, v_centroids, v_anchor_rows, v_anchor_pos, v_window, v_window_err, attn_mask, is_causal, scale)  # fmt: skip
+    return (cpu.attention if cpu.supported(q, k_codes, k_centroids) else _attention_reference)(*args)
 
 
 @attention.register_fake

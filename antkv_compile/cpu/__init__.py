@@ -1,0 +1,105 @@
+"""The CPU kernel of `antkv::attention`: a C++ loop over the codes (attention.cpp).
+
+Why C++ and not Inductor: the decode step is a gather of one look-up-table entry per (token,
+subspace) summed into a score, then a scatter of each token's weight into a per-centroid
+histogram. Expressed as tensor ops that is a [rows, tokens, subspaces] gather and a scatter_add,
+which PyTorch (eager or Inductor) materializes or serializes; the C++ loop keeps the table and the
+histogram in cache and touches each code once per block of query rows (see the numbers in the
+report of issue 4 / benchmarks). It is built on first use with torch.utils.cpp_extension (ninja),
+cached in torch's extension directory, and falls back to the PyTorch reference if no compiler is
+available.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+
+import torch
+
+# Query rows per kv head (G * L) the kernel takes. Measured (1 thread, CPU time, G = 3, 4096
+# tokens, rows 96 / 192 / 384 / 768): 1 bit 6.4 / 12 / 24 / 46 ms vs the reference's 25 / 39 / 64 /
+# 205 ms; 4 bit 19 / 38 / 97 / 181 vs 17 / 48 / 74 / 215. So it also serves prefill chunks; the
+# bound keeps its look-up tables (B * Hkv * rows * S * K floats, held for the whole call) small.
+MAX_ROWS = 128
+MAX_LUT_BYTES = 256 << 20
+# Shortest sequence chunk a thread works on (flash-decoding split of the sequence).
+CHUNK_TOKENS = 2048
+
+
+@functools.cache
+def extension():
+    """Build / load the kernel (registers torch.ops.antkv_cpu.vq_attention); False if it cannot be
+    built here."""
+    from torch.utils.cpp_extension import load
+
+    flags = ["-O3", "-fopenmp"]
+    # Vector width by what the running CPU has (not -march=native: the build cache may be shared).
+    wide = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    if wide:
+        flags += ["-mavx2", "-mfma"]
+    try:
+        load(
+            name="antkv_cpu_attention" + ("_avx2" if wide else ""),
+            sources=[os.path.join(os.path.dirname(__file__), "attention.cpp")],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+        return True
+    except Exception as e:  # noqa: BLE001 - no compiler / ninja: the reference still works
+        warnings.warn(f"antkv: CPU attention kernel not built ({e}); using the PyTorch reference", stacklevel=2)
+        return False
+
+
+def supported(q: torch.Tensor, k_codes: torch.Tensor, k_centroids: torch.Tensor) -> bool:
+    """Whether the kernel takes this call: at most MAX_ROWS query rows per kv head, look-up tables
+    within MAX_LUT_BYTES, and a buildable extension."""
+    B, Hq, L, D = q.shape
+    Hkv = k_codes.shape[1]
+    if Hkv == 0 or Hq % Hkv or (Hq // Hkv) * L > MAX_ROWS:
+        return False
+    rows = -(-(Hq // Hkv) * L // 8) * 8
+    S, K = k_centroids.shape[1], k_centroids.shape[2]
+    return B * Hkv * rows * S * K * 4 <= MAX_LUT_BYTES and extension()
+
+
+def attention(
+    q, k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window, k_window_err,
+    v_codes, v_centroids, v_anchor_rows, v_anchor_pos, v_window, v_window_err,
+    attn_mask, is_causal, scale,
+):  # fmt: skip
+    """`antkv::attention` (ops.py) on CPU tensors: (out [B, Hq, L, D] in q's dtype, score [B, Hkv, Tw])."""
+    B, Hq, L, D = q.shape
+    Hkv, T = k_codes.shape[1], k_codes.shape[2]
+    if v_window.shape[2] != k_window.shape[2] or v_codes.shape[2] != T:
+        raise ValueError("key and value caches must hold the same tokens and the same window")
+    G = Hq // Hkv
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731 - small tensors (no copy if already so)
+    qg = f32(q.reshape(B, Hkv, G * L, D))
+    if attn_mask is not None:
+        # Converted before broadcasting, so an expanded mask stays a view.
+        attn_mask = attn_mask if attn_mask.dtype in (torch.bool, torch.float32) else attn_mask.float()
+        attn_mask = attn_mask.expand(B, Hq, L, T)
+    if not extension():
+        raise RuntimeError("antkv: the CPU attention kernel could not be built (see the warning)")
+    out, score = torch.ops.antkv_cpu.vq_attention(
+        qg,
+        _codes(k_codes), f32(k_centroids), f32(k_anchor_rows), k_anchor_pos.to(torch.int32).contiguous(), f32(k_window), f32(k_window_err),
+        _codes(v_codes), f32(v_centroids), f32(v_anchor_rows), v_anchor_pos.to(torch.int32).contiguous(), f32(v_window), f32(v_window_err),
+        attn_mask, bool(is_causal), float(scale), L, CHUNK_TOKENS,
+    )  # fmt: skip
+    return out.view(B, Hq, L, D).to(q.dtype), score
+
+
+def _codes(codes: torch.Tensor) -> torch.Tensor:
+    """Codes with the token-major inner layout the kernel reads (a crop's view already has it)."""
+    T, S = codes.shape[2], codes.shape[3]
+    if codes.dtype not in (torch.uint8, torch.int16):
+        codes = codes.to(torch.int16)
+    if (codes.stride(3) != 1 and S > 1) or (codes.stride(2) != S and T > 1):
+        codes = codes.contiguous()
+    return codes

@@ -1,0 +1,179 @@
+"""The CPU kernel of antkv::attention (antkv_compile/cpu/) against dense float64 attention on the
+cache it stands for, built here from the raw inner tensors (no package code in the reference)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from antkv_compile import cpu, ops
+
+# (sub_dim, code_bits): 4, 2, 1, 0.5, 0.375 bits, and 10-bit codes (int16, 1024 centroids).
+SPECS = [(2, 8), (4, 8), (8, 8), (16, 8), (16, 6), (8, 10)]
+
+
+def _side(g, B, H, Tc, Tw, A, D, spec, dtype, empty_slots, codes_view):
+    """Random inner tensors of one side of a cache: codes of T = Tc + Tw tokens, A anchor slots at
+    distinct encoded positions (some empty: -1, with garbage rows), a window of Tw exact rows."""
+    d, c = spec
+    S, K = D // d, 1 << c
+    T = Tc + Tw
+    codes = torch.randint(0, K, (B, H, T + 3 * codes_view, S), generator=g).to(torch.uint8 if c <= 8 else torch.int16)
+    if codes_view:  # a cropped cache's codes: a view whose batch / head strides are not T * S
+        codes = codes[:, :, :T]
+    A = min(A, Tc)
+    pos = torch.stack([torch.randperm(Tc, generator=g)[:A] for _ in range(B * H)]).view(B, H, A).to(torch.int32)
+    pos = pos.masked_fill(torch.rand(B, H, A, generator=g) < empty_slots, -1)
+    return dict(
+        codes=codes,
+        centroids=torch.randn(H, S, K, d, generator=g),
+        anchor_rows=torch.randn(B, H, A, D, generator=g).to(dtype),
+        anchor_pos=pos,
+        window=torch.randn(B, H, Tw, D, generator=g).to(dtype),
+        window_err=torch.rand(B, H, Tw, generator=g),
+    )
+
+
+def _dense(side):
+    """The [B, H, T, D] float64 tensor the side stands for: centroids of the codes, anchor rows at
+    their positions, window rows last."""
+    codes, cent = side["codes"].long(), side["centroids"].double()
+    B, H, T, S = codes.shape
+    Tw = side["window"].shape[2]
+    h = torch.arange(H)[None, :, None, None]
+    s = torch.arange(S)[None, None, None, :]
+    dense = cent[h, s, codes].flatten(-2).clone()  # [B, H, T, S * d]
+    for b in range(B):
+        for hh in range(H):
+            for a, p in enumerate(side["anchor_pos"][b, hh].tolist()):
+                if p >= 0:
+                    dense[b, hh, p] = side["anchor_rows"][b, hh, a].double()
+    dense[:, :, T - Tw :] = side["window"].double()
+    return dense
+
+
+def _reference(q, k, v, mask, is_causal, scale):
+    """(out, window score) in float64: SDPA on the dense K / V and the Anchor Score of the window
+    tokens, AS_t = e_k,t * sum_i A_it scale |q_i| |v_t - o_i| + e_v,t * sum_i A_it over the queries
+    and query heads of t's kv head."""
+    kd, vd = _dense(k), _dense(v)
+    B, Hq, L, D = q.shape
+    H, T, Tw = kd.shape[1], kd.shape[2], k["window"].shape[2]
+    G = Hq // H
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.double()
+    if is_causal:  # SDPA takes one or the other: fold the top-left causal mask into attn_mask
+        causal = torch.ones(L, T, dtype=torch.bool).tril()
+        mask = causal if mask is None else (mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, -math.inf))
+    q64 = q.double()
+    out = F.scaled_dot_product_attention(q64, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
+    s = scale * q64 @ kd.repeat_interleave(G, 1).transpose(-1, -2)
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # [B, Hq, L, T]
+    pw = p[..., T - Tw :]
+    dist = (vd[:, :, None, T - Tw :].repeat_interleave(G, 1) - out[..., None, :]).norm(dim=-1)  # [B, Hq, L, Tw]
+    s1 = (pw * scale * q64.norm(dim=-1, keepdim=True) * dist).view(B, H, G * L, Tw).sum(2)
+    s0 = pw.view(B, H, G * L, Tw).sum(2)
+    return out, k["window_err"].double() * s1 + v["window_err"].double() * s0
+
+
+def _args(q, k, v, mask, is_causal, scale):
+    names = ("codes", "centroids", "anchor_rows", "anchor_pos", "window", "window_err")
+    return (q, *(k[n] for n in names), *(v[n] for n in names), mask, is_causal, scale)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    if not cpu.extension():
+        pytest.fail("the CPU attention kernel did not build")
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 3, 4]),
+    q_len=st.sampled_from([1, 1, 2, 5]),
+    head_dim=st.sampled_from([32, 64, 128]),
+    k_spec=st.sampled_from(SPECS),
+    v_spec=st.sampled_from(SPECS),
+    encoded=st.sampled_from([0, 1, 7, 100, 300]),
+    window=st.sampled_from([0, 1, 5, 33]),
+    anchors=st.sampled_from([0, 1, 4, 9]),
+    empty_slots=st.sampled_from([0.0, 0.3, 1.0]),
+    mask_kind=st.sampled_from(["none", "bool", "additive", "padding"]),
+    mask_shape=st.sampled_from(["LT", "B1LT", "BHLT"]),
+    is_causal=st.booleans(),
+    scale=st.sampled_from([None, 0.05, 0.3]),
+    codes_view=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float32, torch.bfloat16]),
+)
+def test_kernel_equals_dense_attention_on_the_dequantized_cache(
+    seed, batch, kv_heads, group, q_len, head_dim, k_spec, v_spec, encoded, window, anchors, empty_slots,
+    mask_kind, mask_shape, is_causal, scale, codes_view, dtype,
+):  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    B, H, L, D, T = batch, kv_heads, q_len, head_dim, encoded + window
+    k = _side(g, B, H, encoded, window, anchors, D, k_spec, dtype, empty_slots, codes_view)
+    v = _side(g, B, H, encoded, window, anchors, D, v_spec, dtype, empty_slots, codes_view)
+    q = (2 * torch.randn(B, H * group, L, D, generator=g)).to(dtype)
+    shape = {"LT": (L, T), "B1LT": (B, 1, L, T), "BHLT": (B, H * group, L, T)}[mask_shape]
+    keep = torch.rand(shape, generator=g) > 0.3
+    if mask_kind == "padding":  # left padding as HF builds it; the last query row of batch 0 sees nothing
+        keep = torch.arange(T) >= torch.randint(0, T + 1, shape[:-1] + (1,), generator=g)
+        keep[(0,) * (len(shape) - 2) + (L - 1,)] = False
+    mask = {
+        "none": None,
+        "bool": keep,
+        "padding": keep,
+        "additive": torch.where(keep, 0.0, -math.inf) + torch.randn(shape, generator=g),
+    }[mask_kind]
+    args = _args(q, k, v, mask, is_causal, scale)
+
+    assert cpu.supported(q, k["codes"], k["centroids"])  # the kernel, not the fallback, is under test
+    out, score = cpu.attention(*args)
+    ref_out, ref_score = _reference(q, k, v, mask, is_causal, scale)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and out.shape == q.shape and score.shape == (B, H, window)
+    torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol)
+    biggest = ref_score.abs().max().item() if ref_score.numel() else 0.0
+    torch.testing.assert_close(score.double(), ref_score, rtol=1e-3, atol=1e-3 * (1 + biggest))
+    # the custom op on CPU tensors dispatches to the same kernel
+    op_out, op_score = torch.ops.antkv.attention(*args)
+    assert torch.equal(op_out, out) and torch.equal(op_score, score)
+
+
+@given(seed=st.integers(0, 2**31 - 1), q_len=st.sampled_from([1, 3]), spec=st.sampled_from(SPECS))
+def test_kernel_and_reference_agree_where_the_op_switches(seed, q_len, spec):
+    """Above cpu.MAX_ROWS rows the op runs the PyTorch reference: both give the same answer."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, G, D = 2, 2, 3, 64
+    k = _side(g, B, H, 200, 8, 3, D, spec, torch.float32, 0.3, False)
+    v = _side(g, B, H, 200, 8, 3, D, spec, torch.float32, 0.3, False)
+    q = torch.randn(B, H * G, q_len, D, generator=g)
+    mask = torch.randn(B, 1, q_len, 208, generator=g)
+    args = _args(q, k, v, mask, True, None)
+    out, score = cpu.attention(*args)
+    ref_out, ref_score = ops._attention_reference(*args)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(score, ref_score, rtol=1e-4, atol=1e-5)
+
+
+def test_large_calls_fall_back_to_the_reference(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    k = _side(g, 1, 1, 50, 4, 2, 32, (8, 8), torch.float32, 0.0, False)
+    v = _side(g, 1, 1, 50, 4, 2, 32, (8, 8), torch.float32, 0.0, False)
+    q = torch.randn(1, 2, 3, 32, generator=g)
+    assert cpu.supported(q, k["codes"], k["centroids"])
+    monkeypatch.setattr(cpu, "MAX_ROWS", 4)
+    assert not cpu.supported(q, k["codes"], k["centroids"])
+    called = []
+    monkeypatch.setattr(cpu, "attention", lambda *a: called.append(1))
+    out, _ = torch.ops.antkv.attention(*_args(q, k, v, None, False, None))
+    assert not called
+    torch.testing.assert_close(out.double(), _reference(q, k, v, None, False, None)[0], rtol=1e-4, atol=1e-4)
