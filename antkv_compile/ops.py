@@ -181,7 +181,7 @@ def _(q, k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window, k_window_e
 
     args = (q, k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window, k_window_err,
             v_codes, v_centroids, v_anchor_rows, v_anchor_pos, v_window, v_window_err, attn_mask, is_causal, scale)  # fmt: skip
-    return (cpu.attention if cpu.supported(q, k_codes, k_centroids) else _attention_reference)(*args)
+    return (cpu.attention if cpu.supported(q, k_codes) else _attention_reference)(*args)
 
 
 @attention.register_fake

@@ -135,7 +135,7 @@ def test_kernel_equals_dense_attention_on_the_dequantized_cache(
     }[mask_kind]
     args = _args(q, k, v, mask, is_causal, scale)
 
-    assert cpu.supported(q, k["codes"], k["centroids"])  # the kernel, not the fallback, is under test
+    assert cpu.supported(q, k["codes"])  # the kernel, not the fallback, is under test
     out, score = cpu.attention(*args)
     ref_out, ref_score = _reference(q, k, v, mask, is_causal, scale)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
@@ -169,9 +169,9 @@ def test_large_calls_fall_back_to_the_reference(monkeypatch):
     k = _side(g, 1, 1, 50, 4, 2, 32, (8, 8), torch.float32, 0.0, False)
     v = _side(g, 1, 1, 50, 4, 2, 32, (8, 8), torch.float32, 0.0, False)
     q = torch.randn(1, 2, 3, 32, generator=g)
-    assert cpu.supported(q, k["codes"], k["centroids"])
+    assert cpu.supported(q, k["codes"])
     monkeypatch.setattr(cpu, "MAX_ROWS", 4)
-    assert not cpu.supported(q, k["codes"], k["centroids"])
+    assert not cpu.supported(q, k["codes"])
     called = []
     monkeypatch.setattr(cpu, "attention", lambda *a: called.append(1))
     out, _ = torch.ops.antkv.attention(*_args(q, k, v, None, False, None))

@@ -104,23 +104,28 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// LUT[s, k, j] = scale * q_{rb*RB+j}[s] . centroid[s, k]  (0 for padding rows)
+// LUT[s, k, :] = scale * q_rows[s] . centroid[s, k], vectorized over the RB rows (padding rows 0).
+// Built by every task for its row block: a few microseconds, and no table for all blocks is held.
 template <int RB>
-void build_lut(const Problem& P, const Side& k, int64_t b, int64_t h, int64_t rb, float* lut) {
-  const float* cent = k.cent + h * k.S * k.K * k.d;
-  const float* q = P.q + ((b * P.H + h) * P.R) * P.D;
+void build_lut(const Problem& P, const Side& k, int64_t bh, int64_t rb, float* lut) {
+  using F = typename Vec<RB>::F;
+  std::vector<float> qt(P.D * RB, 0.f);  // the block's query rows, transposed and scaled: [D, RB]
+  for (int j = 0; j < RB && rb * RB + j < P.R; ++j)
+    for (int64_t i = 0; i < P.D; ++i) qt[i * RB + j] = P.scale * P.q[(bh * P.R + rb * RB + j) * P.D + i];
+  const float* cent = k.cent + (bh % P.H) * k.S * k.K * k.d;
   for (int64_t s = 0; s < k.S; ++s)
-    for (int64_t c = 0; c < k.K; ++c)
-      for (int j = 0; j < RB; ++j) {
-        int64_t r = rb * RB + j;
-        lut[(s * k.K + c) * RB + j] = r < P.R ? P.scale * dot(q + r * P.D + s * k.d, cent + (s * k.K + c) * k.d, k.d) : 0.f;
-      }
+    for (int64_t c = 0; c < k.K; ++c) {
+      F acc = {};
+      const float* cv = cent + (s * k.K + c) * k.d;
+      for (int64_t i = 0; i < k.d; ++i) acc += vec<RB>(&qt[(s * k.d + i) * RB]) * cv[i];
+      vec<RB>(lut + (s * k.K + c) * RB) = acc;
+    }
 }
 
 // One (batch, kv head, row block, chunk) task: exponentiated scores relative to the chunk's row
 // max, their sum, and the chunk's unnormalized output o[D, RB].
 template <typename KC, typename VC, int RB>
-void chunk_task(const Problem& P, const Side& k, const Side& v, const Mask& mask, const float* lut, int64_t b, int64_t h,
+void chunk_task(const Problem& P, const Side& k, const Side& v, const Mask& mask, int64_t b, int64_t h,
                 int64_t rb, int64_t chunk, float* m_out, float* l_out, float* o_out, float* ew) {
   const int64_t t0 = chunk * P.CT, t1 = std::min(P.T, t0 + P.CT), tc1 = std::min(t1, P.Tc);
   const int64_t n = std::max<int64_t>(t1 - t0, 0);
@@ -128,6 +133,8 @@ void chunk_task(const Problem& P, const Side& k, const Side& v, const Mask& mask
   std::vector<float> sc(n * RB);
   const float* q = P.q + bh * P.R * P.D;
   const int nreal = static_cast<int>(std::min<int64_t>(RB, P.R - rb * RB));
+  std::vector<float> lut(k.S * k.K * RB);
+  build_lut<RB>(P, k, bh, rb, lut.data());
 
   using F = typename Vec<RB>::F;
   const F zero = {};
@@ -136,7 +143,7 @@ void chunk_task(const Problem& P, const Side& k, const Side& v, const Mask& mask
   for (int64_t t = t0; t < tc1; ++t) {
     F acc = zero;
     const KC* code = kcodes + t * k.S;
-    for (int64_t s = 0; s < k.S; ++s) acc += vec<RB>(lut + (s * k.K + static_cast<int64_t>(code[s])) * RB);
+    for (int64_t s = 0; s < k.S; ++s) acc += vec<RB>(&lut[(s * k.K + static_cast<int64_t>(code[s])) * RB]);
     vec<RB>(&sc[(t - t0) * RB]) = acc;
   }
   auto exact = [&](int64_t t, const float* row) {
@@ -220,24 +227,21 @@ void run(const Problem& P, const Side& k, const Side& v, const Mask& mask, const
          float* out, float* score) {
   const int64_t nblk = P.B * P.H * P.NRB, ntask = nblk * P.NC;
   const int nthreads = at::get_num_threads();
-  std::vector<float> lut(nblk * k.S * k.K * RB);
   std::vector<float> m(ntask * RB), l(ntask * RB), o(ntask * P.D * RB), ew(nblk * P.Tw * RB);
-
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-  for (int64_t i = 0; i < nblk; ++i)
-    build_lut<RB>(P, k, i / (P.H * P.NRB), (i / P.NRB) % P.H, i % P.NRB, lut.data() + i * k.S * k.K * RB);
 
   // Dynamic scheduling: the chunks of the window end are heavier, and cores may be shared.
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
   for (int64_t i = 0; i < ntask; ++i) {
     const int64_t blk = i / P.NC;
-    chunk_task<KC, VC, RB>(P, k, v, mask, lut.data() + blk * k.S * k.K * RB, blk / (P.H * P.NRB), (blk / P.NRB) % P.H,
+    chunk_task<KC, VC, RB>(P, k, v, mask, blk / (P.H * P.NRB), (blk / P.NRB) % P.H,
                            blk % P.NRB, i % P.NC, m.data() + i * RB, l.data() + i * RB, o.data() + i * P.D * RB,
                            ew.data() + blk * P.Tw * RB);
   }
 
-  // Merge the chunks (rescaled to the row max), normalize, then score the window tokens.
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  // Merge the chunks (rescaled to the row max), normalize, then score the window tokens. Microseconds
+  // for decode: threads only when there is enough of it to pay for another fork / join.
+  const bool wide = P.B * P.H * P.R * P.D * (P.NC + 2 * P.Tw) > (1 << 20);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (wide)
   for (int64_t bh = 0; bh < P.B * P.H; ++bh) {
     std::vector<double> pw(P.R * P.Tw);  // normalized weights of the window tokens [R, Tw]
     for (int64_t rb = 0; rb < P.NRB; ++rb) {
