@@ -26,6 +26,7 @@ import logging
 import torch
 import torch.fx as fx
 
+from . import lowering as _lowering  # noqa: F401  (registers the Inductor lowering of antkv::attention)
 from .cache import _INNER, CacheSettings, VQTensor
 from .passes.kv_cache import PassResult, Site, copy_graph_module, kv_cache_pass
 from .quant.codebook import Codebooks

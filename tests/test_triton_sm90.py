@@ -38,6 +38,10 @@ CASES = {
                            dict(HAS_MASK=True, IS_CAUSAL=False),
                            {"q_ptr": "*fp16", "mask_ptr": "*fp32", "kwin_ptr": "*fp16", "vwin_ptr": "*fp16",
                             "o_ptr": "*fp32", "lse_ptr": "*fp32", "s0_ptr": "*fp32", "s1_ptr": "*fp32"}),
+    "window_scores_d64": ("vq_attention.vq_window_scores_kernel", ("window_scores_config", (64, 64)),
+                          dict(HAS_MASK=True, IS_CAUSAL=False),
+                          {"q_ptr": "*fp16", "mask_ptr": "*fp32", "kwin_ptr": "*fp16", "vwin_ptr": "*fp16",
+                           "o_ptr": "*fp32", "lse_ptr": "*fp32", "s0_ptr": "*fp32", "s1_ptr": "*fp32"}),
     "encode_d8": ("encode.vq_encode_kernel", ("encode_config", (256, 8)), dict(SUB_D=8),
                   {"x_ptr": "*fp16", "cent_ptr": "*fp32", "codes_ptr": "*u8", "err_ptr": "*fp32"}),
 }

@@ -180,7 +180,8 @@ def _decode_codes_split(
 
 
 @triton.jit
-def vq_decode_kernel(
+def vq_decode_program(
+    pid_bh, split,
     q_ptr, stride_qb, stride_qh, stride_ql, stride_qd,
     mask_ptr, stride_mb, stride_mh, stride_ml, stride_mt,
     kcodes_ptr, stride_kcb, stride_kch, stride_kct, stride_kcs,
@@ -194,29 +195,16 @@ def vq_decode_kernel(
     vrows_ptr, stride_vrb, stride_vrh, stride_vra, stride_vrd,
     vwin_ptr, stride_vwb, stride_vwh, stride_vwt, stride_vwd,
     lut_ptr, stride_lutb, stride_luth, stride_lutm, stride_lutc,
-    o_ptr, stride_ob, stride_oh, stride_ol, stride_os, stride_od,
-    lse_ptr, stride_lb, stride_lh, stride_ll, stride_ls,
     scale, Hkv, G, L, T_enc, Tw, split_len, NUM_SPLITS, D, DV, SK,
     KK: tl.constexpr, DV_SUB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_SK: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
 ):
-    """Grid (B * Hkv, NUM_SPLITS + 1). Split i < NUM_SPLITS covers encoded positions
-    [i * split_len, (i+1) * split_len); the last split covers the exact window. Each writes its
-    normalized partial output and log-sum-exp for the G*L query rows (row m = g*L + i).
-
-    The key LUT [B, Hkv, G*L, S*K] comes precomputed (a small batched matmul, once per kv head
-    rather than once per split) and is gathered with pointer loads that hit L1/L2: gathering it
-    from registers with tl.gather compiled for sm_90 to ~17 KB of spills per thread.
-
-    Values are decoded by code rather than accumulated per centroid: a weighted histogram needs
-    a scatter-add, which Triton has only as global atomics; the one-hot matmul alternative
-    (p [M, T] @ onehot [T, S*K]) costs K/d times the FLOPs of decoding and, compiled for sm_90 at
-    1 bit (D=64, d=8, K=256), needed 644 KB of shared memory (the limit is 227 KB).
-    """
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
+    """The work of one program of `vq_decode_kernel` (program ids pid_bh, split), shared with the
+    Inductor template (antkv_compile/templates/vq_attention_template.py): returns the normalized
+    partial output [BLOCK_M, BLOCK_DV] and log-sum-exp [BLOCK_M] of the G*L query rows of this
+    split, with the indices the caller stores them at (b, row_hq, row_i, row_ok)."""
     b = pid_bh // Hkv
     h = pid_bh % Hkv
 
@@ -261,9 +249,70 @@ def vq_decode_kernel(
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
+    return acc / l_safe[:, None], lse, b, row_hq, row_i, row_ok
+
+
+@triton.jit
+def vq_decode_kernel(
+    q_ptr, stride_qb, stride_qh, stride_ql, stride_qd,
+    mask_ptr, stride_mb, stride_mh, stride_ml, stride_mt,
+    kcodes_ptr, stride_kcb, stride_kch, stride_kct, stride_kcs,
+    kcent_ptr, stride_kch2, stride_kcs2, stride_kck, stride_kcd,
+    kslot_ptr, stride_kslb, stride_kslh, stride_kslt,
+    krows_ptr, stride_krb, stride_krh, stride_kra, stride_krd,
+    kwin_ptr, stride_kwb, stride_kwh, stride_kwt, stride_kwd,
+    vcodes_ptr, stride_vcb, stride_vch, stride_vct, stride_vcs,
+    vcent_ptr, stride_vch2, stride_vcs2, stride_vck, stride_vcd,
+    vslot_ptr, stride_vslb, stride_vslh, stride_vslt,
+    vrows_ptr, stride_vrb, stride_vrh, stride_vra, stride_vrd,
+    vwin_ptr, stride_vwb, stride_vwh, stride_vwt, stride_vwd,
+    lut_ptr, stride_lutb, stride_luth, stride_lutm, stride_lutc,
+    o_ptr, stride_ob, stride_oh, stride_ol, stride_os, stride_od,
+    lse_ptr, stride_lb, stride_lh, stride_ll, stride_ls,
+    scale, Hkv, G, L, T_enc, Tw, split_len, NUM_SPLITS, D, DV, SK,
+    KK: tl.constexpr, DV_SUB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_SK: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """Grid (B * Hkv, NUM_SPLITS + 1). Split i < NUM_SPLITS covers encoded positions
+    [i * split_len, (i+1) * split_len); the last split covers the exact window. Each writes its
+    normalized partial output and log-sum-exp for the G*L query rows (row m = g*L + i).
+
+    The key LUT [B, Hkv, G*L, S*K] comes precomputed (a small batched matmul, once per kv head
+    rather than once per split) and is gathered with pointer loads that hit L1/L2: gathering it
+    from registers with tl.gather compiled for sm_90 to ~17 KB of spills per thread.
+
+    Values are decoded by code rather than accumulated per centroid: a weighted histogram needs
+    a scatter-add, which Triton has only as global atomics; the one-hot matmul alternative
+    (p [M, T] @ onehot [T, S*K]) costs K/d times the FLOPs of decoding and, compiled for sm_90 at
+    1 bit (D=64, d=8, K=256), needed 644 KB of shared memory (the limit is 227 KB).
+    """
+    out, lse, b, row_hq, row_i, row_ok = vq_decode_program(
+        tl.program_id(0), tl.program_id(1),
+        q_ptr, stride_qb, stride_qh, stride_ql, stride_qd,
+        mask_ptr, stride_mb, stride_mh, stride_ml, stride_mt,
+        kcodes_ptr, stride_kcb, stride_kch, stride_kct, stride_kcs,
+        kcent_ptr, stride_kch2, stride_kcs2, stride_kck, stride_kcd,
+        kslot_ptr, stride_kslb, stride_kslh, stride_kslt,
+        krows_ptr, stride_krb, stride_krh, stride_kra, stride_krd,
+        kwin_ptr, stride_kwb, stride_kwh, stride_kwt, stride_kwd,
+        vcodes_ptr, stride_vcb, stride_vch, stride_vct, stride_vcs,
+        vcent_ptr, stride_vch2, stride_vcs2, stride_vck, stride_vcd,
+        vslot_ptr, stride_vslb, stride_vslh, stride_vslt,
+        vrows_ptr, stride_vrb, stride_vrh, stride_vra, stride_vrd,
+        vwin_ptr, stride_vwb, stride_vwh, stride_vwt, stride_vwd,
+        lut_ptr, stride_lutb, stride_luth, stride_lutm, stride_lutc,
+        scale, Hkv, G, L, T_enc, Tw, split_len, NUM_SPLITS, D, DV, SK,
+        KK, DV_SUB,
+        BLOCK_M, BLOCK_D, BLOCK_DV,
+        BLOCK_SK, BLOCK_T,
+        HAS_MASK, IS_CAUSAL,
+    )
+    split = tl.program_id(1)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_o = b * stride_ob + row_hq * stride_oh + row_i * stride_ol + split * stride_os
-    tl.store(o_ptr + row_o[:, None] + offs_dv[None, :] * stride_od, acc / l_safe[:, None],
+    tl.store(o_ptr + row_o[:, None] + offs_dv[None, :] * stride_od, out,
              mask=row_ok[:, None] & (offs_dv < DV)[None, :])
     tl.store(lse_ptr + b * stride_lb + row_hq * stride_lh + row_i * stride_ll + split * stride_ls,
              lse, mask=row_ok)
@@ -363,27 +412,24 @@ def vq_prefill_kernel(
 
 
 @triton.jit
-def vq_window_scores_kernel(
+def vq_window_scores_program(
+    pid_bh, pid_w,
     q_ptr, stride_qb, stride_qh, stride_ql, stride_qd,
     mask_ptr, stride_mb, stride_mh, stride_ml, stride_mt,
     kwin_ptr, stride_kwb, stride_kwh, stride_kwt, stride_kwd,
     vwin_ptr, stride_vwb, stride_vwh, stride_vwt, stride_vwd,
     o_ptr, stride_ob, stride_oh, stride_ol, stride_od,
     lse_ptr, stride_lb, stride_lh, stride_ll,
-    s0_ptr, s1_ptr, stride_sb, stride_sh, stride_st,
     scale, Hkv, G, L, T_enc, Tw, D, DV,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, DV_CHUNK: tl.constexpr,
     HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
 ):
-    """Grid (B * Hkv, cdiv(Tw, BLOCK_W)): a program owns BLOCK_W window tokens and sums over all
-    query heads of the group and all queries, A_ij = exp(s_ij - lse_i), so no atomics are needed.
-    ||v_j - o_i|| is summed directly over DV_CHUNK-wide column chunks: the expansion
-    ||o||^2 - 2 o.v + ||v||^2 would fit a dot but cancels catastrophically exactly where it matters,
-    a token that dominates its query's attention (o_i ~ v_j)."""
-    pid_bh = tl.program_id(0)
+    """The work of one program of `vq_window_scores_kernel` (program ids pid_bh, pid_w), shared
+    with the Inductor template: returns S0, S1 [BLOCK_W] of its window tokens and their indices
+    (b, h, offs_w, w_ok)."""
     b = pid_bh // Hkv
     h = pid_bh % Hkv
-    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     w_ok = offs_w < Tw
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -424,6 +470,39 @@ def vq_window_scores_kernel(
             q_norm = tl.sqrt(tl.sum(q * q, axis=1))
             s0 += tl.sum(a, axis=0)
             s1 += tl.sum(a * q_norm[:, None] * tl.sqrt(dist_sq), axis=0)
+    return s0, s1, b, h, offs_w, w_ok
+
+
+@triton.jit
+def vq_window_scores_kernel(
+    q_ptr, stride_qb, stride_qh, stride_ql, stride_qd,
+    mask_ptr, stride_mb, stride_mh, stride_ml, stride_mt,
+    kwin_ptr, stride_kwb, stride_kwh, stride_kwt, stride_kwd,
+    vwin_ptr, stride_vwb, stride_vwh, stride_vwt, stride_vwd,
+    o_ptr, stride_ob, stride_oh, stride_ol, stride_od,
+    lse_ptr, stride_lb, stride_lh, stride_ll,
+    s0_ptr, s1_ptr, stride_sb, stride_sh, stride_st,
+    scale, Hkv, G, L, T_enc, Tw, D, DV,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, DV_CHUNK: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """Grid (B * Hkv, cdiv(Tw, BLOCK_W)): a program owns BLOCK_W window tokens and sums over all
+    query heads of the group and all queries, A_ij = exp(s_ij - lse_i), so no atomics are needed.
+    ||v_j - o_i|| is summed directly over DV_CHUNK-wide column chunks: the expansion
+    ||o||^2 - 2 o.v + ||v||^2 would fit a dot but cancels catastrophically exactly where it matters,
+    a token that dominates its query's attention (o_i ~ v_j)."""
+    s0, s1, b, h, offs_w, w_ok = vq_window_scores_program(
+        tl.program_id(0), tl.program_id(1),
+        q_ptr, stride_qb, stride_qh, stride_ql, stride_qd,
+        mask_ptr, stride_mb, stride_mh, stride_ml, stride_mt,
+        kwin_ptr, stride_kwb, stride_kwh, stride_kwt, stride_kwd,
+        vwin_ptr, stride_vwb, stride_vwh, stride_vwt, stride_vwd,
+        o_ptr, stride_ob, stride_oh, stride_ol, stride_od,
+        lse_ptr, stride_lb, stride_lh, stride_ll,
+        scale, Hkv, G, L, T_enc, Tw, D, DV,
+        BLOCK_L, BLOCK_D, BLOCK_W, DV_CHUNK,
+        HAS_MASK, IS_CAUSAL,
+    )
     offs_s = b * stride_sb + h * stride_sh + offs_w * stride_st
     tl.store(s0_ptr + offs_s, s0, mask=w_ok)
     tl.store(s1_ptr + offs_s, s1, mask=w_ok)
@@ -538,7 +617,8 @@ def prefill_config(D: int, DV: int) -> dict:
 
 def window_scores_config(D: int, DV: int) -> dict:
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    return dict(BLOCK_L=16, BLOCK_D=BLOCK_D, BLOCK_W=32 if BLOCK_D <= 64 else 16,
+    # BLOCK_W = 32 at D = 64 spilled 240 bytes per thread on sm_90 (tests/test_triton_sm90.py).
+    return dict(BLOCK_L=16, BLOCK_D=BLOCK_D, BLOCK_W=16,
                 DV_CHUNK=min(16, triton.next_power_of_2(DV)), num_warps=4)
 
 
