@@ -1,0 +1,957 @@
+"""Speed benchmark: decode attention latency, end-to-end decode tokens/s, measured cache memory, and
+a bandwidth bound for GPUs on paper (issue 4, section 4).
+
+Parts (`--parts`, comma list; all by default):
+
+- attention: one decode query (B=1, 9 query heads, 3 kv heads, D=64: SmolLM2-135M shapes) against
+  a cache of 1K..128K tokens. Dense SDPA (fp32, bf16, enable_gqa=True) against VQ attention through
+  `torch.ops.antkv.attention` (whatever kernel ops.py dispatches to) at 4, 2, 1, 0.5 bits (PQSpec
+  presets; window 32, anchors 1%). Caches are built directly from random codes, centroids, anchors
+  and window (content does not change speed); once per setting the VQ output is checked against
+  dense SDPA on the dequantized cache. Median of repeated perf_counter timings after warm-up.
+- e2e: greedy decode tokens/s of SmolLM2-135M-Instruct (fp32) at 4K, 16K, 32K tokens of context.
+  FP: DynamicCache of dense K/V, `torch.compile(model)` (Inductor). Ours: `antkv_compile.patch`
+  (antkv_backend), a DynamicCache whose layers already hold VQTensors (1 bit). The context is
+  synthetic (random K/V, random codes / anchors / window), not prefilled: prefilling 32K tokens on
+  2 CPU cores is too slow and does not change the decode step. Compile time (first calls) is
+  reported apart from the timed steps; a torch.profiler pass over a few steps gives the share of
+  antkv::append (quantize-on-write) and antkv::attention in our decode step.
+- memory: cache bytes measured from real allocations (every inner tensor's untyped storage, each
+  once) of all 30 layers, fp16 dense DynamicCache against ours (fp16 anchors/window) at 4/2/1/0.5
+  bit, and the longest context whose cache fits the budget (8 GiB), found by allocating caches
+  (a prediction from measured probe lengths, then a search that brackets it by real allocations).
+- gpu: on paper, not measured: HBM bytes one decode step must read per layer (dense fp16 K/V
+  against codes + anchors + window + codebooks) and the time that implies at H100 bandwidth
+  (3.35 TB/s): a lower bound, labelled as such.
+
+    python benchmarks/speed.py                         # full run, writes benchmarks/results/speed.*
+    python benchmarks/speed.py --parts attention,gpu   # a subset (--merge keeps the other parts' rows)
+    python benchmarks/speed.py --quick                 # smoke test (small sizes, 2-layer model), temp dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import antkv_compile as ak
+from antkv_compile.cache import CacheSettings, VQTensor
+from antkv_compile.evaluation import cache_nbytes, tensors_nbytes
+from antkv_compile.quant.codebook import Codebooks, LayerCodebook, model_fingerprint
+from antkv_compile.quant.pq import spec_for_bits
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PARTS = ("attention", "e2e", "memory", "gpu")
+
+# SmolLM2-135M-Instruct (checked against the loaded config in the e2e part).
+LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM = 30, 9, 3, 64
+PARAMS = 134_515_008  # parameters of SmolLM2-135M (tied embeddings counted once)
+H100_BYTES_PER_S = 3.35e12  # H100 SXM HBM3
+
+VQ_BITS = (4.0, 2.0, 1.0, 0.5)
+GIB = 1 << 30
+
+FULL = dict(attn_contexts=[1 << e for e in range(10, 18)], e2e_contexts=[4096, 16384, 32768], e2e_steps=16, e2e_warmup=3,
+            e2e_layers=LAYERS, profile_steps=3, mem_probes=[1024, 4096, 16384, 65536], budget_gib=8.0, min_time=1.0,
+            gpu_contexts=[4096, 32768, 131072, 1 << 20])
+QUICK = dict(attn_contexts=[1024, 4096], e2e_contexts=[1024, 2048], e2e_steps=3, e2e_warmup=1, e2e_layers=2, profile_steps=1,
+             mem_probes=[1024, 4096], budget_gib=0.25, min_time=0.1, gpu_contexts=[4096, 32768])
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _rss() -> int:
+    """Resident set size of this process in bytes (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process so far, bytes (Linux: ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _free():
+    gc.collect()
+
+
+def time_fn(fn: Callable[[], object], min_time: float, min_reps: int = 5, max_reps: int = 1000, warmup: int = 2) -> dict:
+    """Median (and quartiles) of perf_counter timings of `fn`, after `warmup` calls; repeats until
+    both `min_reps` calls and `min_time` seconds are done (or `max_reps`)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    deadline = time.perf_counter() + min_time
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median": statistics.median(times), "q1": q[0], "q3": q[2], "reps": len(times)}
+
+
+# --- synthetic caches ----------------------------------------------------------------------------
+
+def random_codebooks(config, bits: float, gen: torch.Generator) -> Codebooks:
+    """Codebooks of random centroids for `config` at `bits` per element (K and V alike): speed and
+    memory do not depend on the centroids' values."""
+    spec = spec_for_bits(bits)
+    H = config.num_key_value_heads
+    S = HEAD_DIM // spec.sub_dim
+
+    def side():
+        return torch.randn(H, S, spec.num_centroids, spec.sub_dim, generator=gen)
+
+    layers = [LayerCodebook(side(), side(), spec, spec, torch.ones(H), torch.ones(H)) for _ in range(config.num_hidden_layers)]
+    return Codebooks(layers, model_fingerprint(config), {"bits": bits, "random": True})
+
+
+def window_len(window: int) -> int:
+    """Exact tokens in the window between decode steps: the flush keeps `window`, then the step's
+    token joins it."""
+    return window + 1
+
+
+def synthetic_vq(T: int, centroids: torch.Tensor, expected_err: torch.Tensor, settings: CacheSettings, dtype: torch.dtype,
+                 gen: torch.Generator | None, fill: str = "random", batch: int = 1) -> VQTensor:
+    """A VQTensor of T tokens in the state a decode step leaves (cache.py's flush rule): codes for
+    every token, window+1 exact recent tokens, ceil(anchor_frac x encoded tokens) anchors at
+    distinct positions. `fill="zeros"` skips the random content (memory measurements)."""
+    H, S, K, d = centroids.shape
+    D = S * d
+    Tw = min(T, window_len(settings.window))
+    Tc = T - Tw
+    A = math.ceil(settings.anchor_frac * Tc)
+    code_dtype = torch.uint8 if K <= 256 else torch.int16
+    if fill == "random":
+        codes = torch.randint(0, K, (batch, H, T, S), generator=gen, dtype=torch.int32).to(code_dtype)
+        pos = torch.stack([torch.randperm(Tc, generator=gen)[:A].sort().values for _ in range(batch * H)]).view(batch, H, A)
+        rows, window = torch.randn(batch, H, A, D, generator=gen), torch.randn(batch, H, Tw, D, generator=gen)
+        a_score, w_err = torch.rand(batch, H, A, generator=gen), torch.rand(batch, H, Tw, generator=gen)
+    else:
+        codes = torch.zeros(batch, H, T, S, dtype=code_dtype)
+        pos = torch.arange(A).expand(batch, H, A)
+        rows, window = torch.zeros(batch, H, A, D), torch.zeros(batch, H, Tw, D)
+        a_score, w_err = torch.zeros(batch, H, A), torch.zeros(batch, H, Tw)
+    return VQTensor(codes, rows.to(dtype), pos.to(torch.int32).contiguous(), a_score, window.to(dtype), w_err,
+                    torch.zeros(batch, H, Tw), centroids, expected_err, settings)
+
+
+# --- part 1: decode attention latency ------------------------------------------------------------
+
+def attention_path(q: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor) -> str:
+    """Which implementation `torch.ops.antkv.attention` runs for this call on CPU."""
+    try:
+        from antkv_compile import cpu
+    except ImportError:
+        return "PyTorch reference (no CPU kernel in this checkout)"
+    try:
+        import inspect
+
+        n = len(inspect.signature(cpu.supported).parameters)  # (q, k_codes[, k_centroids]): it has changed
+        return "C++ CPU kernel" if cpu.supported(*(q, codes, centroids)[:n]) else "PyTorch reference (the CPU kernel declines this call)"
+    except Exception as exc:  # noqa: BLE001 - an unknown kernel interface: say so, do not guess
+        return f"unknown ({type(exc).__name__}: {exc})"
+
+
+def run_attention(args, records: list, progress) -> None:
+    gen = torch.Generator().manual_seed(0)
+    settings = CacheSettings(window=args.window, anchor_frac=args.anchor_frac)
+    methods = [("dense-fp32", 32.0), ("dense-bf16", 16.0)] + [(f"vq-{b:g}bit", b) for b in args.bits]
+    bar = tqdm(total=len(args.attn_contexts) * len(methods), desc="attention", unit="setting")
+    for T in args.attn_contexts:
+        q32 = torch.randn(1, Q_HEADS, 1, HEAD_DIM, generator=gen)
+        k32 = torch.randn(1, KV_HEADS, T, HEAD_DIM, generator=gen)
+        v32 = torch.randn(1, KV_HEADS, T, HEAD_DIM, generator=gen)
+        dense_ms = None
+        for method, bits in methods:
+            bar.set_postfix_str(f"T={T} {method}")
+            rec = dict(kind="attention", metric="latency", method=method, bits=bits, context=T, value=None, unit="ms",
+                       ratio_vs_dense=None, q1=None, q3=None, reps=None, check=None, error=None)
+            try:
+                if method.startswith("dense"):
+                    dt = torch.float32 if bits == 32 else torch.bfloat16
+                    q, k, v = q32.to(dt), k32.to(dt), v32.to(dt)
+
+                    def fn(q=q, k=k, v=v):
+                        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+                    rec["dtype"] = str(dt).replace("torch.", "")
+                    if dt is not torch.float32:  # accuracy of the low-precision baseline, for reference
+                        ref = F.scaled_dot_product_attention(q32, k32, v32, enable_gqa=True)
+                        rec["check"] = f"max |out - fp32| {(fn().float() - ref).abs().max().item():.2e}"
+                else:
+                    spec = spec_for_bits(bits)
+                    S = HEAD_DIM // spec.sub_dim
+                    K, V = (synthetic_vq(T, torch.randn(KV_HEADS, S, spec.num_centroids, spec.sub_dim, generator=gen),
+                                         torch.ones(KV_HEADS), settings, torch.float32, gen) for _ in range(2))
+                    op_args = (q32, *K.parts(), K.window_err, *V.parts(), V.window_err, None, False, None)
+
+                    def fn(op_args=op_args):
+                        return torch.ops.antkv.attention(*op_args)
+
+                    # Sanity (not timed): VQ attention == dense SDPA on the dequantized cache.
+                    ref = F.scaled_dot_product_attention(q32, K.dequantize(), V.dequantize(), enable_gqa=True)
+                    out = fn()[0]
+                    err = (out - ref).abs().max().item()
+                    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3,
+                                               msg=lambda m: f"VQ attention != SDPA(dequantized) at T={T}, {method}: {m}")
+                    rec.update(dtype="float32", check=f"max |vq - sdpa(dequantized)| {err:.2e}", path=attention_path(q32, K.codes, K.centroids),
+                               anchors=int(K.anchor_pos.shape[2]), window=int(K.window.shape[2]))
+                    del ref, out
+                with torch.inference_mode():
+                    t = time_fn(fn, args.min_time)
+                rec.update(value=t["median"] * 1e3, q1=t["q1"] * 1e3, q3=t["q3"] * 1e3, reps=t["reps"])
+                if method == "dense-fp32":
+                    dense_ms = rec["value"]
+                rec["ratio_vs_dense"] = rec["value"] / dense_ms if dense_ms else None
+            except Exception as exc:
+                traceback.print_exc()
+                rec["error"] = f"{type(exc).__name__}: {exc}"
+            records.append(rec)
+            progress()
+            bar.update()
+            fn = None  # the caches go with it (reference counting)
+    bar.close()
+
+
+# --- part 2: end-to-end decode -------------------------------------------------------------------
+
+class E2E:
+    """The model and its synthetic caches."""
+
+    def __init__(self, args):
+        from antkv_compile.evaluation import load_smollm2
+
+        self.args = args
+        self.model, self.tokenizer = load_smollm2()
+        cfg = self.model.config
+        assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM), cfg
+        assert sum(p.numel() for p in self.model.parameters()) == PARAMS
+        if args.e2e_layers < LAYERS:  # --quick: a smoke test of the harness on the first layers only
+            self.model.model.layers = self.model.model.layers[: args.e2e_layers]
+            cfg.num_hidden_layers = args.e2e_layers
+            if getattr(cfg, "layer_types", None):
+                cfg.layer_types = cfg.layer_types[: args.e2e_layers]
+        self.gen = torch.Generator().manual_seed(1)
+        self.settings = CacheSettings(window=args.window, anchor_frac=args.anchor_frac)
+        self.codebooks_note = ""
+        self.books = None
+
+    def codebooks(self) -> Codebooks:
+        if self.books is None:
+            if self.args.codebooks == "calibrate":
+                from antkv_compile.evaluation import load_wikitext_ids
+
+                ids = load_wikitext_ids(self.tokenizer, self.args.data)[:512]
+                self.books = ak.calibrate(self.model, ids, bits=1.0, seq_len=512, max_tokens=512, kv_split="equal", progress=False)
+                self.codebooks_note = "1-bit codebooks from ak.calibrate on WikiText-2 test tokens [0, 512), K/V split equal"
+            else:
+                self.books = random_codebooks(self.model.config, 1.0, self.gen)
+                self.codebooks_note = "1-bit codebooks of random centroids (speed does not depend on them)"
+        return self.books
+
+    def cache(self, T: int, ours: bool):
+        """A DynamicCache whose layers hold T tokens: dense random K/V, or VQTensors (ours). The
+        sequence sizes are marked dynamic as the backend marks the caches it returns, so the first
+        compiled call is already the general decode step."""
+        from transformers import DynamicCache
+
+        from antkv_compile.backend import _mark_growing
+
+        cache = DynamicCache(config=self.model.config)
+        dtype = self.model.dtype
+        for i, layer in enumerate(cache.layers):
+            if ours:
+                book = self.books[i]
+                k = _mark_growing(synthetic_vq(T, book.key_centroids, book.key_error, self.settings, dtype, self.gen))
+                v = _mark_growing(synthetic_vq(T, book.value_centroids, book.value_error, self.settings, dtype, self.gen))
+            else:
+                k = torch.randn(1, KV_HEADS, T, HEAD_DIM, generator=self.gen, dtype=dtype)
+                v = torch.randn(1, KV_HEADS, T, HEAD_DIM, generator=self.gen, dtype=dtype)
+                torch._dynamo.maybe_mark_dynamic(k, 2)
+                torch._dynamo.maybe_mark_dynamic(v, 2)
+            layer.dtype, layer.device = dtype, k.device
+            layer.keys, layer.values, layer.is_initialized = k, v, True
+        return cache
+
+
+def _clone_cache(cache):
+    """A copy of a DynamicCache (VQTensor.clone copies the inner tensors, codebooks shared)."""
+    import copy
+
+    twin = copy.copy(cache)
+    twin.layers = []
+    for layer in cache.layers:
+        new = copy.copy(layer)
+        new.keys, new.values = layer.keys.clone(), layer.values.clone()
+        twin.layers.append(new)
+    return twin
+
+
+def _step(fwd, ids, cache):
+    out = fwd(input_ids=ids, past_key_values=cache, use_cache=True)
+    return out.logits[:, -1:].argmax(-1), out.logits[:, -1]
+
+
+def _profile_shares(fwd, ids, cache, steps: int) -> dict:
+    """Share of the profiled decode steps' wall time inside antkv::append and antkv::attention
+    (inclusive time of the op's range on the calling thread) and the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            ids, _ = _step(fwd, ids, cache)
+        wall = time.perf_counter() - t0
+    events = {e.key: e for e in prof.key_averages()}
+
+    def total(name):
+        e = events.get(name)
+        return e.cpu_time_total / 1e6 if e is not None else 0.0
+
+    append, attention = total("antkv::append"), total("antkv::attention")
+    top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return {"profile_top_self_ms_per_step": {e.key: round(e.self_cpu_time_total / 1e3 / steps, 3) for e in top},
+            "profile_steps": steps, "profile_wall_s": wall, "append_share": append / wall, "attention_share": attention / wall,
+            "rest_share": max(0.0, 1 - (append + attention) / wall),
+            "append_ms_per_step": append / steps * 1e3, "attention_ms_per_step": attention / steps * 1e3}, ids
+
+
+def run_e2e(args, records: list, progress) -> None:
+    import torch._inductor.config as inductor_config
+
+    # Cold compiles by default: Inductor's on-disk caches would make the compile time depend on earlier runs.
+    inductor_config.force_disable_caches = not args.warm_compile_cache
+    e = E2E(args)
+    model = e.model
+    note = "" if args.e2e_layers == LAYERS else f"quick smoke test: first {args.e2e_layers} of {LAYERS} layers"
+    variants = [("fp-dynamiccache", 32.0), ("antkv-patch", 1.0)]
+    fp_tps: dict[int, float] = {}
+    bar = tqdm(total=len(variants) * len(args.e2e_contexts), desc="e2e", unit="context")
+    torch.manual_seed(0)
+    for method, bits in variants:
+        ours = method == "antkv-patch"
+        fwd, compile_seconds, graphs_before = None, None, None
+        if ours:
+            e.codebooks()
+        for ci, T in enumerate(args.e2e_contexts):
+            bar.set_postfix_str(f"{method} T={T}")
+            rec = dict(kind="e2e", metric="decode_tokens_per_s", method=method, bits=bits, context=T, value=None, unit="tokens/s",
+                       ratio_vs_dense=None, ms_per_step=None, q1_ms=None, q3_ms=None, steps=args.e2e_steps,
+                       warmup_steps=args.e2e_warmup, first_call_s=None, compile_s=None, graphs=None, check=None,
+                       notes=note, error=None)
+            try:
+                with torch.no_grad():
+                    cache = e.cache(T, ours)
+                    ids = torch.tensor([[e.tokenizer.encode(" the")[0]]])
+                    if ci == 0:
+                        # Sanity (not timed): the compiled step's logits equal the eager model's on a
+                        # copy of the same cache (ours: eager VQ attention through AntKV attention).
+                        twin = _clone_cache(cache)
+                        if ours:
+                            ak.use_antkv_attention(model)
+                        _, eager_logits = _step(model, ids, twin)
+                        del twin
+                        _free()
+                        torch._dynamo.utils.counters.clear()
+                        t0 = time.perf_counter()
+                        if ours:
+                            ak.patch(model, e.books, window=args.window, anchor_frac=args.anchor_frac)
+                            fwd = model
+                        else:
+                            fwd = torch.compile(model)
+                    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                    t0 = time.perf_counter()
+                    ids, logits = _step(fwd, ids, cache)
+                    first = time.perf_counter() - t0
+                    if ci == 0:
+                        diff = (logits - eager_logits).abs().max().item()
+                        torch.testing.assert_close(logits, eager_logits, atol=2e-3, rtol=2e-3,
+                                                   msg=lambda m: f"{method}: compiled logits != eager: {m}")
+                        rec["check"] = f"compiled vs eager logits, first step: max |diff| {diff:.1e}"
+                    for _ in range(args.e2e_warmup - 1):
+                        ids, _ = _step(fwd, ids, cache)
+                    times = []
+                    for _ in range(args.e2e_steps):
+                        t0 = time.perf_counter()
+                        ids, _ = _step(fwd, ids, cache)
+                        times.append(time.perf_counter() - t0)
+                    med = statistics.median(times)
+                    q = statistics.quantiles(times, n=4) if len(times) > 1 else [med] * 3
+                    rec.update(value=1 / med, ms_per_step=med * 1e3, q1_ms=q[0] * 1e3, q3_ms=q[2] * 1e3, first_call_s=first,
+                               graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before)
+                    if ci == 0:
+                        rec["compile_s"] = first - med
+                        rec["compile_cache"] = "warm allowed" if args.warm_compile_cache else "cold (Inductor caches disabled)"
+                    if ours:
+                        layer0 = cache.layers[0]
+                        assert isinstance(layer0.keys, VQTensor), type(layer0.keys)
+                        rec["sites_rewritten"] = f"{sum(s.rewritten for s in model.antkv_backend.sites)}/{len(model.antkv_backend.sites)}"
+                        rec["notes"] = "; ".join(x for x in (note, e.codebooks_note, f"window {args.window}, anchors {args.anchor_frac:.0%}") if x)
+                        if args.profile_steps:
+                            shares, ids = _profile_shares(fwd, ids, cache, args.profile_steps)
+                            rec.update(shares)
+                    else:
+                        rec["notes"] = "; ".join(x for x in (note, f"torch.compile default backend (inductor), attn {model.config._attn_implementation}") if x)
+                        fp_tps[T] = rec["value"]
+                    rec["final_context"] = cache.get_seq_length()
+                    if fp_tps.get(T):
+                        rec["ratio_vs_dense"] = rec["value"] / fp_tps[T]
+                del cache
+            except Exception as exc:
+                traceback.print_exc()
+                rec["error"] = f"{type(exc).__name__}: {exc}"
+            records.append(rec)
+            progress()
+            bar.update()
+            _free()
+        if not ours:
+            del fwd
+            torch._dynamo.reset()
+    bar.close()
+
+
+# --- part 3: memory ------------------------------------------------------------------------------
+
+class MemoryMethod:
+    """Builds a real 30-layer cache of T tokens and measures the bytes it holds."""
+
+    def __init__(self, name: str, bits: float, window: int, anchor_frac: float, config):
+        self.name, self.bits, self.config = name, bits, config
+        self.settings = CacheSettings(window=window, anchor_frac=anchor_frac)
+        self.books = None if bits >= 16 else random_codebooks(config, bits, torch.Generator().manual_seed(2))
+
+    def build(self, T: int):
+        from transformers import DynamicCache
+
+        if self.books is None:  # the real DynamicCache path: update() concatenates onto an empty layer
+            cache = DynamicCache(config=self.config)
+            for i in range(LAYERS):
+                k = torch.zeros(1, KV_HEADS, T, HEAD_DIM, dtype=torch.float16)
+                cache.update(k, torch.zeros_like(k), i)
+                del k
+            return cache
+        cache = ak.AntKVCache(self.books, settings=self.settings)
+        for layer, book in zip(cache.layers, self.books.layers):
+            layer.dtype, layer.device = torch.float16, torch.device("cpu")
+            layer.keys = synthetic_vq(T, book.key_centroids, book.key_error, self.settings, torch.float16, None, fill="zeros")
+            layer.values = synthetic_vq(T, book.value_centroids, book.value_error, self.settings, torch.float16, None, fill="zeros")
+            layer.is_initialized = True
+        return cache
+
+    def measure(self, T: int) -> dict:
+        """Allocate, measure (storages, each once; codebooks excluded), free."""
+        import weakref
+
+        rss0 = _rss()
+        cache = self.build(T)
+        held = cache_nbytes(cache, exclude=self.books.tensors() if self.books else ())
+        rss = _rss() - rss0
+        nominal = cache.cache_nbytes() if self.books else None
+        layer = cache.layers[-1]
+        probe = weakref.ref(layer.keys.codes if self.books else layer.keys)
+        del cache, layer
+        if probe() is not None:  # freed by reference counting, unless something holds a cycle
+            _free()
+        assert probe() is None, "a measured cache is still alive"
+        return {"bytes": held, "rss_delta": rss, "nominal": nominal}
+
+
+def check_synthetic_matches_append(bits: float, window: int, anchor_frac: float, config, T: int = 2048) -> str:
+    """The synthetic cache holds the same bytes as one grown by the real append path (a prefill of
+    T-1 tokens, then one decode token)."""
+    m = MemoryMethod("check", bits, window, anchor_frac, config)
+    book = m.books[0]
+    real = VQTensor.empty(1, book.key_centroids, book.key_error, m.settings, dtype=torch.float16)
+    real = real.append(torch.randn(1, KV_HEADS, T - 1, HEAD_DIM, dtype=torch.float16)).append(torch.randn(1, KV_HEADS, 1, HEAD_DIM, dtype=torch.float16))
+    synth = synthetic_vq(T, book.key_centroids, book.key_error, m.settings, torch.float16, None, fill="zeros")
+    got, want = tensors_nbytes([synth], exclude=m.books.tensors()), tensors_nbytes([real], exclude=m.books.tensors())
+    shapes = {n: (tuple(getattr(real, n).shape), tuple(getattr(synth, n).shape)) for n in ("codes", "anchor_rows", "window")}
+    if got != want:
+        raise AssertionError(f"synthetic cache holds {got} bytes, the appended one {want}: {shapes}")
+    return f"synthetic == appended cache bytes at T={T} ({want} B per layer side)"
+
+
+def longest_context(method: MemoryMethod, budget: int, probes: dict[int, int], bar) -> tuple[int, int, int, int, list]:
+    """Longest T whose measured cache fits `budget`: predicted from the two longest probes, then
+    bracketed and bisected by real allocations (never allocating more than ~1.05 x budget).
+    Returns (T, bytes(T), bytes(T + 1), rss of the allocation at T, trace of (T, bytes))."""
+    (t1, b1), (t2, b2) = sorted(probes.items())[-2:]
+    slope = (b2 - b1) / (t2 - t1)
+    pred = max(1, int(t2 + (budget - b2) / slope))
+    trace, measured = [], {}
+
+    def bytes_at(T):
+        if T not in measured:
+            m = method.measure(T)
+            measured[T] = m
+            trace.append((T, m["bytes"]))
+            bar.set_postfix_str(f"{method.name} T={T:,} {m['bytes'] / GIB:.3f} GiB")
+        return measured[T]["bytes"]
+
+    lo, hi = pred, pred + 1
+    # The bytes step up by one anchor row per layer side every 1 / anchor_frac tokens: the prediction
+    # is within about that many tokens.
+    step = max(4, math.ceil(1 / method.settings.anchor_frac)) if method.books and method.settings.anchor_frac > 0 else 4
+    while bytes_at(lo) > budget:  # walk down until it fits
+        hi, lo, step = lo, max(1, lo - step), step * 2
+    while bytes_at(hi) <= budget:  # walk up until it does not (a step is ~0.1% of the budget)
+        lo, hi, step = hi, hi + step, step * 2
+        if (hi - lo) * slope > 0.05 * budget:
+            hi = lo + max(1, int(0.05 * budget / slope))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if bytes_at(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo, measured[lo]["bytes"], bytes_at(lo + 1), measured[lo]["rss_delta"], trace
+
+
+def run_memory(args, records: list, progress) -> None:
+    config = _smollm2_config()
+    budget = int(args.budget_gib * GIB)
+    methods = [MemoryMethod("dense-fp16", 16.0, args.window, args.anchor_frac, config)]
+    methods += [MemoryMethod(f"vq-{b:g}bit", b, args.window, args.anchor_frac, config) for b in args.bits]
+    checks = {m.name: check_synthetic_matches_append(m.bits, args.window, args.anchor_frac, config) for m in methods if m.books}
+    bar = tqdm(total=len(methods), desc="memory", unit="method")
+    dense_max = None
+    for m in methods:
+        bar.set_postfix_str(m.name)
+        try:
+            probes = {}
+            for T in args.mem_probes:
+                meas = m.measure(T)
+                probes[T] = meas["bytes"]
+                bpt = meas["bytes"] / T
+                records.append(dict(kind="memory", metric="cache_bytes", method=m.name, bits=m.bits, context=T,
+                                    value=meas["bytes"], unit="bytes", bytes_per_token=bpt,
+                                    ratio_vs_dense=None, rss_delta=meas["rss_delta"], nominal_bytes=meas["nominal"],
+                                    codebook_bytes=m.books.nbytes if m.books else 0, check=checks.get(m.name),
+                                    error=None))
+            t0 = time.perf_counter()
+            T, b, b_next, rss, trace = longest_context(m, budget, probes, bar)
+            if m.name == "dense-fp16":
+                dense_max = T
+            records.append(dict(kind="memory", metric="max_context", method=m.name, bits=m.bits, context=T, value=T,
+                                unit="tokens", budget_bytes=budget, bytes_at_max=b, bytes_at_max_plus_1=b_next,
+                                rss_delta_at_max=rss, allocations=len(trace), search_seconds=time.perf_counter() - t0,
+                                ratio_vs_dense=T / dense_max if dense_max else None, peak_rss_so_far=_peak_rss(), error=None))
+        except Exception as exc:
+            traceback.print_exc()
+            records.append(dict(kind="memory", metric="max_context", method=m.name, bits=m.bits, context=None, value=None,
+                                unit="tokens", ratio_vs_dense=None, error=f"{type(exc).__name__}: {exc}"))
+        progress()
+        bar.update()
+        _free()
+    bar.close()
+    by_len = {r["context"]: r["value"] for r in records if r["kind"] == "memory" and r["metric"] == "cache_bytes" and r["method"] == "dense-fp16"}
+    for r in records:
+        if r["kind"] == "memory" and r["metric"] == "cache_bytes" and by_len.get(r["context"]):
+            r["ratio_vs_dense"] = r["value"] / by_len[r["context"]]
+
+
+def _smollm2_config():
+    """The SmolLM2-135M config (shapes only) without loading the weights."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_hidden_layers=LAYERS, num_attention_heads=Q_HEADS, num_key_value_heads=KV_HEADS,
+                       hidden_size=Q_HEADS * HEAD_DIM, head_dim=HEAD_DIM, intermediate_size=1536, vocab_size=49152)
+
+
+# --- part 4: GPU bandwidth bound (on paper) ------------------------------------------------------
+
+def gpu_bytes_per_layer(method: str, bits: float, T: int, window: int, anchor_frac: float) -> dict:
+    """HBM bytes one decode step (one query token) reads and writes in one layer's attention.
+
+    Dense fp16: all of K and V, plus q, out and the new token's K/V. VQ: codes of every token (K and
+    V), anchors (fp16 rows + int32 positions), window (fp16 rows + fp32 error), codebooks (fp32
+    centroids of K and V, read once per step and layer; the per-query look-up table
+    q . centroid is built from them on chip and not counted), q, out, and the appended token (codes,
+    window row). Anchor Score bookkeeping (fp32 per window token) included."""
+    q_out = 2 * Q_HEADS * HEAD_DIM * 2
+    if method == "dense-fp16":
+        kv = 2 * KV_HEADS * T * HEAD_DIM * 2
+        new = 2 * KV_HEADS * HEAD_DIM * 2
+        return {"kv": kv, "codes": 0, "anchors": 0, "window": 0, "codebooks": 0, "lut_on_chip": 0, "io": q_out + new,
+                "total": kv + q_out + new}
+    spec = spec_for_bits(bits)
+    S, K = HEAD_DIM // spec.sub_dim, spec.num_centroids
+    Tw = window_len(window)
+    A = math.ceil(anchor_frac * (T - Tw))
+    codes = 2 * KV_HEADS * T * S * (1 if K <= 256 else 2)
+    anchors = 2 * KV_HEADS * A * (HEAD_DIM * 2 + 4)
+    win = 2 * KV_HEADS * Tw * (HEAD_DIM * 2 + 4 + 4)
+    books = 2 * KV_HEADS * S * K * spec.sub_dim * 4
+    lut = Q_HEADS * S * K * 4
+    new = 2 * KV_HEADS * (S + HEAD_DIM * 2 + 8)
+    total = codes + anchors + win + books + q_out + new
+    return {"kv": 0, "codes": codes, "anchors": anchors, "window": win, "codebooks": books, "lut_on_chip": lut,
+            "io": q_out + new, "total": total}
+
+
+def run_gpu(args, records: list, progress) -> None:
+    weights = PARAMS * 2
+    for T in args.gpu_contexts:
+        dense = None
+        for method, bits in [("dense-fp16", 16.0)] + [(f"vq-{b:g}bit", b) for b in args.bits]:
+            by = gpu_bytes_per_layer(method, bits, T, args.window, args.anchor_frac)
+            attn_s = LAYERS * by["total"] / H100_BYTES_PER_S
+            step_s = (LAYERS * by["total"] + weights) / H100_BYTES_PER_S
+            rec = dict(kind="gpu_bound", metric="attention_time_bound", method=method, bits=bits, context=T,
+                       value=attn_s * 1e6, unit="us per decode step (30 layers, bound)", bytes_per_layer=by["total"],
+                       breakdown=by, step_bound_us=step_s * 1e6, step_tokens_per_s_bound=1 / step_s,
+                       weights_bytes=weights, ratio_vs_dense=None, step_ratio_vs_dense=None,
+                       notes="on paper: HBM bytes / 3.35 TB/s (H100 SXM), not a measurement", error=None)
+            if method == "dense-fp16":
+                dense = rec
+            rec["ratio_vs_dense"] = rec["value"] / dense["value"]
+            rec["step_ratio_vs_dense"] = rec["step_bound_us"] / dense["step_bound_us"]
+            records.append(rec)
+    progress()
+
+
+# --- reporting -----------------------------------------------------------------------------------
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _ctx(T) -> str:
+    if T is None:
+        return "-"
+    if T >= 1 << 20 and T % (1 << 20) == 0:
+        return f"{T >> 20}M"
+    return f"{T >> 10}K" if T % 1024 == 0 and T >= 1024 else f"{T:,}"
+
+
+def write_markdown(path: Path, records: list[dict], header: dict) -> None:
+    L = ["# Speed: decode attention latency, end-to-end decode, cache memory, GPU bandwidth bound", ""]
+    L += [f"- {k}: {v}" for k, v in header.items()]
+    att = [r for r in records if r["kind"] == "attention"]
+    if att:
+        L += ["", "## 1. Decode attention latency (measured, CPU)", "",
+              "One query token, B=1, 9 query heads, 3 kv heads, D=64. Median ms per call (quartiles in the JSON); "
+              "ratio = latency / dense fp32 SDPA latency at the same context in the same run (< 1 is faster). "
+              "VQ: `torch.ops.antkv.attention`, window 32 (+1 decode token), anchors 1%, fp32 anchors/window.", ""]
+        methods = list(dict.fromkeys(r["method"] for r in att))
+        L += ["| context | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for T in sorted({r["context"] for r in att}):
+            cells = []
+            for m in methods:
+                r = next((r for r in att if r["context"] == T and r["method"] == m), None)
+                if r is None:
+                    cells.append("")
+                elif r["error"]:
+                    cells.append(f"error: {r['error'][:80]}")
+                else:
+                    cells.append(f"{r['value']:.3f} ({r['ratio_vs_dense']:.2f}x)")
+            L.append(f"| {_ctx(T)} | " + " | ".join(cells) + " |")
+        paths = sorted({r["path"] for r in att if r.get("path")})
+        if paths:
+            L += ["", "VQ attention ran through: " + "; ".join(f"{p} ({sum(r.get('path') == p for r in att)} settings)" for p in paths) + "."]
+        checks = [f"{r['method']} @ {_ctx(r['context'])}: {r['check']}" for r in att if r.get("check")]
+        if checks:
+            worst = max((r for r in att if r.get("check") and r["method"].startswith("vq")),
+                        key=lambda r: float(r["check"].split()[-1]), default=None)
+            if worst:
+                L += ["", f"Sanity: every VQ setting matched dense SDPA on its dequantized cache (atol 1e-4, rtol 1e-3); "
+                          f"largest difference {worst['check'].split()[-1]} ({worst['method']} @ {_ctx(worst['context'])})."]
+    e2e = [r for r in records if r["kind"] == "e2e"]
+    if e2e:
+        L += ["", "## 2. End-to-end decode (measured, CPU)", "",
+              "Greedy decode of SmolLM2-135M-Instruct (fp32 weights) from a synthetic context of T tokens in the cache. "
+              "tokens/s = 1 / median decode-step time over the timed steps, after warm-up; ratio = ours / FP at the same "
+              "context. Compile = first call minus the median step (first context only; cold Inductor caches unless the run says --warm-compile-cache); graphs = Dynamo graphs compiled "
+              "during that context. append / attention = share of the profiled steps' wall time inside antkv::append "
+              "(quantize-on-write) and antkv::attention (torch.profiler).", "",
+              "| method | bits | context | tokens/s | ms / step (q1-q3) | ratio vs FP | compile s | graphs | append | attention | notes |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in e2e:
+            if r["error"]:
+                L.append(f"| {r['method']} | {r['bits']:g} | {_ctx(r['context'])} | error: {r['error'][:200]} | | | | | | | |")
+                continue
+            share = lambda k: "-" if r.get(k) is None else f"{r[k]:.0%}"  # noqa: E731
+            L.append(f"| {r['method']} | {r['bits']:g} | {_ctx(r['context'])} | {r['value']:.2f} | {r['ms_per_step']:.1f} "
+                     f"({r['q1_ms']:.1f}-{r['q3_ms']:.1f}) | {_fmt(r['ratio_vs_dense'], '.2f')} | {_fmt(r['compile_s'], '.1f')} "
+                     f"| {r['graphs']} | {share('append_share')} | {share('attention_share')} | {r.get('notes', '')} |")
+        checks = [f"{r['method']}: {r['check']}" for r in e2e if r.get("check")]
+        if checks:
+            L += ["", "Sanity: " + "; ".join(checks) + "."]
+        for r in e2e:
+            if r.get("profile_top_self_ms_per_step"):
+                top = ", ".join(f"{k} {v:.1f}" for k, v in list(r["profile_top_self_ms_per_step"].items())[:8])
+                L += ["", f"Profile of {r['method']} @ {_ctx(r['context'])} (torch.profiler, {r['profile_steps']} steps): antkv::append "
+                          f"{r['append_ms_per_step']:.1f} ms / step, antkv::attention {r['attention_ms_per_step']:.1f} ms / step "
+                          f"(inclusive); top self time, ms / step: {top}."]
+    mem = [r for r in records if r["kind"] == "memory"]
+    if mem:
+        L += ["", "## 3. Cache memory (measured allocations, all 30 layers, K and V)", "",
+              "Bytes = untyped storage of every tensor the cache holds, each storage once (codebooks excluded, listed "
+              "apart). fp16 dense: DynamicCache filled through update(). Ours: AntKVCache layers of VQTensors in the "
+              "state a decode step leaves (window 32 + 1, anchors ceil(1% of encoded tokens), fp16 anchors/window). "
+              "Longest context: the largest T whose allocated cache is <= the budget while T + 1 is over it, both "
+              "allocated and measured.", ""]
+        rows = [r for r in mem if r["metric"] == "max_context"]
+        L += ["| method | bits | bytes / token (at longest probe) | ratio vs fp16 | longest context in budget | x fp16 | bytes at it | bytes at +1 | codebook bytes | allocations |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            probes = [p for p in mem if p["metric"] == "cache_bytes" and p["method"] == r["method"]]
+            p = max(probes, key=lambda p: p["context"]) if probes else None
+            if r["error"]:
+                L.append(f"| {r['method']} | {r['bits']:g} | {_fmt(p and p['bytes_per_token'], ',.1f')} | | error: {r['error'][:200]} | | | | | |")
+                continue
+            L.append(f"| {r['method']} | {r['bits']:g} | {_fmt(p and p['bytes_per_token'], ',.1f')} | {_fmt(p and p['ratio_vs_dense'], '.4f')} "
+                     f"| {r['value']:,} | {_fmt(r['ratio_vs_dense'], '.2f')} | {r['bytes_at_max']:,} | {r['bytes_at_max_plus_1']:,} "
+                     f"| {_fmt(p and p['codebook_bytes'], ',d')} | {r['allocations']} |")
+        budget = next((r["budget_bytes"] for r in rows if r.get("budget_bytes")), None)
+        peak = max((r.get("peak_rss_so_far") or 0 for r in rows), default=0)
+        if budget:
+            L += ["", f"Budget: {budget:,} bytes ({budget / GIB:g} GiB). Caches are allocated one at a time and freed between "
+                      f"allocations; peak RSS of the process {peak / GIB:.2f} GiB. The JSON also has the RSS growth at each "
+                      f"allocation (indicative only: the allocator reuses freed memory)."]
+        probes = [r for r in mem if r["metric"] == "cache_bytes"]
+        L += ["", "Probe allocations: bytes held (bytes per token).", "",
+              "| method | " + " | ".join(_ctx(T) for T in sorted({p['context'] for p in probes})) + " |",
+              "|---|" + "---|" * len({p['context'] for p in probes})]
+        for m in dict.fromkeys(p["method"] for p in probes):
+            cells = [next((f"{p['value']:,} ({p['bytes_per_token']:.1f})" for p in probes if p["method"] == m and p["context"] == T), "")
+                     for T in sorted({p['context'] for p in probes})]
+            L.append(f"| {m} | " + " | ".join(cells) + " |")
+        chk = sorted({p["check"] for p in probes if p.get("check")})
+        if chk:
+            L += ["", "Sanity: " + "; ".join(f"{p['method']}: {p['check']}" for p in probes if p.get("check") and p["context"] == min(q["context"] for q in probes)) + "."]
+    gpu = [r for r in records if r["kind"] == "gpu_bound"]
+    if gpu:
+        L += ["", "## 4. GPU decode on paper: HBM bytes and the H100 bandwidth bound (NOT measured)", "",
+              "Bytes one decode step must move per layer, and the time that implies at 3.35 TB/s (H100 SXM HBM3): a lower "
+              "bound, not a measurement. Dense fp16 reads all of K and V; VQ reads the codes of every token, the anchors "
+              "(fp16 rows + int32 positions), the window (fp16 rows + fp32 error), and the fp32 codebooks of K and V once "
+              "per layer; the per-query look-up table (q . centroid) is assumed built on chip (its size is listed, not "
+              "counted). Step bound adds the fp16 weights (134.5M parameters, 269 MB) read once per step. For scale only: AnTKV "
+              "reports up to 3.5x decode throughput over FP16, measured on GPUs with larger models (arXiv 2506.19505).", "",
+              "| context | method | bytes / layer | codes | anchors | window | codebooks | LUT (on chip) | attention bound (30 layers) | x dense | step bound | step tokens/s bound | x dense |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in gpu:
+            b = r["breakdown"]
+            L.append(f"| {_ctx(r['context'])} | {r['method']} | {r['bytes_per_layer']:,} | {b['codes']:,} | {b['anchors']:,} "
+                     f"| {b['window']:,} | {b['codebooks']:,} | {b['lut_on_chip']:,} | {r['value']:.1f} us | {r['ratio_vs_dense']:.3f} "
+                     f"| {r['step_bound_us']:.1f} us | {r['step_tokens_per_s_bound']:,.0f} | {r['step_ratio_vs_dense']:.3f} |")
+    L += ["", "Files: speed.json (one record per figure above: kind, metric, method, bits, context, value, unit, "
+          "ratio_vs_dense, details), speed.png."]
+    path.write_text("\n".join(L) + "\n")
+
+
+def write_plot(path: Path, records: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("attention", "e2e", "memory", "gpu_bound") if any(r["kind"] == k and r.get("value") is not None for r in records)]
+    if not kinds:
+        return
+    cols = min(2, len(kinds))
+    rows = math.ceil(len(kinds) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.6 * rows), squeeze=False)
+    for ax in axes.flat[len(kinds):]:
+        ax.set_visible(False)
+    for ax, kind in zip(axes.flat, kinds):
+        rs = [r for r in records if r["kind"] == kind and r.get("value") is not None]
+        if kind == "attention":
+            for m in dict.fromkeys(r["method"] for r in rs):
+                pts = sorted((r["context"], r["value"]) for r in rs if r["method"] == m)
+                ax.plot(*zip(*pts), marker="o" if m.startswith("vq") else "s", linestyle="-" if m.startswith("vq") else "--", label=m)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("cache length (tokens)")
+            ax.set_ylabel("ms per decode attention call (median)")
+            ax.set_title("1. decode attention, CPU (measured)", fontsize=9)
+        elif kind == "e2e":
+            ctxs = sorted({r["context"] for r in rs})
+            methods = list(dict.fromkeys(r["method"] for r in rs))
+            width = 0.8 / len(methods)
+            for i, m in enumerate(methods):
+                vals = [next((r["value"] for r in rs if r["method"] == m and r["context"] == T), 0) for T in ctxs]
+                ax.bar([j + i * width for j in range(len(ctxs))], vals, width, label=m)
+            ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(ctxs))], [_ctx(T) for T in ctxs])
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel("decode tokens/s")
+            ax.set_title("2. SmolLM2-135M decode, CPU (measured)", fontsize=9)
+        elif kind == "memory":
+            rs = [r for r in rs if r["metric"] == "max_context"]
+            ax.bar([r["method"] for r in rs], [r["value"] for r in rs], color=["tab:gray"] + ["tab:red"] * (len(rs) - 1))
+            for i, r in enumerate(rs):
+                ax.annotate(f"{r['value']:,}", (i, r["value"]), ha="center", va="bottom", fontsize=7)
+            ax.set_yscale("log")
+            budget = rs[0].get("budget_bytes") if rs else None
+            ax.set_ylabel(f"longest context in {budget / GIB:g} GiB (tokens)" if budget else "longest context (tokens)")
+            ax.set_title("3. cache memory (measured allocations)", fontsize=9)
+            ax.tick_params(axis="x", labelsize=7)
+        else:
+            for m in dict.fromkeys(r["method"] for r in rs):
+                pts = sorted((r["context"], r["value"]) for r in rs if r["method"] == m)
+                ax.plot(*zip(*pts), marker="o", label=m)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("cache length (tokens)")
+            ax.set_ylabel("us per decode step, attention of 30 layers")
+            ax.set_title("4. H100 bandwidth BOUND (on paper, not measured)", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        if kind != "memory":
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+def _ints(s: str) -> list[int]:
+    out = []
+    for x in s.split(","):
+        x = x.strip().upper()
+        mult = 1 << 20 if x.endswith("M") else 1 << 10 if x.endswith("K") else 1
+        out.append(int(float(x.rstrip("KM")) * mult))
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="smoke test: small sizes, 2-layer model for e2e, temp output dir")
+    p.add_argument("--out", type=Path, help=f"output directory (default: {RESULTS_DIR}; a temp dir with --quick)")
+    p.add_argument("--merge", action="store_true", help="keep the records of parts this run does not compute from an earlier speed.json in --out")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: CPU count)")
+    p.add_argument("--bits", default=",".join(f"{b:g}" for b in VQ_BITS), help="VQ settings, bits per element (default: 4,2,1,0.5)")
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--anchor-frac", type=float, default=0.01)
+    p.add_argument("--attn-contexts", type=_ints, help="cache lengths of the attention part, e.g. 1K,4K (default: 1K..128K, powers of 2)")
+    p.add_argument("--min-time", type=float, help="seconds of timed calls per attention setting (default 1.0)")
+    p.add_argument("--e2e-contexts", type=_ints, help="contexts of the e2e part (default: 4K,16K,32K)")
+    p.add_argument("--e2e-steps", type=int, help="timed decode steps per context (default 16)")
+    p.add_argument("--e2e-warmup", type=int, help="decode steps before timing, the first compiles (default 3)")
+    p.add_argument("--e2e-layers", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--profile-steps", type=int, help="decode steps under torch.profiler per context, ours (default 3; 0: none)")
+    p.add_argument("--warm-compile-cache", action="store_true",
+                   help="let Inductor use its on-disk caches (faster, but compile time then depends on earlier runs)")
+    p.add_argument("--codebooks", choices=("random", "calibrate"), default="random",
+                   help="e2e codebooks: random centroids (default) or ak.calibrate on 512 WikiText-2 tokens")
+    p.add_argument("--data", help="path to wiki.test.raw (--codebooks calibrate)")
+    p.add_argument("--mem-probes", type=_ints, help="cache lengths allocated and measured (default: 1K,4K,16K,64K)")
+    p.add_argument("--budget-gib", type=float, help="cache budget for the longest context (default 8)")
+    p.add_argument("--gpu-contexts", type=_ints, help="contexts of the on-paper GPU bound (default: 4K,32K,128K,1M)")
+    args = p.parse_args(argv)
+    args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    bad = [x for x in args.parts if x not in PARTS]
+    if bad:
+        p.error(f"--parts: unknown {', '.join(bad)}; parts: {', '.join(PARTS)}")
+    args.bits = [float(b) for b in args.bits.split(",")]
+    defaults = QUICK if args.quick else FULL
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.quick:
+        args.out = args.out or Path(tempfile.gettempdir()) / "antkv-speed-quick"
+    args.out = args.out or RESULTS_DIR
+    return args
+
+
+def _code_version() -> str:
+    """Commit of the repository and the tracked files modified in the working tree (if any)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    dirty = [line[3:] for line in dirty if line.strip()]
+    return f"git {sha}" + (f", modified: {', '.join(dirty)}" if dirty else ", clean")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/speed.py", *argv])
+    start_date, t_start, code = _now(), time.perf_counter(), _code_version()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    records: list[dict] = []
+    timings: dict[str, float] = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def progress():  # results so far, in case a later part crashes or is interrupted
+        (args.out / "speed.partial.json").write_text(json.dumps(records, indent=2) + "\n")
+
+    runners = {"attention": run_attention, "e2e": run_e2e, "memory": run_memory, "gpu": run_gpu}
+    for part in args.parts:
+        t0 = time.perf_counter()
+        try:
+            runners[part](args, records, progress)
+        except Exception as exc:  # a crashing part is a result too; the other parts still run
+            traceback.print_exc()
+            records.append(dict(kind={"gpu": "gpu_bound"}.get(part, part), metric=None, method=None, bits=None, context=None,
+                                value=None, unit=None, ratio_vs_dense=None, error=f"{type(exc).__name__}: {exc}"))
+        timings[part] = time.perf_counter() - t0
+        print(f"{part}: {timings[part]:.0f} s", flush=True)
+    for r in records:
+        r.update(command=command, date=start_date)
+
+    kinds_run = {{"gpu": "gpu_bound"}.get(p, p) for p in args.parts}
+    if args.merge and (args.out / "speed.json").exists():
+        kept = [r for r in json.loads((args.out / "speed.json").read_text()) if r["kind"] not in kinds_run]
+        order = ["attention", "e2e", "memory", "gpu_bound"]
+        records = sorted(kept + records, key=lambda r: order.index(r["kind"]) if r["kind"] in order else len(order))
+    runs: dict[str, str] = {}
+    for r in records:
+        runs.setdefault(r.get("command", "?"), r.get("date", "?"))
+    import transformers
+
+    header = {
+        "runs": "; ".join(f"`{cmd}` ({date})" for cmd, date in runs.items()),
+        "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                   f"torch {torch.__version__}, transformers {transformers.__version__}, torch threads {torch.get_num_threads()}"
+                   + (f", load average at start {load[0]:.2f}" if load else ""),
+        "code": code,
+        "wall time of this run": ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {time.perf_counter() - t_start:.0f} s",
+    }
+    if args.quick:
+        header["quick"] = "smoke test: small sizes, e2e on the first 2 of 30 layers; not results"
+    (args.out / "speed.json").write_text(json.dumps(records, indent=2) + "\n")
+    write_markdown(args.out / "speed.md", records, header)
+    write_plot(args.out / "speed.png", records)
+    (args.out / "speed.partial.json").unlink(missing_ok=True)
+    print((args.out / "speed.md").read_text())
+    print(f"wrote {args.out / 'speed.md'}, speed.json, speed.png")
+    return records
+
+
+if __name__ == "__main__":
+    main()
