@@ -37,7 +37,7 @@ def extension():
     built here."""
     from torch.utils.cpp_extension import load
 
-    flags = ["-O3", "-fopenmp"]
+    flags = ["-O3"]
     # Vector width by what the running CPU has (not -march=native: the build cache may be shared).
     wide = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     if wide:
@@ -47,7 +47,6 @@ def extension():
             name="antkv_cpu_attention" + ("_avx2" if wide else ""),
             sources=[os.path.join(os.path.dirname(__file__), "attention.cpp")],
             extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
         return True
