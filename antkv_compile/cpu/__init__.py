@@ -65,9 +65,11 @@ def supported(q: torch.Tensor, k_codes: torch.Tensor) -> bool:
 def attention(
     q, k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window, k_window_err,
     v_codes, v_centroids, v_anchor_rows, v_anchor_pos, v_window, v_window_err,
-    attn_mask, is_causal, scale,
+    attn_mask, is_causal, scale, chunk_tokens=None,
 ):  # fmt: skip
-    """`antkv::attention` (ops.py) on CPU tensors: (out [B, Hq, L, D] in q's dtype, score [B, Hkv, Tw])."""
+    """`antkv::attention` (ops.py) on CPU tensors: (out [B, Hq, L, D] in q's dtype, score [B, Hkv, Tw]).
+    `chunk_tokens` (default CHUNK_TOKENS) is the shortest sequence chunk of a task; tests make it
+    small to exercise the merge of chunks."""
     B, Hq, L, D = q.shape
     Hkv, T = k_codes.shape[1], k_codes.shape[2]
     if v_window.shape[2] != k_window.shape[2] or v_codes.shape[2] != T:
@@ -86,7 +88,7 @@ def attention(
         qg,
         _codes(k_codes), f32(k_centroids), f32(k_anchor_rows), k_anchor_pos.to(torch.int32).contiguous(), f32(k_window), f32(k_window_err),
         _codes(v_codes), f32(v_centroids), f32(v_anchor_rows), v_anchor_pos.to(torch.int32).contiguous(), f32(v_window), f32(v_window_err),
-        attn_mask, bool(is_causal), float(scale), L, CHUNK_TOKENS,
+        attn_mask, bool(is_causal), float(scale), L, CHUNK_TOKENS if chunk_tokens is None else chunk_tokens,
     )  # fmt: skip
     return out.view(B, Hq, L, D).to(q.dtype), score
 
