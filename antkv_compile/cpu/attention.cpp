@@ -347,6 +347,25 @@ std::vector<at::Tensor> vq_attention(const at::Tensor& qg, const at::Tensor& k_c
                                      const at::Tensor& v_arows, const at::Tensor& v_apos, const at::Tensor& v_win,
                                      const at::Tensor& v_err, const c10::optional<at::Tensor>& attn_mask,
                                      bool is_causal, double scale, int64_t L, int64_t chunk_tokens) {
+  // The Python wrapper (cpu/__init__.py) prepares the layouts; a direct call with others fails here.
+  auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous() && t.is_cpu(); };
+  TORCH_CHECK(qg.dim() == 4 && f32(qg) && L > 0 && qg.size(2) % L == 0, "qg: float32 contiguous [B, H, G * L, D]");
+  for (const auto* side : {&k_codes, &v_codes}) {
+    const at::Tensor& c = *side;
+    TORCH_CHECK(c.dim() == 4 && c.is_cpu() && (c.scalar_type() == at::kByte || c.scalar_type() == at::kShort) &&
+                    c.size(0) == qg.size(0) && c.size(1) == qg.size(1) && c.size(2) == k_codes.size(2) &&
+                    (c.stride(3) == 1 || c.size(3) <= 1) && (c.stride(2) == c.size(3) || c.size(2) <= 1),
+                "codes: uint8 / int16 [B, H, T, S], token-major (token stride S, subspace stride 1)");
+  }
+  for (const auto* t : {&k_cent, &k_arows, &k_win, &k_err, &v_cent, &v_arows, &v_win, &v_err})
+    TORCH_CHECK(f32(*t), "centroids, anchor rows, windows and errors must be float32 contiguous");
+  for (const auto* t : {&k_apos, &v_apos})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "anchor positions must be int32 contiguous");
+  TORCH_CHECK(k_cent.size(1) * k_cent.size(3) == qg.size(3) && v_cent.size(1) * v_cent.size(3) == qg.size(3) &&
+                  k_cent.size(1) == k_codes.size(3) && v_cent.size(1) == v_codes.size(3) &&
+                  k_win.size(2) == v_win.size(2) && k_win.size(2) <= k_codes.size(2),
+              "inconsistent cache shapes");
+
   Problem P;
   P.B = qg.size(0), P.H = qg.size(1), P.R = qg.size(2), P.D = qg.size(3);
   P.T = k_codes.size(2), P.Tw = k_win.size(2), P.Tc = P.T - P.Tw, P.L = L, P.G = P.R / L;
