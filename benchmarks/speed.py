@@ -882,6 +882,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def _code_version() -> str:
     """Commit of the repository and the tracked files modified in the working tree (if any)."""
     import subprocess
@@ -921,8 +929,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 value=None, unit=None, ratio_vs_dense=None, error=f"{type(exc).__name__}: {exc}"))
         timings[part] = time.perf_counter() - t0
         print(f"{part}: {timings[part]:.0f} s", flush=True)
+    machine = f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     for r in records:
-        r.update(command=command, date=start_date)
+        r.update(command=command, date=start_date, machine=machine, threads=torch.get_num_threads(), code=code)
 
     kinds_run = {{"gpu": "gpu_bound"}.get(p, p) for p in args.parts}
     if args.merge and (args.out / "speed.json").exists():
@@ -936,9 +945,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     header = {
         "runs": "; ".join(f"`{cmd}` ({date})" for cmd, date in runs.items()),
-        "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        "machine": f"{platform.platform()}, {_cpu_name()}, {os.cpu_count()} CPUs, "
                    f"torch {torch.__version__}, transformers {transformers.__version__}, torch threads {torch.get_num_threads()}"
-                   + (f", load average at start {load[0]:.2f}" if load else ""),
+                   + (f", load average (1 min) at start {load[0]:.2f}, at end {os.getloadavg()[0]:.2f}" if load else ""),
         "code": code,
         "wall time of this run": ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {time.perf_counter() - t_start:.0f} s",
     }
