@@ -8,7 +8,7 @@
     model = antkv_compile.patch(hf_model, codebooks)     # generate() runs compiled
 """
 
-from .backend import AntKVBackend, antkv_backend, explain
+from .backend import AntKVBackend, antkv_backend, explain, mark_growing
 from .cache import CacheSettings, VQTensor, dequantize
 from .calibrate import CalibrationData, calibrate, collect_calibration, fit_codebooks
 from .hf import AntKVCache, use_antkv_attention
@@ -31,6 +31,7 @@ __all__ = [
     "dequantize",
     "explain",
     "fit_codebooks",
+    "mark_growing",
     "patch",
     "use_antkv_attention",
 ]

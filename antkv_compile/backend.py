@@ -39,8 +39,12 @@ _GRAPH_IDS = itertools.count()
 _UNBACKED = ("anchor_rows", "anchor_pos", "anchor_score", "window", "window_err", "window_score")
 
 
-def _mark_growing(cache: VQTensor) -> VQTensor:
-    """Tell Dynamo which sizes of a returned cache will change, so the next trace is general."""
+def mark_growing(cache: VQTensor) -> VQTensor:
+    """Tell Dynamo which sizes of a compressed cache will change, so the next trace is general.
+
+    The backend marks the caches it returns; call it on a cache built outside a compiled model
+    (loaded, or appended to eagerly) before its first compiled call, or that call compiles a graph
+    for its exact length and the next one recompiles."""
     torch._dynamo.maybe_mark_dynamic(cache, cache.settings.seq_dim)
     torch._dynamo.maybe_mark_dynamic(cache.codes, 2)
     for name in _UNBACKED:
@@ -61,7 +65,7 @@ class _CompiledGraph:
         flat.extend(self.result.extra_inputs)
         outs = list(self.fn(*flat))
         for i, idx, settings in self.result.vq_outputs:
-            outs[i] = _mark_growing(VQTensor(*(outs[j] for j in idx), settings=settings))
+            outs[i] = mark_growing(VQTensor(*(outs[j] for j in idx), settings=settings))
         return tuple(outs[: self.num_outputs])
 
 

@@ -281,15 +281,15 @@ class E2E:
         compiled call is already the general decode step."""
         from transformers import DynamicCache
 
-        from antkv_compile.backend import _mark_growing
+        from antkv_compile import mark_growing
 
         cache = DynamicCache(config=self.model.config)
         dtype = self.model.dtype
         for i, layer in enumerate(cache.layers):
             if ours:
                 book = self.books[i]
-                k = _mark_growing(synthetic_vq(T, book.key_centroids, book.key_error, self.settings, dtype, self.gen))
-                v = _mark_growing(synthetic_vq(T, book.value_centroids, book.value_error, self.settings, dtype, self.gen))
+                k = mark_growing(synthetic_vq(T, book.key_centroids, book.key_error, self.settings, dtype, self.gen))
+                v = mark_growing(synthetic_vq(T, book.value_centroids, book.value_error, self.settings, dtype, self.gen))
             else:
                 k = torch.randn(1, KV_HEADS, T, HEAD_DIM, generator=self.gen, dtype=dtype)
                 v = torch.randn(1, KV_HEADS, T, HEAD_DIM, generator=self.gen, dtype=dtype)

@@ -299,3 +299,24 @@ def test_a_cache_in_b_t_h_d_layout():
     assert isinstance(k, VQTensor) and k.shape == (2, 8, 2, 16)
     torch.testing.assert_close(dequantize(k), dequantize(ref).transpose(1, 2))
     torch.testing.assert_close(k.transpose(1, 2), dequantize(ref))
+
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_a_cache_built_eagerly_compiles_once_when_marked_growing(marked):
+    """A compressed cache made outside the compiled model (prefilled eagerly, loaded) carries no
+    dynamic marks: its first compiled call specializes on its length and the next call recompiles.
+    `mark_growing` makes the first trace general: one graph for every later decode step."""
+    torch.manual_seed(0)
+    model = NanoGPT()
+    books = random_codebooks(2, 2, 16)
+    past = vq_past(books, 1, CacheSettings(window=4))
+    with torch.no_grad():
+        _, past = model(torch.randint(0, 64, (1, 40)), past)  # eager prefill on VQTensors
+    if marked:
+        past = tuple(tuple(ak.mark_growing(t) for t in layer) for layer in past)
+    compiled = torch.compile(model, backend=AntKVBackend(books, window=4, inductor=False))
+    with torch.no_grad():
+        for _ in range(3):
+            _, past = compiled(torch.randint(0, 64, (1, 1)), past)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs == (1 if marked else 2)
