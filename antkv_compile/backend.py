@@ -26,7 +26,6 @@ import logging
 import torch
 import torch.fx as fx
 
-from . import lowering as _lowering  # noqa: F401  (registers the Inductor lowering of antkv::attention)
 from .cache import _INNER, CacheSettings, VQTensor
 from .passes.kv_cache import PassResult, Site, copy_graph_module, kv_cache_pass
 from .quant.codebook import Codebooks
@@ -131,6 +130,8 @@ class AntKVBackend:
         fn = gm
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
+
+            from . import lowering  # noqa: F401  (registers the Inductor lowering of antkv::attention)
 
             fn = compile_fx(gm, flat_inputs, config_patches=self.inductor_config or None)
         return _CompiledGraph(fn, vq_inputs, result, num_outputs)

@@ -339,10 +339,19 @@ def test_prefill_falls_back():
     assert result is None and not selected
 
 
-def test_backend_imports_the_lowering():
-    import antkv_compile.backend as backend
-
-    assert backend._lowering is low and torch.ops.antkv.attention.default in user_lowerings
+def test_backend_registers_the_lowering_when_it_calls_inductor():
+    """Not at import (Inductor's lowering machinery is ~2 s of start-up), but before compile_fx: a
+    fresh interpreter, since this module has imported the lowering already."""
+    script = """
+import sys, torch
+import antkv_compile
+assert "antkv_compile.lowering" not in sys.modules, "imported at start-up"
+from torch._inductor.lowering import user_lowerings
+torch.compile(lambda x: x + 1, backend=antkv_compile.AntKVBackend())(torch.ones(2))
+assert torch.ops.antkv.attention.default in user_lowerings, "not registered when compiling"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_template_source_is_the_kernels_source():
