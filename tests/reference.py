@@ -3,6 +3,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def nearest_centroid_decode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -43,3 +44,45 @@ def anchor_score_terms_loops(q, k, v, mask=None, scale=None):
                     s1[b, h, j] += a[j] * scale * q[b, hq, i].norm() * (v[b, h, j] - o).norm()
                     s0[b, h, j] += a[j]
     return s1, s0
+
+
+def dense_from_parts(codes, centroids, anchor_rows, anchor_pos, window) -> torch.Tensor:
+    """The dense float64 [B, H, T, D] one side of a compressed cache stands for: decoded codes, then
+    the valid anchor rows (anchor_pos >= 0) at their positions, then the window over the last Tw."""
+    B, H, T, S = codes.shape
+    dense = centroids.double()[torch.arange(H)[:, None, None], torch.arange(S), codes.long()]
+    dense = dense.flatten(-2).clone()  # [B, H, T, S*d]
+    b, h, a = (anchor_pos >= 0).nonzero(as_tuple=True)
+    dense[b, h, anchor_pos[b, h, a].long()] = anchor_rows[b, h, a].double()
+    Tw = window.shape[2]
+    dense[:, :, T - Tw:] = window.double()
+    return dense
+
+
+def attention_from_parts(q, k, v, mask, scale, is_causal):
+    """(out, lse, S0, S1) in float64 over a compressed K and V given as (codes, centroids,
+    anchor_rows, anchor_pos, window): out from torch SDPA on the dense cache (causal, top-left,
+    folded into the mask when both are given, which SDPA itself refuses); S0, S1 [B, Hkv, Tw] the
+    Anchor Score sums of the window tokens over the queries and query heads of their kv head."""
+    B, Hq, L, D = q.shape
+    kd, vd = dense_from_parts(*k), dense_from_parts(*v)
+    Hkv, T, Tw = kd.shape[1], kd.shape[2], k[4].shape[2]
+    G = Hq // Hkv
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    keep = torch.ones(L, T, dtype=torch.bool).tril() if is_causal else None
+    if mask is None:
+        bias = torch.zeros(1, 1, 1, T, dtype=torch.float64)
+    elif mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, -math.inf)
+    else:
+        bias = mask.double()
+    if keep is not None:
+        bias = bias.masked_fill(~keep, -math.inf)
+    q64, kg, vg = q.double(), kd.repeat_interleave(G, 1), vd.repeat_interleave(G, 1)
+    out = F.scaled_dot_product_attention(q64, kg, vg, attn_mask=bias, scale=scale)
+    s = scale * q64 @ kg.transpose(-1, -2) + bias
+    lse = torch.logsumexp(s, -1)
+    a = torch.softmax(s, -1).nan_to_num(0.0)[..., T - Tw:]  # [B, Hq, L, Tw]
+    dist = (out[..., :, None, :] - vg[:, :, None, T - Tw:, :]).norm(dim=-1)
+    w1 = a * (scale * q64.norm(dim=-1))[..., None] * dist
+    return out, lse, a.unflatten(1, (Hkv, G)).sum((2, 3)), w1.unflatten(1, (Hkv, G)).sum((2, 3))

@@ -1,13 +1,13 @@
 """The CPU kernel of antkv::attention (antkv_compile/cpu/) against dense float64 attention on the
-cache it stands for, built here from the raw inner tensors (no package code in the reference)."""
+cache it stands for, built from the raw inner tensors (tests/reference.py: no package code)."""
 
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import attention_from_parts
 
 from antkv_compile import cpu, ops
 
@@ -37,48 +37,11 @@ def _side(g, B, H, Tc, Tw, A, D, spec, dtype, empty_slots, codes_view):
     )
 
 
-def _dense(side):
-    """The [B, H, T, D] float64 tensor the side stands for: centroids of the codes, anchor rows at
-    their positions, window rows last."""
-    codes, cent = side["codes"].long(), side["centroids"].double()
-    B, H, T, S = codes.shape
-    Tw = side["window"].shape[2]
-    h = torch.arange(H)[None, :, None, None]
-    s = torch.arange(S)[None, None, None, :]
-    dense = cent[h, s, codes].flatten(-2).clone()  # [B, H, T, S * d]
-    for b in range(B):
-        for hh in range(H):
-            for a, p in enumerate(side["anchor_pos"][b, hh].tolist()):
-                if p >= 0:
-                    dense[b, hh, p] = side["anchor_rows"][b, hh, a].double()
-    dense[:, :, T - Tw :] = side["window"].double()
-    return dense
-
-
 def _reference(q, k, v, mask, is_causal, scale):
-    """(out, window score) in float64: SDPA on the dense K / V and the Anchor Score of the window
-    tokens, AS_t = e_k,t * sum_i A_it scale |q_i| |v_t - o_i| + e_v,t * sum_i A_it over the queries
-    and query heads of t's kv head."""
-    kd, vd = _dense(k), _dense(v)
-    B, Hq, L, D = q.shape
-    H, T, Tw = kd.shape[1], kd.shape[2], k["window"].shape[2]
-    G = Hq // H
-    scale = 1 / math.sqrt(D) if scale is None else scale
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.double()
-    if is_causal:  # SDPA takes one or the other: fold the top-left causal mask into attn_mask
-        causal = torch.ones(L, T, dtype=torch.bool).tril()
-        mask = causal if mask is None else (mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, -math.inf))
-    q64 = q.double()
-    out = F.scaled_dot_product_attention(q64, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
-    s = scale * q64 @ kd.repeat_interleave(G, 1).transpose(-1, -2)
-    if mask is not None:
-        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask
-    p = torch.softmax(s, -1).nan_to_num(0.0)  # [B, Hq, L, T]
-    pw = p[..., T - Tw :]
-    dist = (vd[:, :, None, T - Tw :].repeat_interleave(G, 1) - out[..., None, :]).norm(dim=-1)  # [B, Hq, L, Tw]
-    s1 = (pw * scale * q64.norm(dim=-1, keepdim=True) * dist).view(B, H, G * L, Tw).sum(2)
-    s0 = pw.view(B, H, G * L, Tw).sum(2)
+    """(out, window score) in float64 (tests/reference.py): SDPA on the dense K / V and the Anchor
+    Score of the window tokens, AS_t = e_k,t * S1_t + e_v,t * S0_t."""
+    parts = ("codes", "centroids", "anchor_rows", "anchor_pos", "window")
+    out, _, s0, s1 = attention_from_parts(q, [k[n] for n in parts], [v[n] for n in parts], mask, scale, is_causal)
     return out, k["window_err"].double() * s1 + v["window_err"].double() * s0
 
 

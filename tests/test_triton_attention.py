@@ -9,8 +9,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from hypothesis import given, strategies as st  # noqa: E402
+from reference import attention_from_parts  # noqa: E402
 
 from antkv_compile.templates.vq_attention import (  # noqa: E402
     vq_decode_attention,
@@ -27,47 +27,7 @@ class Parts(NamedTuple):
     window: torch.Tensor
 
 
-# --- reference -----------------------------------------------------------------------------------
-
-
-def dequantize(p: Parts) -> torch.Tensor:
-    """The dense float64 [B, H, T, D] the parts stand for: decoded codes, then valid anchor rows,
-    then the window over the last Tw positions."""
-    B, H, T, S = p.codes.shape
-    dense = p.centroids.double()[torch.arange(H)[:, None, None], torch.arange(S), p.codes.long()]
-    dense = dense.flatten(-2).clone()  # [B, H, T, S*d]
-    b, h, a = (p.anchor_pos >= 0).nonzero(as_tuple=True)
-    dense[b, h, p.anchor_pos[b, h, a].long()] = p.anchor_rows[b, h, a].double()
-    Tw = p.window.shape[2]
-    dense[:, :, T - Tw:] = p.window.double()
-    return dense
-
-
-def reference(q, k: Parts, v: Parts, mask, scale, is_causal):
-    """(out, lse, S0, S1) in float64. out from torch SDPA on the dequantized cache (causal folded
-    into the mask when both are given, which SDPA itself refuses)."""
-    B, Hq, L, D = q.shape
-    kd, vd = dequantize(k), dequantize(v)
-    Hkv, T, Tw = kd.shape[1], kd.shape[2], k.window.shape[2]
-    G = Hq // Hkv
-    scale = 1 / math.sqrt(D) if scale is None else scale
-    keep = torch.ones(L, T, dtype=torch.bool).tril() if is_causal else None
-    if mask is None:
-        bias = torch.zeros(1, 1, 1, T, dtype=torch.float64)
-    elif mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, -math.inf)
-    else:
-        bias = mask.double()
-    if keep is not None:
-        bias = bias.masked_fill(~keep, -math.inf)
-    q64, kg, vg = q.double(), kd.repeat_interleave(G, 1), vd.repeat_interleave(G, 1)
-    out = F.scaled_dot_product_attention(q64, kg, vg, attn_mask=bias, scale=scale)
-    s = scale * q64 @ kg.transpose(-1, -2) + bias
-    lse = torch.logsumexp(s, -1)
-    a = torch.softmax(s, -1).nan_to_num(0.0)[..., T - Tw:]  # [B, Hq, L, Tw]
-    dist = (out[..., :, None, :] - vg[:, :, None, T - Tw:, :]).norm(dim=-1)
-    w1 = a * (scale * q64.norm(dim=-1))[..., None] * dist
-    return out, lse, a.unflatten(1, (Hkv, G)).sum((2, 3)), w1.unflatten(1, (Hkv, G)).sum((2, 3))
+# --- comparing with the reference (reference.attention_from_parts) -------------------------------
 
 
 def assert_close_scaled(got, want, tol):
@@ -149,7 +109,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 def test_decode_matches_reference(case):
     q, k, v, mask, scale, is_causal, num_splits = case
     out, lse = vq_decode_attention(q, k, v, mask, scale=scale, is_causal=is_causal, num_splits=num_splits)
-    ref_out, ref_lse, _, _ = reference(q, k, v, mask, scale, is_causal)
+    ref_out, ref_lse, _, _ = attention_from_parts(q, k, v, mask, scale, is_causal)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     assert_close_scaled(out, ref_out, TOL[q.dtype])
     assert_close_scaled(lse, ref_lse, 1e-4)
@@ -159,7 +119,7 @@ def test_decode_matches_reference(case):
 def test_prefill_matches_reference(case):
     q, k, v, mask, scale, is_causal, _ = case
     out, lse, s0, s1 = vq_prefill_attention(q, k, v, mask, scale=scale, is_causal=is_causal)
-    ref_out, ref_lse, ref_s0, ref_s1 = reference(q, k, v, mask, scale, is_causal)
+    ref_out, ref_lse, ref_s0, ref_s1 = attention_from_parts(q, k, v, mask, scale, is_causal)
     assert out.dtype == q.dtype
     assert s0.shape == s1.shape == k.window.shape[:3]
     assert_close_scaled(out, ref_out, TOL[q.dtype])
@@ -193,7 +153,7 @@ def test_int16_codes_and_different_value_codebook():
     k = random_parts(g, 1, 2, 90, 4, 3, S=4, K=512, d=8, dtype=torch.float32)
     v = random_parts(g, 1, 2, 90, 4, 3, S=4, K=16, d=4, dtype=torch.float32)  # Dv = 16
     q = torch.randn(1, 4, 2, 32, generator=g)
-    ref = reference(q, k, v, None, None, False)
+    ref = attention_from_parts(q, k, v, None, None, False)
     out, lse = vq_decode_attention(q, k, v)
     assert out.shape == (1, 4, 2, 16)
     assert_close_scaled(out, ref[0], 1e-4)
@@ -205,7 +165,7 @@ def test_int16_codes_and_different_value_codebook():
 def test_everything_in_window_and_no_window():
     for Tw in (0, 40):
         q, k, v = _case(T=40, Tw=Tw, L=2)
-        ref = reference(q, k, v, None, None, False)
+        ref = attention_from_parts(q, k, v, None, None, False)
         assert_close_scaled(vq_decode_attention(q, k, v)[0], ref[0], 1e-4)
         for got, want in zip(vq_prefill_attention(q, k, v), ref):
             assert_close_scaled(got, want, 1e-4)
@@ -218,7 +178,7 @@ def test_fully_masked_rows_give_zero_and_minus_inf():
     out, lse = vq_decode_attention(q, k, v, mask)
     assert (out[1, :, 0] == 0).all() and (lse[1, :, 0] == -math.inf).all()
     assert torch.isfinite(out).all()
-    ref = reference(q, k, v, mask, None, False)
+    ref = attention_from_parts(q, k, v, mask, None, False)
     assert_close_scaled(out, ref[0], 1e-4)
 
 
