@@ -20,6 +20,10 @@ Parts (`--parts`, comma list; all by default):
   once) of all 30 layers, fp16 dense DynamicCache against ours (fp16 anchors/window) at 4/2/1/0.5
   bit, and the longest context whose cache fits the budget (8 GiB), found by allocating caches
   (a prediction from measured probe lengths, then a search that brackets it by real allocations).
+- impl: why the CPU kernel is C++: at one cache length (65,536 tokens) and 1 and 4 bits, the CPU
+  implementations of antkv::attention side by side in one run: the PyTorch reference eager, the
+  same reference through torch.compile (Inductor code from the decomposition), and the C++ kernel
+  (antkv_compile/cpu), with dense fp32 SDPA for scale; outputs checked against the reference.
 - gpu: on paper, not measured: HBM bytes one decode step must read per layer (dense fp16 K/V
   against codes + anchors + window + codebooks) and the time that implies at H100 bandwidth
   (3.35 TB/s): a lower bound, labelled as such.
@@ -58,7 +62,8 @@ from antkv_compile.quant.codebook import Codebooks, LayerCodebook, model_fingerp
 from antkv_compile.quant.pq import spec_for_bits
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PARTS = ("attention", "e2e", "memory", "gpu")
+PARTS = ("attention", "e2e", "memory", "impl", "gpu")
+PART_KIND = {"impl": "cpu_impl", "gpu": "gpu_bound"}  # the `kind` of a part's records, where it differs
 
 # SmolLM2-135M-Instruct (checked against the loaded config in the e2e part).
 LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM = 30, 9, 3, 64
@@ -70,9 +75,9 @@ GIB = 1 << 30
 
 FULL = dict(attn_contexts=[1 << e for e in range(10, 18)], e2e_contexts=[4096, 16384, 32768], e2e_steps=16, e2e_warmup=3,
             e2e_layers=LAYERS, profile_steps=3, mem_probes=[1024, 4096, 16384, 65536], budget_gib=8.0, min_time=1.0,
-            gpu_contexts=[4096, 32768, 131072, 1 << 20])
+            gpu_contexts=[4096, 32768, 131072, 1 << 20], impl_context=65536)
 QUICK = dict(attn_contexts=[1024, 4096], e2e_contexts=[1024, 2048], e2e_steps=3, e2e_warmup=1, e2e_layers=2, profile_steps=1,
-             mem_probes=[1024, 4096], budget_gib=0.25, min_time=0.1, gpu_contexts=[4096, 32768])
+             mem_probes=[1024, 4096], budget_gib=0.25, min_time=0.1, gpu_contexts=[4096, 32768], impl_context=4096)
 
 
 def _now() -> str:
@@ -584,7 +589,61 @@ def _smollm2_config():
                        hidden_size=Q_HEADS * HEAD_DIM, head_dim=HEAD_DIM, intermediate_size=1536, vocab_size=49152)
 
 
-# --- part 4: GPU bandwidth bound (on paper) ------------------------------------------------------
+# --- part 4: the CPU implementations compared ---------------------------------------------------
+
+IMPL_BITS = (1.0, 4.0)
+
+
+def run_impl(args, records: list, progress) -> None:
+    """Dense fp32 SDPA, then each CPU implementation of antkv::attention on the same caches."""
+    from antkv_compile import cpu, ops
+
+    gen = torch.Generator().manual_seed(0)
+    settings = CacheSettings(window=args.window, anchor_frac=args.anchor_frac)
+    T = args.impl_context
+    q = torch.randn(1, Q_HEADS, 1, HEAD_DIM, generator=gen)
+    impls = {
+        "reference, eager PyTorch": ops._attention_reference,
+        "reference through torch.compile (Inductor)": torch.compile(ops._attention_reference, dynamic=False),
+        "C++ kernel (antkv_compile/cpu)": cpu.attention,
+    }
+    bar = tqdm(total=len(IMPL_BITS) * (1 + len(impls)), desc="impl", unit="setting")
+    for bits in IMPL_BITS:
+        spec = spec_for_bits(bits)
+        S = HEAD_DIM // spec.sub_dim
+        K, V = (synthetic_vq(T, torch.randn(KV_HEADS, S, spec.num_centroids, spec.sub_dim, generator=gen),
+                             torch.ones(KV_HEADS), settings, torch.float32, gen) for _ in range(2))
+        op_args = (q, *K.parts(), K.window_err, *V.parts(), V.window_err, None, False, None)
+        kd, vd = K.dequantize(), V.dequantize()
+        cases = {"dense fp32 SDPA (same tokens, dequantized)": lambda: F.scaled_dot_product_attention(q, kd, vd, enable_gqa=True)}
+        cases.update({name: (lambda fn=fn: fn(*op_args)[0]) for name, fn in impls.items()})
+        dense_ms, want = None, None
+        for name, fn in cases.items():
+            bar.set_postfix_str(f"{bits:g} bit: {name}")
+            rec = dict(kind="cpu_impl", metric="latency", method=name, bits=bits, context=T, value=None, unit="ms",
+                       ratio_vs_dense=None, first_call_s=None, check=None, error=None)
+            try:
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    out = fn()  # the first call compiles the torch.compile case
+                    rec["first_call_s"] = time.perf_counter() - t0
+                    want = out if want is None else want
+                    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-3)
+                    rec["check"] = f"max |out - dense| {(out - want).abs().max().item():.2e}"
+                    t = time_fn(fn, args.min_time)
+                rec.update(value=t["median"] * 1e3, q1=t["q1"] * 1e3, q3=t["q3"] * 1e3, reps=t["reps"])
+                dense_ms = dense_ms or rec["value"]
+                rec["ratio_vs_dense"] = rec["value"] / dense_ms
+            except Exception as exc:
+                traceback.print_exc()
+                rec["error"] = f"{type(exc).__name__}: {exc}"
+            records.append(rec)
+            progress()
+            bar.update()
+    bar.close()
+
+
+# --- part 5: GPU bandwidth bound (on paper) ------------------------------------------------------
 
 def gpu_bytes_per_layer(method: str, bits: float, T: int, window: int, anchor_frac: float) -> dict:
     """HBM bytes one decode step (one query token) reads and writes in one layer's attention.
@@ -709,6 +768,18 @@ def write_markdown(path: Path, records: list[dict], header: dict) -> None:
                 L += ["", f"Profile of {r['method']} @ {_ctx(r['context'])} (torch.profiler, {r['profile_steps']} steps): antkv::append "
                           f"{r['append_ms_per_step']:.1f} ms / step, antkv::attention {r['attention_ms_per_step']:.1f} ms / step "
                           f"(inclusive); top self time, ms / step: {top}."]
+    impl = [r for r in records if r["kind"] == "cpu_impl"]
+    if impl:
+        L += ["", f"## Why the CPU kernel is C++ (measured, CPU, {_ctx(impl[0]['context'])} tokens)", "",
+              "One decode query (SmolLM2 shapes) over the same compressed cache: dense fp32 SDPA over its dequantized "
+              "tokens for scale, then each CPU implementation of antkv::attention. Median ms per call; the first call "
+              "(which compiles the torch.compile case) apart. Every output checked against the dense one (atol 1e-4).", "",
+              "| bits | implementation | ms / call | vs dense | first call s |", "|---|---|---|---|---|"]
+        for r in impl:
+            if r["error"]:
+                L.append(f"| {r['bits']:g} | {r['method']} | error: {r['error'][:120]} | | |")
+            else:
+                L.append(f"| {r['bits']:g} | {r['method']} | {r['value']:.2f} | {r['ratio_vs_dense']:.2f}x | {r['first_call_s']:.1f} |")
     mem = [r for r in records if r["kind"] == "memory"]
     if mem:
         L += ["", "## 3. Cache memory (measured allocations, all 30 layers, K and V)", "",
@@ -865,6 +936,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help="path to wiki.test.raw (--codebooks calibrate)")
     p.add_argument("--mem-probes", type=_ints, help="cache lengths allocated and measured (default: 1K,4K,16K,64K)")
     p.add_argument("--budget-gib", type=float, help="cache budget for the longest context (default 8)")
+    p.add_argument("--impl-context", type=int, help="cache length of the impl part (default 65536)")
     p.add_argument("--gpu-contexts", type=_ints, help="contexts of the on-paper GPU bound (default: 4K,32K,128K,1M)")
     args = p.parse_args(argv)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
@@ -918,14 +990,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def progress():  # results so far, in case a later part crashes or is interrupted
         (args.out / "speed.partial.json").write_text(json.dumps(records, indent=2) + "\n")
 
-    runners = {"attention": run_attention, "e2e": run_e2e, "memory": run_memory, "gpu": run_gpu}
+    runners = {"attention": run_attention, "e2e": run_e2e, "memory": run_memory, "impl": run_impl, "gpu": run_gpu}
     for part in args.parts:
         t0 = time.perf_counter()
         try:
             runners[part](args, records, progress)
         except Exception as exc:  # a crashing part is a result too; the other parts still run
             traceback.print_exc()
-            records.append(dict(kind={"gpu": "gpu_bound"}.get(part, part), metric=None, method=None, bits=None, context=None,
+            records.append(dict(kind=PART_KIND.get(part, part), metric=None, method=None, bits=None, context=None,
                                 value=None, unit=None, ratio_vs_dense=None, error=f"{type(exc).__name__}: {exc}"))
         timings[part] = time.perf_counter() - t0
         print(f"{part}: {timings[part]:.0f} s", flush=True)
@@ -933,10 +1005,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in records:
         r.update(command=command, date=start_date, machine=machine, threads=torch.get_num_threads(), code=code)
 
-    kinds_run = {{"gpu": "gpu_bound"}.get(p, p) for p in args.parts}
+    kinds_run = {PART_KIND.get(p, p) for p in args.parts}
     if args.merge and (args.out / "speed.json").exists():
         kept = [r for r in json.loads((args.out / "speed.json").read_text()) if r["kind"] not in kinds_run]
-        order = ["attention", "e2e", "memory", "gpu_bound"]
+        order = ["attention", "e2e", "memory", "cpu_impl", "gpu_bound"]
         records = sorted(kept + records, key=lambda r: order.index(r["kind"]) if r["kind"] in order else len(order))
     runs: dict[str, str] = {}
     for r in records:
