@@ -1010,9 +1010,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         kept = [r for r in json.loads((args.out / "speed.json").read_text()) if r["kind"] not in kinds_run]
         order = ["attention", "e2e", "memory", "cpu_impl", "gpu_bound"]
         records = sorted(kept + records, key=lambda r: order.index(r["kind"]) if r["kind"] in order else len(order))
-    runs: dict[str, str] = {}
+    runs: dict[str, str] = {}  # command -> date and code version of the run (merged parts keep theirs)
     for r in records:
-        runs.setdefault(r.get("command", "?"), r.get("date", "?"))
+        runs.setdefault(r.get("command", "?"), f"{r.get('date', '?')}, {r.get('code', '?')}")
     import transformers
 
     header = {
@@ -1020,7 +1020,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "machine": f"{platform.platform()}, {_cpu_name()}, {os.cpu_count()} CPUs, "
                    f"torch {torch.__version__}, transformers {transformers.__version__}, torch threads {torch.get_num_threads()}"
                    + (f", load average (1 min) at start {load[0]:.2f}, at end {os.getloadavg()[0]:.2f}" if load else ""),
-        "code": code,
         "wall time of this run": ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {time.perf_counter() - t_start:.0f} s",
     }
     if args.quick:
