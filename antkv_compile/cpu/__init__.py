@@ -4,10 +4,9 @@ Why C++ and not Inductor: the decode step is a gather of one look-up-table entry
 subspace) summed into a score, then a scatter of each token's weight into a per-centroid
 histogram. As tensor ops that is a [rows, tokens, subspaces] gather and a scatter_add, which
 eager PyTorch and Inductor both materialize; the C++ loop keeps the table and the histogram in
-cache and reads each code once per block of query rows. Measured on the 2-core dev machine
-(decode, SmolLM2 shapes: 9 query / 3 kv heads, head_dim 64, 65,536 tokens, window 32, 1% anchors;
-1 thread, CPU time, min of 20): dense fp32 SDPA 21 ms; 1 bit: eager reference 19-59 ms, Inductor
-(torch.compile of the reference) 23 ms, this kernel 3.5 ms; 4 bit: 281 / 75 / 10 ms.
+cache and reads each code once per block of query rows. The three side by side (decode, SmolLM2
+shapes, 65,536 tokens): `python benchmarks/speed.py --parts impl`, results in
+benchmarks/results/speed.md (1 thread: 1 bit 34 / 23 / 2.9 ms, dense fp32 SDPA 19 ms).
 
 Built on first use with torch.utils.cpp_extension (ninja; ~20 s), cached in torch's extension
 directory; without a compiler the op keeps running the PyTorch reference (with a warning).
