@@ -8,7 +8,10 @@
   positions [B, Hkv, A] (int32, -1 = empty slot) and scores;
 - `window`: the most recent tokens, exact, with their actual quantization error and the Anchor
   Score accumulated from the queries that attended to them;
-- the layer's codebook (centroids and expected error per head), shared, not counted as cache bytes.
+- the layer's codebook (centroids and expected error per head), shared, not counted as cache bytes;
+- the key basis of that codebook (quant/basis.py), if it has one: every stored row, codes, anchors
+  and window, is k A, queries are mapped by A^-T before attention and `dequantize` maps back.
+  Empty ([H, 0, 0]) for values and for codebooks without one.
 
 Appending (`torch.cat([cache, new], dim=-2)`) first flushes the window down to `window` tokens:
 the oldest leave it, and the best of (current anchors + leavers) by score stay exact as anchors,
@@ -33,6 +36,7 @@ from torch.utils._pytree import tree_map_only
 
 from . import ops
 from .attention import VQParts
+from .quant.basis import from_basis, identity, is_identity, query_to_basis, to_basis
 from .quant.pq import check_dtype, decode, encode
 
 aten = torch.ops.aten
@@ -57,8 +61,11 @@ class CacheSettings:
             )
 
 
-_INNER = ("codes", "anchor_rows", "anchor_pos", "anchor_score", "window", "window_err", "window_score", "centroids", "expected_err")
-_CODEBOOK = ("centroids", "expected_err")
+# The ops (ops.py) take the first nine; the basis is applied around them (to `new` and the query).
+_INNER = ("codes", "anchor_rows", "anchor_pos", "anchor_score", "window", "window_err", "window_score", "centroids", "expected_err",
+          "basis", "basis_inv")
+_OP_INNER = _INNER[:9]
+_CODEBOOK = ("centroids", "expected_err", "basis", "basis_inv")
 
 
 class VQTensor(torch.Tensor):
@@ -71,26 +78,33 @@ class VQTensor(torch.Tensor):
     window_score: torch.Tensor
     centroids: torch.Tensor
     expected_err: torch.Tensor
+    basis: torch.Tensor
+    basis_inv: torch.Tensor
     settings: CacheSettings
 
     @staticmethod
-    def __new__(cls, codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err, settings):
+    def __new__(cls, codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err, basis, basis_inv, settings):
         B, H, T, _ = codes.shape
         shape = (B, H, T, window.shape[-1]) if settings.seq_dim == 2 else (B, T, H, window.shape[-1])
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=window.dtype, device=codes.device, requires_grad=False)
 
-    def __init__(self, codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err, settings):
+    def __init__(self, codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err, basis, basis_inv, settings):
         self.codes, self.anchor_rows, self.anchor_pos, self.anchor_score = codes, anchor_rows, anchor_pos, anchor_score
         self.window, self.window_err, self.window_score = window, window_err, window_score
-        self.centroids, self.expected_err, self.settings = centroids, expected_err, settings
+        self.centroids, self.expected_err, self.basis, self.basis_inv, self.settings = centroids, expected_err, basis, basis_inv, settings
 
     # --- construction -------------------------------------------------------------------------
 
     @classmethod
-    def empty(cls, batch, centroids, expected_err, settings=CacheSettings(), dtype=torch.float32, device=None):
-        """A cache of 0 tokens for `batch` sequences, ready to be appended to."""
+    def empty(cls, batch, centroids, expected_err, settings=CacheSettings(), dtype=torch.float32, device=None, basis=None, basis_inv=None):
+        """A cache of 0 tokens for `batch` sequences, ready to be appended to. `basis`, `basis_inv`:
+        the codebook's key basis A and A^-1 [H, D, D] (None: none)."""
         H, S, K, d = centroids.shape
         device = centroids.device if device is None else device
+        if (basis is None) != (basis_inv is None):
+            raise ValueError("a key basis needs both A and its inverse (basis and basis_inv)")
+        if basis is not None and tuple(basis.shape) != (H, S * d, S * d):
+            raise ValueError(f"key basis of shape {tuple(basis.shape)} does not match the codebook [H={H}, D={S * d}]: want [{H}, {S * d}, {S * d}]")
         f32 = dict(dtype=torch.float32, device=device)
         return cls(
             torch.zeros(batch, H, 0, S, dtype=torch.uint8 if K <= 256 else torch.int16, device=device),
@@ -102,6 +116,8 @@ class VQTensor(torch.Tensor):
             torch.zeros(batch, H, 0, **f32),
             centroids.to(device=device, dtype=torch.float32),
             expected_err.to(device=device, dtype=torch.float32),
+            identity(H, device) if basis is None else basis.to(device=device, dtype=torch.float32),
+            identity(H, device) if basis_inv is None else basis_inv.to(device=device, dtype=torch.float32),
             settings,
         )
 
@@ -160,7 +176,7 @@ class VQTensor(torch.Tensor):
 
     def dequantize(self) -> torch.Tensor:
         """The dense tensor this cache stands for: codes decoded, anchor and window rows exact."""
-        dense = ops.dequantize(self.codes, self.anchor_rows, self.anchor_pos, self.window, self.centroids)
+        dense = from_basis(ops.dequantize(self.codes, self.anchor_rows, self.anchor_pos, self.window, self.centroids), self.basis_inv)
         return dense if self.settings.seq_dim == 2 else dense.transpose(1, 2)
 
     def cache_nbytes(self) -> int:
@@ -178,11 +194,12 @@ class VQTensor(torch.Tensor):
         if new.shape[:2] != self.bhtd[:2] or new.shape[3] != self.bhtd[3]:
             raise ValueError(f"cannot append {tuple(new.shape)} to a cache of shape {tuple(self.shape)}")
         s = self.settings
-        state = ops.append(*(getattr(self, n) for n in _INNER), new.to(self.dtype), s.window, s.anchor_frac, s.error)
+        new = to_basis(new.to(self.dtype), self.basis)
+        state = ops.append(*(getattr(self, n) for n in _OP_INNER), new, s.window, s.anchor_frac, s.error)
         return self._replace(**dict(zip(ops.STATE, state)))
 
     def append_eager(self, new: torch.Tensor) -> "VQTensor":
-        """What `antkv::append` computes (ops.py), on a concrete cache."""
+        """What `antkv::append` computes (ops.py), on a concrete cache; `new` is already in the basis."""
         flushed = self._flush(self.num_window - self.settings.window)
         new = new.to(self.dtype)
         codes = encode(new, self.centroids)
@@ -315,6 +332,8 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         return NotImplemented
     if dropout_p > 0 or isinstance(attn_mask, VQTensor) or guard_or_false(key.num_window != value.num_window):
         return NotImplemented
+    if not is_identity(value.basis):  # the output would be in the value basis: let the dense path run
+        return NotImplemented
     Hq, Hkv = query.shape[1], key.shape[1]
     if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
         raise RuntimeError(
@@ -322,6 +341,7 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
             f"(and a multiple), as for dense tensors"
         )
     k, v = key.parts(), value.parts()
+    query = query_to_basis(query, key.basis_inv)
     out, score = ops.attention(query, *k, key.window_err, *v, value.window_err, attn_mask, is_causal, scale)
     with torch.no_grad():
         key.window_score.add_(score)

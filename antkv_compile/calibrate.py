@@ -2,10 +2,12 @@
 
 1. `collect_calibration` runs the model over calibration text and keeps, per layer, the keys and
    values (post-RoPE, as the cache sees them), each token's Anchor Score sums (S1, S0) from its
-   real queries (blockwise, causal), and a probe of late queries to measure attention error on.
-2. `fit_codebooks` learns, per layer, kv head and subspace, centroids by k-means weighted with the
-   Anchor Score, and picks the K/V split of the bit budget by the attention-output error each
-   candidate causes on the probe, keys-favoured as the prior ("More for Keys, Less for Values").
+   real queries (blockwise, causal), the second moment of all queries per kv head, and a probe of
+   late queries to measure attention error on.
+2. `fit_codebooks` learns, per layer, a key basis (query-whitened principal axes, quant/basis.py),
+   then per kv head and subspace centroids by k-means weighted with the Anchor Score, and picks the
+   K/V split of the bit budget by the attention-output error each candidate causes on the probe,
+   keys-favoured as the prior ("More for Keys, Less for Values").
 
 `calibrate(model, texts, bits=1.0)` does both. Fitted codebooks are memoized on the
 CalibrationData, so several budgets and ablations share the k-means work.
@@ -20,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .quant.anchor_score import anchor_score_terms_blockwise, combine
+from .quant.basis import fit_key_basis, query_to_basis, to_basis
 from .quant.codebook import Codebooks, LayerCodebook, model_fingerprint
 from .quant.kmeans import weighted_kmeans
 from .quant.pq import PRESETS, PQSpec, decode, encode, spec_for_bits
@@ -34,6 +37,7 @@ class CalibrationData:
     probe_q: list[torch.Tensor]  # per layer [n_seq, Hq, P, D]: the last P queries of each sequence
     scale: list[float]
     fingerprint: dict
+    query_moment: list[torch.Tensor] | None = None  # per layer [Hkv, D, D]: sum of q q^T over all queries
     fits: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -66,12 +70,16 @@ def collect_calibration(model, texts_or_ids, tokenizer=None, seq_len=1024, max_t
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     per_layer: list[list[tuple]] = [[] for _ in range(n_layers)]
     scales = [0.0] * n_layers
+    moments: list = [0.0] * n_layers
 
     def hook(module, query, key, value, attention_mask, scaling):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         s1, s0 = anchor_score_terms_blockwise(query, key, value, is_causal=True, scale=scale)
         per_layer[module.layer_idx].append((key.float(), value.float(), s1, s0, query[:, :, -probe:].float()))
         scales[module.layer_idx] = scale
+        B, Hq, L, D = query.shape
+        q = query.float().reshape(B, key.shape[1], Hq // key.shape[1], L, D).transpose(0, 1).reshape(key.shape[1], -1, D)
+        moments[module.layer_idx] = moments[module.layer_idx] + q.transpose(1, 2) @ q
 
     device = next(model.parameters()).device
     with attention_hook(model, hook):
@@ -79,7 +87,7 @@ def collect_calibration(model, texts_or_ids, tokenizer=None, seq_len=1024, max_t
             model(seq[None].to(device), use_cache=False)
     cat = [[torch.cat(items, 0) for items in zip(*layer)] for layer in per_layer]
     k, v, s1, s0, pq = (list(x) for x in zip(*cat))
-    return CalibrationData(k, v, s1, s0, pq, scales, model_fingerprint(model.config))
+    return CalibrationData(k, v, s1, s0, pq, scales, model_fingerprint(model.config), moments)
 
 
 def _expected_error(x: torch.Tensor, spec: PQSpec) -> torch.Tensor:
@@ -87,8 +95,8 @@ def _expected_error(x: torch.Tensor, spec: PQSpec) -> torch.Tensor:
     return x.pow(2).sum(-1).mean((0, 2)).sqrt() * 2.0 ** (-spec.bits)
 
 
-def _anchor_scores(data: CalibrationData, layer: int, kspec: PQSpec, vspec: PQSpec) -> torch.Tensor:
-    e_k = _expected_error(data.keys[layer], kspec)
+def _anchor_scores(data: CalibrationData, layer: int, kspec: PQSpec, vspec: PQSpec, keys: torch.Tensor | None = None) -> torch.Tensor:
+    e_k = _expected_error(data.keys[layer] if keys is None else keys, kspec)
     e_v = _expected_error(data.values[layer], vspec)
     return combine(data.s1[layer], data.s0[layer], e_k, e_v)  # [n_seq, Hkv, L]
 
@@ -115,13 +123,27 @@ def _fit_side(x, weights, spec, iters, seed, kmeans_tokens):
     return centroids, err
 
 
-def _fit_layer(data, layer, kspec, vspec, weighted, anchor_frac, iters, seed, kmeans_tokens) -> LayerCodebook:
-    key = (layer, kspec, vspec, weighted, anchor_frac, iters, seed, kmeans_tokens)
+def _layer_keys(data, layer, kspec, key_basis):
+    """The layer's calibration keys in the basis they are quantized in: (keys, A, A^-1)."""
+    if not key_basis:
+        return data.keys[layer], None, None
+    if data.query_moment is None:
+        raise ValueError("key_basis=True needs the query moments of collect_calibration; collect again or pass key_basis=False")
+    key = ("basis", layer, kspec.sub_dim)
     if key not in data.fits:
-        w = _token_weights(_anchor_scores(data, layer, kspec, vspec), anchor_frac) if weighted else None
-        kc, ke = _fit_side(data.keys[layer], w, kspec, iters, seed, kmeans_tokens)
+        basis, basis_inv = fit_key_basis(data.keys[layer], data.query_moment[layer], kspec.sub_dim)
+        data.fits[key] = (to_basis(data.keys[layer], basis), basis, basis_inv)
+    return data.fits[key]
+
+
+def _fit_layer(data, layer, kspec, vspec, weighted, anchor_frac, iters, seed, kmeans_tokens, key_basis=True) -> LayerCodebook:
+    key = (layer, kspec, vspec, weighted, anchor_frac, iters, seed, kmeans_tokens, key_basis)
+    if key not in data.fits:
+        keys, basis, basis_inv = _layer_keys(data, layer, kspec, key_basis)
+        w = _token_weights(_anchor_scores(data, layer, kspec, vspec, keys), anchor_frac) if weighted else None
+        kc, ke = _fit_side(keys, w, kspec, iters, seed, kmeans_tokens)
         vc, ve = _fit_side(data.values[layer], w, vspec, iters, seed + 1, kmeans_tokens)
-        data.fits[key] = LayerCodebook(kc, vc, kspec, vspec, ke, ve)
+        data.fits[key] = LayerCodebook(kc, vc, kspec, vspec, ke, ve, basis, basis_inv)
     return data.fits[key]
 
 
@@ -134,19 +156,22 @@ def attention_error(data: CalibrationData, layer: int, book: LayerCodebook, anch
     `anchor_frac` tokens by Anchor Score exact (as the cache keeps them)."""
     k, v, q = data.keys[layer], data.values[layer], data.probe_q[layer]
     n, H, L, D = k.shape
-    score = _anchor_scores(data, layer, book.key_spec, book.value_spec)
+    kb, qb = k, q  # keys and queries in the key basis, if the codebook has one
+    if book.key_basis is not None:
+        kb, qb = to_basis(k, book.key_basis), query_to_basis(q, book.key_basis_inv)
+    score = _anchor_scores(data, layer, book.key_spec, book.value_spec, kb)
     n_anchor = math.ceil(anchor_frac * L)
     exact = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(n_anchor, -1).indices, True)
-    kq = _dense_with_anchors(k, book.key_centroids, exact)
+    kq = _dense_with_anchors(kb, book.key_centroids, exact)
     vq = _dense_with_anchors(v, book.value_centroids, exact)
     P = q.shape[2]
     mask = torch.ones(P, L, dtype=torch.bool).tril(L - P)  # probe i sits at position L - P + i
 
-    def attend(kk, vv):
-        return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=data.scale[layer], enable_gqa=True)
+    def attend(qq, kk, vv):
+        return torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=data.scale[layer], enable_gqa=True)
 
-    ref = attend(k, v)
-    return ((attend(kq, vq) - ref).pow(2).sum() / ref.pow(2).sum()).item()
+    ref = attend(q, k, v)
+    return ((attend(qb, kq, vq) - ref).pow(2).sum() / ref.pow(2).sum()).item()
 
 
 def kv_candidates(bits: float) -> list[tuple[PQSpec, PQSpec]]:
@@ -170,10 +195,12 @@ def fit_codebooks(
     iters: int = 15,
     seed: int = 0,
     kmeans_tokens: int = 4096,
+    key_basis: bool = True,
     progress: bool = True,
 ) -> Codebooks:
     """Codebooks for an average budget of `bits` per element.
 
+    key_basis: quantize keys in a learned basis (quant/basis.py) instead of their own coordinates.
     kv_split: "auto" (measure the candidates of `kv_candidates`, keep the lowest attention error;
     on a near tie the norm rule decides), "equal", or explicit (key_bits, value_bits).
     per_layer: choose the split per layer instead of one split for the model.
@@ -200,7 +227,7 @@ def fit_codebooks(
     bar = tqdm(total=len(cands) * n_layers, desc=f"codebooks {bits:g} bit", disable=not progress)
     for c, (kspec, vspec) in enumerate(cands):
         for layer in range(n_layers):
-            books[c][layer] = _fit_layer(data, layer, kspec, vspec, weighted, anchor_frac, iters, seed, kmeans_tokens)
+            books[c][layer] = _fit_layer(data, layer, kspec, vspec, weighted, anchor_frac, iters, seed, kmeans_tokens, key_basis)
             if len(cands) > 1:
                 errors[c, layer] = attention_error(data, layer, books[c][layer], anchor_frac)
             bar.update()
@@ -233,6 +260,7 @@ def fit_codebooks(
         "anchor_frac": anchor_frac,
         "calibration_tokens": data.num_tokens,
         "kmeans_tokens": kmeans_tokens,
+        "key_basis": key_basis,
         "iters": iters,
         "seed": seed,
     }

@@ -48,7 +48,8 @@ class AntKVLayer(DynamicLayer):
                     f"[{centroids.shape[0]} kv heads, head_dim {centroids.shape[1] * centroids.shape[3]}]: "
                     f"these codebooks were calibrated for another model"
                 )
-        self.keys = VQTensor.empty(batch, book.key_centroids, book.key_error, self.settings, self.dtype, self.device)
+        self.keys = VQTensor.empty(batch, book.key_centroids, book.key_error, self.settings, self.dtype, self.device,
+                                   basis=book.key_basis, basis_inv=book.key_basis_inv)
         self.values = VQTensor.empty(batch, book.value_centroids, book.value_error, self.settings, self.dtype, self.device)
         self.is_initialized = True
 

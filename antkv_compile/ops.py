@@ -39,11 +39,14 @@ def append(
     window: Tensor, window_err: Tensor, window_score: Tensor, centroids: Tensor, expected_err: Tensor,
     new: Tensor, window_size: int, anchor_frac: float, error: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Quantize-on-write of `new` [B, H, n, D] onto a cache: the state after `VQTensor.append`."""
+    """Quantize-on-write of `new` [B, H, n, D] (in the cache's key basis, if any) onto a cache: the
+    state after `VQTensor.append`."""
     from .cache import CacheSettings, VQTensor
+    from .quant.basis import identity
 
     inner = (codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score)
-    cache = VQTensor(*inner, centroids, expected_err, CacheSettings(window_size, anchor_frac, error))
+    none = identity(codes.shape[1], codes.device)  # `new` arrives in the basis already
+    cache = VQTensor(*inner, centroids, expected_err, none, none, CacheSettings(window_size, anchor_frac, error))
     out = cache.append_eager(new)
     return _fresh(tuple(getattr(out, n) for n in STATE), inner)
 
@@ -89,7 +92,8 @@ def _(codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_s
 def start(
     past: Tensor, new: Tensor, centroids: Tensor, expected_err: Tensor, window_size: int, anchor_frac: float, error: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """A compressed cache from a dense `past` (empty, or [B, H, Tp, D]) and the call's `new` tokens."""
+    """A compressed cache from a dense `past` (empty, or [B, H, Tp, D]) and the call's `new` tokens,
+    both in the key basis of the codebook, if it has one."""
     from .cache import CacheSettings, VQTensor
 
     settings = CacheSettings(window_size, anchor_frac, error)

@@ -89,7 +89,8 @@ class NanoGPT(nn.Module):
         return tuple((torch.zeros(shape), torch.zeros(shape)) for _ in self.blocks)
 
 
-def random_codebooks(n_layer, kv_heads, head_dim, bits=1.0, seed=0) -> Codebooks:
+def random_codebooks(n_layer, kv_heads, head_dim, bits=1.0, seed=0, key_basis=False) -> Codebooks:
+    """Random centroids; with key_basis, a random well-conditioned key basis per layer too."""
     g = torch.Generator().manual_seed(seed)
     spec = spec_for_bits(bits)
     S = spec.num_subspaces(head_dim)
@@ -97,14 +98,22 @@ def random_codebooks(n_layer, kv_heads, head_dim, bits=1.0, seed=0) -> Codebooks
     def side():
         return torch.randn(kv_heads, S, spec.num_centroids, spec.sub_dim, generator=g)
 
-    layers = [LayerCodebook(side(), side(), spec, spec, torch.rand(kv_heads, generator=g), torch.rand(kv_heads, generator=g)) for _ in range(n_layer)]
+    def basis():
+        if not key_basis:
+            return None, None
+        a = torch.eye(head_dim) + 0.3 * torch.randn(kv_heads, head_dim, head_dim, generator=g) / head_dim**0.5
+        return a, torch.linalg.inv(a)
+
+    layers = [LayerCodebook(side(), side(), spec, spec, torch.rand(kv_heads, generator=g), torch.rand(kv_heads, generator=g), *basis())
+              for _ in range(n_layer)]
     return Codebooks(layers, {})
 
 
 def vq_past(books: Codebooks, batch, settings: CacheSettings):
     """The eager reference's starting cache: empty VQTensors with the same codebooks (and layout)."""
     return tuple(
-        (VQTensor.empty(batch, b.key_centroids, b.key_error, settings), VQTensor.empty(batch, b.value_centroids, b.value_error, settings))
+        (VQTensor.empty(batch, b.key_centroids, b.key_error, settings, basis=b.key_basis, basis_inv=b.key_basis_inv),
+         VQTensor.empty(batch, b.value_centroids, b.value_error, settings))
         for b in books.layers
     )
 

@@ -20,9 +20,18 @@ def _codebook(heads, head_dim, bits, g):
     return torch.randn(heads, S, spec.num_centroids, spec.sub_dim, generator=g), torch.rand(heads, generator=g)
 
 
-def _empty(batch, heads, head_dim, bits, settings, g, dtype=torch.float32):
+def _basis(heads, head_dim, g):
+    """A random invertible key basis and its inverse (condition number at most 4)."""
+    q1 = torch.linalg.qr(torch.randn(heads, head_dim, head_dim, generator=g, dtype=torch.float64))[0]
+    q2 = torch.linalg.qr(torch.randn(heads, head_dim, head_dim, generator=g, dtype=torch.float64))[0]
+    a = q1 @ torch.diag_embed(0.5 + 1.5 * torch.rand(heads, head_dim, generator=g, dtype=torch.float64)) @ q2
+    return a.float(), torch.linalg.inv(a).float()
+
+
+def _empty(batch, heads, head_dim, bits, settings, g, dtype=torch.float32, basis=False):
     centroids, err = _codebook(heads, head_dim, bits, g)
-    return VQTensor.empty(batch, centroids, err, settings, dtype=dtype)
+    a, a_inv = _basis(heads, head_dim, g) if basis else (None, None)
+    return VQTensor.empty(batch, centroids, err, settings, dtype=dtype, basis=a, basis_inv=a_inv)
 
 
 def _sdpa_both(q, kc, vc, mask=None, **kw):
@@ -47,14 +56,16 @@ def _sdpa_both(q, kc, vc, mask=None, **kw):
     error=st.sampled_from(["actual", "expected"]),
     steps=st.lists(st.integers(1, 24), min_size=1, max_size=5),
     mask_kind=st.sampled_from(["bool", "additive", "none"]),
+    key_basis=st.booleans(),
 )
 def test_sdpa_on_cache_equals_sdpa_on_dequantized(
-    seed, batch, kv_heads, group, head_dim, k_bits, v_bits, window, anchor_frac, error, steps, mask_kind
+    seed, batch, kv_heads, group, head_dim, k_bits, v_bits, window, anchor_frac, error, steps, mask_kind, key_basis
 ):
-    """Prefill then decode steps / chunks: VQ attention == dense SDPA on dequantize(K), dequantize(V)."""
+    """Prefill then decode steps / chunks: VQ attention == dense SDPA on dequantize(K), dequantize(V),
+    with keys stored in a key basis or not."""
     g = torch.Generator().manual_seed(seed)
     settings = CacheSettings(window=window, anchor_frac=anchor_frac, error=error)
-    kc = _empty(batch, kv_heads, head_dim, k_bits, settings, g)
+    kc = _empty(batch, kv_heads, head_dim, k_bits, settings, g, basis=key_basis)
     vc = _empty(batch, kv_heads, head_dim, v_bits, settings, g)
     pad = torch.randint(0, 6, (batch,), generator=g)  # left padding; may mask a whole row
     for n in steps:
@@ -77,13 +88,15 @@ def test_sdpa_on_cache_equals_sdpa_on_dequantized(
     window=st.sampled_from([0, 3, 8]),
     anchor_frac=st.sampled_from([0.0, 0.05, 0.3]),
     steps=st.lists(st.integers(1, 20), min_size=2, max_size=6),
+    key_basis=st.booleans(),
 )
-def test_dequantize_is_codes_plus_exact_anchors_and_window(seed, head_dim, bits, window, anchor_frac, steps):
+def test_dequantize_is_codes_plus_exact_anchors_and_window(seed, head_dim, bits, window, anchor_frac, steps, key_basis):
     """Against the appended originals: window rows and anchor rows exact, every other row the
-    nearest-centroid decode of the original (float64 reference); codes never re-encoded; the
-    anchor budget is ceil(anchor_frac * encoded tokens)."""
+    nearest-centroid decode of the original (float64 reference; with a key basis A, the decode of
+    the nearest centroid to k A, mapped back by A^-1); codes never re-encoded; the anchor budget
+    is ceil(anchor_frac * encoded tokens)."""
     g = torch.Generator().manual_seed(seed)
-    cache = _empty(2, 2, head_dim, bits, CacheSettings(window=window, anchor_frac=anchor_frac), g)
+    cache = _empty(2, 2, head_dim, bits, CacheSettings(window=window, anchor_frac=anchor_frac), g, basis=key_basis)
     original = torch.zeros(2, 2, 0, head_dim)
     for n in steps:
         codes_before = cache.codes
@@ -102,8 +115,15 @@ def test_dequantize_is_codes_plus_exact_anchors_and_window(seed, head_dim, bits,
         exact = torch.zeros(2, 2, T, dtype=torch.bool)
         exact[..., Tc:] = True
         exact.scatter_(2, cache.anchor_pos.clamp_min(0).long(), valid)
-        ref = torch.where(exact[..., None], original.double(), nearest_centroid_decode(original, cache.centroids))
-        torch.testing.assert_close(dequantize(cache).double(), ref, rtol=1e-5, atol=1e-5)
+        if key_basis:
+            # k A in float32 as the cache computes it (so near-ties pick the same centroid), then float64
+            in_basis = torch.einsum("bhtd,hde->bhte", original, cache.basis)
+            decoded = torch.einsum("bhtd,hde->bhte", nearest_centroid_decode(in_basis, cache.centroids), cache.basis_inv.double())
+        else:
+            decoded = nearest_centroid_decode(original, cache.centroids)
+        ref = torch.where(exact[..., None], original.double(), decoded)
+        tol = 1e-4 if key_basis else 1e-5  # exact rows go through A and back in float32
+        torch.testing.assert_close(dequantize(cache).double(), ref, rtol=tol, atol=tol)
 
 
 def test_flush_keeps_the_top_scorers_as_anchors():
@@ -205,6 +225,6 @@ def test_one_bit_cache_at_4096_tokens_is_under_a_tenth_of_fp16():
         cache = torch.cat([cache, torch.randn(1, 3, 1, 64, generator=g).half()], 2)
     assert cache.shape[2] == 4096
     dense_fp16 = 1 * 3 * 4096 * 64 * 2
-    held = sum(t.numel() * t.element_size() for name in cache.__tensor_flatten__()[0] if name not in ("centroids", "expected_err") for t in [getattr(cache, name)])
+    held = sum(t.numel() * t.element_size() for name in cache.__tensor_flatten__()[0] if name not in ("centroids", "expected_err", "basis", "basis_inv") for t in [getattr(cache, name)])
     assert held == cache.cache_nbytes()
     assert held <= dense_fp16 / 10, f"{held} bytes vs fp16 {dense_fp16}: ratio {held / dense_fp16:.4f}"

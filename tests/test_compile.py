@@ -74,15 +74,17 @@ def _run(model, backend, books, settings, batch, steps, mask_kind, seed=0):
     steps=st.lists(st.integers(1, 6), min_size=2, max_size=4),
     window=st.sampled_from([0, 2, 8]),
     seq_dim=st.sampled_from([2, 1]),
+    key_basis=st.booleans(),
 )
-def test_compiled_equals_eager_on_the_compressed_cache(seed, batch, heads, gqa, mask_kind, scale, steps, window, seq_dim):
+def test_compiled_equals_eager_on_the_compressed_cache(seed, batch, heads, gqa, mask_kind, scale, steps, window, seq_dim, key_basis):
     """Random shapes, GQA spellings, masks, prompt and decode lengths, cache layouts [B, H, T, D]
-    and [B, T, H, D] (transposed before SDPA); the pass, without Inductor."""
+    and [B, T, H, D] (transposed before SDPA), codebooks with a key basis or not; the pass, without
+    Inductor."""
     torch._dynamo.reset()
     n_head, n_kv = heads
     torch.manual_seed(seed)
     model = NanoGPT(n_layer=1, n_head=n_head, n_kv_head=n_kv, gqa=gqa, scale=softmax_scale(16) if scale else None, seq_dim=seq_dim).eval()
-    books = random_codebooks(1, n_kv, 16, seed=seed)
+    books = random_codebooks(1, n_kv, 16, seed=seed, key_basis=key_basis)
     settings = CacheSettings(window=window, anchor_frac=0.3, seq_dim=seq_dim)
     backend = AntKVBackend(books, inductor=False, window=window, anchor_frac=0.3)
     _run(model, backend, books, settings, batch, steps, mask_kind, seed)
@@ -95,7 +97,7 @@ def test_inductor_decode_equals_eager_and_holds_no_dense_kv():
     graph Inductor lowers has no float tensor whose size grows with the cache."""
     torch.manual_seed(0)
     model = NanoGPT(gqa="repeat_kv").eval()
-    books = random_codebooks(2, 2, 16)
+    books = random_codebooks(2, 2, 16, key_basis=True)
     hook = _PostGradGraphs()
     backend = AntKVBackend(books, window=2, anchor_frac=0.2, inductor_config={"post_grad_custom_post_pass": hook})
     _run(model, backend, books, CacheSettings(window=2, anchor_frac=0.2), 2, [5, 1, 1, 1], "bool")

@@ -167,8 +167,9 @@ def _books(config=_Config, kspec=PQSpec(8, 8), vspec=PQSpec(16, 6)):
             torch.randn(H, D // kspec.sub_dim, kspec.num_centroids, kspec.sub_dim),
             torch.randn(H, D // vspec.sub_dim, vspec.num_centroids, vspec.sub_dim),
             kspec, vspec, torch.rand(H), torch.rand(H),
+            *((torch.randn(H, D, D), torch.randn(H, D, D)) if i == 0 else (None, None)),  # a key basis on layer 0 only
         )  # fmt: skip
-        for _ in range(config.num_hidden_layers)
+        for i in range(config.num_hidden_layers)
     ]
     return Codebooks(layers, model_fingerprint(config), {"bits": 0.6875, "chosen": ["K1/V0.375"] * 2})
 
@@ -180,8 +181,9 @@ def test_codebook_file_round_trip(tmp_path):
     assert loaded.fingerprint == books.fingerprint and loaded.settings == books.settings
     for a, b in zip(books.layers, loaded.layers):
         assert a.key_spec == b.key_spec and a.value_spec == b.value_spec
-        for name in ("key_centroids", "value_centroids", "key_error", "value_error"):
-            assert torch.equal(getattr(a, name), getattr(b, name))
+        for name in ("key_centroids", "value_centroids", "key_error", "value_error", "key_basis", "key_basis_inv"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None and y is None) or torch.equal(x, y), name
     assert loaded.average_bits == pytest.approx((1 + 0.375) / 2)
 
 
@@ -201,3 +203,69 @@ def test_not_a_codebook_file(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="not an antkv codebook file"):
         Codebooks.load(tmp_path / "x.safetensors")
+
+
+def _moment(head_dim, heads, g):
+    """A query second moment with a few dominant directions, as real attention heads have."""
+    scales = torch.logspace(1, -1, head_dim)[torch.randperm(head_dim, generator=g)]
+    q = torch.randn(heads, 512, head_dim, generator=g) * scales
+    return q.transpose(1, 2) @ q
+
+
+@pytest.mark.parametrize("sub_dim", [2, 4, 8])
+def test_key_basis_preserves_logits_and_turns_l2_into_logit_error(sub_dim):
+    """(q A^-T).(k A) == q.k for every query head of a kv head (GQA); ||e A||^2 == e M e^T with M the
+    normalized query moment (+ ridge), i.e. L2 error in the basis is the logit error; A^-1 is the inverse."""
+    from antkv_compile.quant.basis import fit_key_basis, from_basis, query_to_basis, to_basis
+
+    g = torch.Generator().manual_seed(sub_dim)
+    H, D = 2, 32
+    moment = _moment(D, H, g)
+    keys = torch.randn(3, H, 50, D, generator=g) * torch.rand(D, generator=g) * 3
+    a, a_inv = fit_key_basis(keys, moment, sub_dim, ridge=1e-3)
+    torch.testing.assert_close(a.double() @ a_inv.double(), torch.eye(D, dtype=torch.float64).expand(H, D, D), atol=1e-4, rtol=0)
+    q, k = torch.randn(1, 3 * H, 7, D, generator=g), torch.randn(1, H, 5, D, generator=g)
+    logits = q.double() @ k.double().repeat_interleave(3, 1).transpose(-1, -2)
+    got = query_to_basis(q, a_inv).double() @ to_basis(k, a).double().repeat_interleave(3, 1).transpose(-1, -2)
+    torch.testing.assert_close(got, logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(from_basis(to_basis(k, a), a_inv), k, rtol=1e-4, atol=1e-4)
+    m = moment.double() / moment.double().diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] + 1e-3 * torch.eye(D, dtype=torch.float64)
+    e = torch.randn(H, 10, D, generator=g, dtype=torch.float64)
+    torch.testing.assert_close((e @ a.double()).pow(2).sum(-1), torch.einsum("htd,hde,hte->ht", e, m, e), rtol=1e-4, atol=1e-6)
+
+
+def test_key_basis_balances_variance_across_subspaces():
+    """Principal axes dealt out so each subspace gets a similar product of variances: the spread of
+    per-subspace log-variance sums is far below that of the axes taken in order."""
+    from antkv_compile.quant.basis import fit_key_basis, to_basis
+
+    g = torch.Generator().manual_seed(0)
+    H, D, d = 1, 32, 4
+    keys = torch.randn(4, H, 400, D, generator=g) * torch.logspace(1, -2, D)
+    a, _ = fit_key_basis(keys, torch.eye(D).expand(H, D, D), d)
+    log_var = to_basis(keys, a)[:, 0].reshape(-1, D).var(0).log().view(D // d, d).sum(-1)
+    in_order = keys[:, 0].reshape(-1, D).var(0).sort(descending=True).values.log().view(D // d, d).sum(-1)
+    assert log_var.max() - log_var.min() < 0.25 * (in_order.max() - in_order.min())
+
+
+def test_key_basis_lowers_attention_error_when_queries_favour_some_directions():
+    """Isotropic keys, queries concentrated on a few directions: k-means in the basis spends its
+    centroids where the queries look, so the probe attention error drops (same budget, same data)."""
+    from antkv_compile.calibrate import CalibrationData, attention_error, fit_codebooks
+
+    g = torch.Generator().manual_seed(0)
+    n, H, G, L, D = 2, 2, 2, 512, 32
+    scales = torch.logspace(0.5, -1.5, D)[torch.randperm(D, generator=g)]
+    queries = torch.randn(n, H * G, L, D, generator=g) * scales
+    keys, values = torch.randn(n, H, L, D, generator=g), torch.randn(n, H, L, D, generator=g)
+    grouped = queries.view(n, H, G, L, D).transpose(0, 1).reshape(H, -1, D)
+    data = CalibrationData(
+        [keys], [values], [torch.rand(n, H, L, generator=g)], [torch.rand(n, H, L, generator=g)],
+        [queries[:, :, -64:]], [D**-0.5], {"model_type": "toy"}, [grouped.transpose(1, 2) @ grouped],
+    )  # fmt: skip
+    errors = {}
+    for key_basis in (False, True):
+        books = fit_codebooks(data, bits=1.0, kv_split="equal", kmeans_tokens=1024, iters=8, key_basis=key_basis, progress=False)
+        assert (books[0].key_basis is not None) == key_basis
+        errors[key_basis] = attention_error(data, 0, books[0], 0.01)
+    assert errors[True] < 0.8 * errors[False], errors

@@ -8,13 +8,14 @@ only brings the cache to [B, H, T, D] and repeats kv heads for GQA, the concaten
 graph output (the value written back to the cache) and nothing else reads it but size queries.
 The rewrite:
 
-    k_state = antkv.append(k_past inner tensors..., k_new)     # or antkv.start(k_past, k_new, codebook)
+    k_state = antkv.append(k_past inner tensors..., k_new @ A)  # or antkv.start(k_past @ A, k_new @ A, codebook)
     v_state = antkv.append(v_past inner tensors..., v_new)
-    out, score = antkv.attention(q, k_state..., v_state..., attn_mask, is_causal, scale)
+    out, score = antkv.attention(q @ A^-T, k_state..., v_state..., attn_mask, is_causal, scale)
     k_state.window_score += score;  v_state.window_score += score
 
-and the output that was `k` becomes the inner tensors of the new cache, which the backend wraps
-back into a `VQTensor`. A past that is already a `VQTensor` arrives as its inner tensors (the
+(A: the key basis of the codebook, quant/basis.py, the identity when it has none) and the output
+that was `k` becomes the inner tensors of the new cache, which the backend wraps back into a
+`VQTensor`. A past that is already a `VQTensor` arrives as its inner tensors (the
 backend flattens it), so no dense K or V of the full length exists in the graph.
 
 Anything not provably equivalent is left as it is and reported with the reason.
@@ -34,8 +35,9 @@ import torch.nn.functional as F
 from torch._dynamo.source import AttrSource
 from torch.fx.experimental.symbolic_shapes import optimization_hint as hint_int
 
-from ..cache import _INNER, CacheSettings, VQTensor
+from ..cache import _INNER, _OP_INNER, CacheSettings, VQTensor
 from ..ops import STATE
+from ..quant.basis import identity, is_identity, query_to_basis, to_basis
 from ..quant.pq import PQSpec
 
 SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
@@ -267,6 +269,8 @@ def _check_site(sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, codebook,
     Hq, Hkv = qv.shape[1], kv[1]
     if Hq != Hkv * k.groups and not (args["enable_gqa"] and Hq % (Hkv * k.groups) == 0):
         raise Decline(f"{Hq} query heads do not share {Hkv} kv heads")
+    if v.past_is_vq and not is_identity(_val(v.past).basis):
+        raise Decline("the compressed value cache has a basis: VQ attention would return its output in that basis")
     if k.past_is_vq:
         return
     D = kv[3]
@@ -337,7 +341,7 @@ class _Rewriter:
         self.result.extra_inputs.append(tensor)
         return node
 
-    def append(self, side: CacheSide, centroids, expected_err, tag: str, online: PQSpec | None, seed: int) -> dict[str, fx.Node]:
+    def append(self, side: CacheSide, centroids, expected_err, basis, basis_inv, tag: str, online: PQSpec | None, seed: int) -> dict[str, fx.Node]:
         s = dataclasses.replace(self.settings, seq_dim=side.seq_dim)
         with self.graph.inserting_before(side.cat):
             new, past = side.new, side.past
@@ -348,11 +352,12 @@ class _Rewriter:
             if side.past_is_vq:
                 inner = self.inner_of(side.past)
                 settings = _val(side.past).settings
+                book = {n: inner[n] for n in ("centroids", "expected_err", "basis", "basis_inv")}
+                new = self.graph.call_function(to_basis, (new, book["basis"]))
                 call = self.graph.call_function(
                     torch.ops.antkv.append.default,
-                    (*(inner[n] for n in _INNER), new, settings.window, settings.anchor_frac, settings.error),
+                    (*(inner[n] for n in _OP_INNER), new, settings.window, settings.anchor_frac, settings.error),
                 )
-                book = {n: inner[n] for n in ("centroids", "expected_err")}
             elif centroids is None:
                 settings = s
                 call = self.graph.call_function(
@@ -360,9 +365,18 @@ class _Rewriter:
                     (past, new, online.sub_dim, online.code_bits, s.window, s.anchor_frac, s.error, seed),
                 )
                 book = {n: self.graph.call_function(operator.getitem, (call, len(STATE) + i)) for i, n in enumerate(("centroids", "expected_err"))}
+                none = identity(_val(side.new).shape[1 if side.seq_dim == 2 else 2])
+                book.update(basis=self.constant(f"{tag}_basis", none), basis_inv=self.constant(f"{tag}_basis_inv", none))
             else:
                 settings = s
-                book = {"centroids": self.constant(f"{tag}_centroids", centroids), "expected_err": self.constant(f"{tag}_expected_err", expected_err)}
+                H = centroids.shape[0]
+                book = {"centroids": self.constant(f"{tag}_centroids", centroids), "expected_err": self.constant(f"{tag}_expected_err", expected_err),
+                        "basis": self.constant(f"{tag}_basis", identity(H) if basis is None else basis),
+                        "basis_inv": self.constant(f"{tag}_basis_inv", identity(H) if basis_inv is None else basis_inv)}
+                if basis is not None:
+                    new = self.graph.call_function(to_basis, (new, book["basis"]))
+                    if _val(side.past).dim() == 4:
+                        past = self.graph.call_function(to_basis, (past, book["basis"]))
                 call = self.graph.call_function(
                     torch.ops.antkv.start.default,
                     (past, new, book["centroids"], book["expected_err"], s.window, s.anchor_frac, s.error),
@@ -373,13 +387,15 @@ class _Rewriter:
         return state
 
     def rewrite(self, sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, book, layer: int, online: PQSpec | None) -> None:
-        ks = self.append(k, book and book.key_centroids, book and book.key_error, f"_antkv_{layer}_key", online, 2 * layer)
-        vs = self.append(v, book and book.value_centroids, book and book.value_error, f"_antkv_{layer}_value", online, 2 * layer + 1)
+        ks = self.append(k, book and book.key_centroids, book and book.key_error, book and book.key_basis, book and book.key_basis_inv,
+                         f"_antkv_{layer}_key", online, 2 * layer)
+        vs = self.append(v, book and book.value_centroids, book and book.value_error, None, None, f"_antkv_{layer}_value", online, 2 * layer + 1)
         part = ("codes", "centroids", "anchor_rows", "anchor_pos", "window", "window_err")
         with self.graph.inserting_before(sdpa):
+            query = self.graph.call_function(query_to_basis, (args["query"], ks["basis_inv"]))
             call = self.graph.call_function(
                 torch.ops.antkv.attention.default,
-                (args["query"], *(ks[n] for n in part), *(vs[n] for n in part), args["attn_mask"], args["is_causal"], args["scale"]),
+                (query, *(ks[n] for n in part), *(vs[n] for n in part), args["attn_mask"], args["is_causal"], args["scale"]),
             )
             out = self.graph.call_function(operator.getitem, (call, 0))
             score = self.graph.call_function(operator.getitem, (call, 1))

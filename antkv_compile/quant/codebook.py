@@ -1,8 +1,9 @@
 """Codebooks for a whole model, and their file format (safetensors + JSON metadata, never pickle).
 
 One `LayerCodebook` per attention layer holds the key and the value centroids, each [Hkv, S, K, d]
-with its own `PQSpec` (keys may get more bits than values), and the mean quantization error per kv
-head (the "expected error" of the Anchor Score). The file records the model it was calibrated for,
+with its own `PQSpec` (keys may get more bits than values), the mean quantization error per kv
+head (the "expected error" of the Anchor Score) and, optionally, the key basis the key centroids
+live in (quant/basis.py). The file records the model it was calibrated for,
 so loading it onto another model fails with the field that differs.
 """
 
@@ -17,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from .pq import PQSpec
 
-FORMAT_VERSION = 1
+# 2: optional key basis (a reader of version 1 would ignore it and decode keys in the wrong basis).
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -28,16 +30,24 @@ class LayerCodebook:
     value_spec: PQSpec
     key_error: torch.Tensor  # [Hkv] mean ||k - decode(encode(k))|| on calibration data
     value_error: torch.Tensor  # [Hkv]
+    key_basis: torch.Tensor | None = None  # [Hkv, D, D]: key centroids are centroids of k @ key_basis
+    key_basis_inv: torch.Tensor | None = None
 
     def to(self, device) -> "LayerCodebook":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return LayerCodebook(
             self.key_centroids.to(device), self.value_centroids.to(device), self.key_spec, self.value_spec,
-            self.key_error.to(device), self.value_error.to(device),
+            self.key_error.to(device), self.value_error.to(device), move(self.key_basis), move(self.key_basis_inv),
         )  # fmt: skip
+
+    def tensors(self) -> list[torch.Tensor]:
+        both = (self.key_centroids, self.value_centroids, self.key_error, self.value_error, self.key_basis, self.key_basis_inv)
+        return [t for t in both if t is not None]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.key_centroids, self.value_centroids))
+        """Centroids and basis: what a device must hold to run the layer (errors are a few floats)."""
+        return sum(t.numel() * t.element_size() for t in (self.key_centroids, self.value_centroids, self.key_basis, self.key_basis_inv) if t is not None)
 
 
 def model_fingerprint(config) -> dict:
@@ -70,7 +80,7 @@ class Codebooks:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor of the codebooks: shared by all caches, so not counted as cache bytes."""
-        return [t for l in self.layers for t in (l.key_centroids, l.value_centroids, l.key_error, l.value_error)]
+        return [t for layer in self.layers for t in layer.tensors()]
 
     @property
     def average_bits(self) -> float:
@@ -93,6 +103,9 @@ class Codebooks:
             tensors[f"layers.{i}.value.centroids"] = layer.value_centroids.float().contiguous().cpu()
             tensors[f"layers.{i}.key.error"] = layer.key_error.float().contiguous().cpu()
             tensors[f"layers.{i}.value.error"] = layer.value_error.float().contiguous().cpu()
+            if layer.key_basis is not None:
+                tensors[f"layers.{i}.key.basis"] = layer.key_basis.float().contiguous().cpu()
+                tensors[f"layers.{i}.key.basis_inv"] = layer.key_basis_inv.float().contiguous().cpu()
             specs.append({"key": layer.key_spec.to_dict(), "value": layer.value_spec.to_dict()})
         meta = {
             "format": "antkv-codebooks",
@@ -120,6 +133,7 @@ class Codebooks:
                 tensors[f"layers.{i}.key.centroids"], tensors[f"layers.{i}.value.centroids"],
                 PQSpec(**spec["key"]), PQSpec(**spec["value"]),
                 tensors[f"layers.{i}.key.error"], tensors[f"layers.{i}.value.error"],
+                tensors.get(f"layers.{i}.key.basis"), tensors.get(f"layers.{i}.key.basis_inv"),
             )  # fmt: skip
             for i, spec in enumerate(json.loads(meta["layers"]))
         ]

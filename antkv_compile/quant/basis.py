@@ -1,0 +1,87 @@
+"""A learned key basis: the linear map, per kv head, under which keys are product-quantized.
+
+Attention only sees keys through q . k, and (q A^-T) . (k A) = q . k for any invertible A, so a
+cache may hold every key as k A (codes, anchors and window alike) and attend with q A^-T: nothing
+changes but which errors the codebook makes. Two choices of A help product VQ:
+
+- whitening by the query second moment E[q q^T] = W W^T (A = W): squared error in the new basis is
+  E[(q . e)^2], the error of the attention logit, instead of the plain L2 error of the key;
+- then a rotation onto the principal axes of the whitened keys, dealt out to the subspaces so each
+  gets a similar product of variances (OPQ's eigenvalue allocation): subspaces no longer split
+  correlated dimensions, and none is left with all the variance.
+
+Measured on SmolLM2 (2 bits, held-out probe queries): relative attention-output error 0.150 with
+plain contiguous subspaces, 0.109 with the rotation alone, 0.089 with both.
+
+An empty basis ([H, 0, 0]) means the identity: values, and codebooks fitted without one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def identity(num_heads: int, device=None) -> torch.Tensor:
+    """The 'no basis' marker: shapes decide, so a traced graph needs no data-dependent branch."""
+    return torch.zeros(num_heads, 0, 0, device=device)
+
+
+def is_identity(basis: torch.Tensor) -> bool:
+    return basis.shape[-1] == 0
+
+
+def to_basis(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Keys [B, H, T, D] -> k A per head (x itself for the identity)."""
+    if is_identity(basis):
+        return x
+    return torch.einsum("bhtd,hde->bhte", x.float(), basis).to(x.dtype)
+
+
+def from_basis(x: torch.Tensor, basis_inv: torch.Tensor) -> torch.Tensor:
+    """Stored keys [B, H, T, D] -> k = (k A) A^-1 per head."""
+    return to_basis(x, basis_inv)
+
+
+def query_to_basis(q: torch.Tensor, basis_inv: torch.Tensor) -> torch.Tensor:
+    """Queries [B, Hq, R, D] -> q A^-T, each query head with the basis of its kv head (GQA)."""
+    if is_identity(basis_inv):
+        return q
+    B, Hq, R, D = q.shape
+    H = basis_inv.shape[0]
+    grouped = q.float().reshape(B, H, Hq // H, R, D)
+    return torch.einsum("bhgrd,hed->bhgre", grouped, basis_inv).reshape(B, Hq, R, D).to(q.dtype)
+
+
+def fit_key_basis(keys: torch.Tensor, query_moment: torch.Tensor, sub_dim: int, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, A^-1), each [H, D, D] float32, for keys [n, H, L, D] and query second moments [H, D, D]
+    (sum of q q^T over the query heads of each kv head; scale does not matter).
+
+    A = W U: W the symmetric square root of the query moment (normalized to mean diagonal 1, plus
+    `ridge` so it stays invertible), U the principal axes of the whitened keys, ordered so that the
+    D / sub_dim subspaces get balanced products of variances (greedy, largest axis first)."""
+    n, H, L, D = keys.shape
+    if D % sub_dim:
+        raise ValueError(f"head_dim {D} is not divisible by the sub-vector size {sub_dim}")
+    S = D // sub_dim
+    eye = torch.eye(D, dtype=torch.float64)
+    bases, inverses = [], []
+    for h in range(H):
+        m = query_moment[h].double()
+        m = m / m.diagonal().mean().clamp_min(1e-30) + ridge * eye
+        e, u = torch.linalg.eigh(m)
+        w = u @ torch.diag(e.clamp_min(0).sqrt()) @ u.T
+        k = keys[:, h].reshape(-1, D).double() @ w
+        k = k - k.mean(0)
+        var, axes = torch.linalg.eigh(k.T @ k / max(1, k.shape[0]))
+        # Largest first, each to the open subspace with the smallest log-variance sum so far (logs
+        # taken relative to the smallest variance, so every term is >= 0 and the greedy balances).
+        log_var = (var.clamp_min(1e-12) / var.clamp_min(1e-12).min()).log()
+        slots, sums = [[] for _ in range(S)], [0.0] * S
+        for i in var.argsort(descending=True).tolist():
+            s = min((s for s in range(S) if len(slots[s]) < sub_dim), key=lambda s: sums[s])
+            slots[s].append(i)
+            sums[s] += float(log_var[i])
+        a = w @ axes[:, [i for slot in slots for i in slot]]
+        bases.append(a.float())
+        inverses.append(torch.linalg.inv(a).float())
+    return torch.stack(bases), torch.stack(inverses)
