@@ -175,13 +175,17 @@ def attention_error(data: CalibrationData, layer: int, book: LayerCodebook, anch
 
 
 def kv_candidates(bits: float) -> list[tuple[PQSpec, PQSpec]]:
-    """Equal split first, then the key-favoured splits one preset step apart with the same average."""
+    """Equal split first, then the key-favoured splits one preset step apart with the same average
+    that the cache also stores in no more bytes (`PQSpec.stored_bits`): at 1 bit, K1.5/V0.5 keeps
+    6-bit key codes in a byte each, 1.25 stored bits per element, so it is not a candidate."""
     spec = spec_for_bits(bits)
     pairs = [(spec, spec)]
     for kb in sorted(PRESETS):
         vb = 2 * spec.bits - kb
         if kb > spec.bits and vb in PRESETS and kb - vb <= 1.0 + 1e-9:
-            pairs.append((PRESETS[kb], PRESETS[vb]))
+            k, v = PRESETS[kb], PRESETS[vb]
+            if k.stored_bits + v.stored_bits <= 2 * spec.stored_bits + 1e-9:
+                pairs.append((k, v))
     return pairs
 
 

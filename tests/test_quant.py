@@ -269,3 +269,18 @@ def test_key_basis_lowers_attention_error_when_queries_favour_some_directions():
         assert (books[0].key_basis is not None) == key_basis
         errors[key_basis] = attention_error(data, 0, books[0], 0.01)
     assert errors[True] < 0.8 * errors[False], errors
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_kv_candidates_never_store_more_than_the_equal_split(bits):
+    """Codes take a byte each (c <= 8): a split is a candidate only if the cache holds it in no more
+    bytes than the equal split, whatever its nominal bits."""
+    from antkv_compile.calibrate import kv_candidates
+
+    cands = kv_candidates(bits)
+    equal = cands[0]
+    assert equal[0] == equal[1] == spec_for_bits(bits)
+    for k, v in cands:
+        assert (k.bits + v.bits) / 2 == pytest.approx(bits)
+        assert k.stored_bits + v.stored_bits <= 2 * equal[0].stored_bits + 1e-9
+    assert PQSpec(4, 6).stored_bits == 2.0 and PQSpec(16, 4).stored_bits == 0.5 and PQSpec(8, 8).stored_bits == 1.0

@@ -30,6 +30,12 @@ class PQSpec:
         return self.code_bits / self.sub_dim
 
     @property
+    def stored_bits(self) -> float:
+        """Bits per element as the cache holds the codes: one byte per code up to 8 bits (int16
+        above), so a 6-bit code costs 8 bits until codes are bit-packed."""
+        return 8 * self.code_dtype.itemsize / self.sub_dim
+
+    @property
     def num_centroids(self) -> int:
         return 1 << self.code_bits
 
