@@ -157,7 +157,7 @@ def _antkv_row(name: str, bits: float, notes: str, fit: dict | None = None, **ca
     return Row(name, bits, setup, kind="ours", notes=notes)
 
 
-_DEFAULTS = "window 32, anchors 1%, Anchor-Score-weighted k-means"
+_DEFAULTS = "window 32, anchors 1%, Anchor-Score-weighted k-means, key basis"
 for _bits in (4.0, 2.0, 1.0, 0.5, 0.375):
     register(_antkv_row(f"antkv-{_bits:g}bit", _bits, _DEFAULTS))
 register(_antkv_row("antkv-1bit-no-anchors", 1.0, "ablation: no anchor tokens", anchor_frac=0.0))
@@ -165,10 +165,15 @@ register(_antkv_row("antkv-1bit-unweighted", 1.0, "ablation: plain (unweighted) 
 register(_antkv_row("antkv-1bit-equal-split", 1.0, "ablation: K and V forced to equal bits", fit={"kv_split": "equal"}))
 register(_antkv_row("antkv-1bit-key-favoured", 1.0, "ablation: K and V forced to K1.5/V0.5", fit={"kv_split": (1.5, 0.5)}))
 register(_antkv_row("antkv-1bit-no-window", 1.0, "ablation: no exact window (only the current call's tokens)", window=0))
+# Keys quantized in their own coordinates instead of the learned key basis (quant/basis.py), at the
+# two budgets the acceptance names: what the basis is worth.
+for _bits in (2.0, 1.0):
+    register(_antkv_row(f"antkv-{_bits:g}bit-no-basis", _bits, "ablation: no key basis (keys quantized in their own coordinates)",
+                        fit={"key_basis": False}))
 # The exact window is the largest lever a user has (the QuantizedCache peers keep a residual of 128):
 # 64 instead of 32 at the two budgets the acceptance names, same codebooks, +0.5 effective bits.
 for _bits in (2.0, 1.0):
-    register(_antkv_row(f"antkv-{_bits:g}bit-window64", _bits, "window 64 (default 32), anchors 1%, Anchor-Score-weighted k-means", window=64))
+    register(_antkv_row(f"antkv-{_bits:g}bit-window64", _bits, "window 64 (default 32), anchors 1%, Anchor-Score-weighted k-means, key basis", window=64))
 
 
 # --- running -------------------------------------------------------------------------------------
