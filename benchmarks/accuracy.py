@@ -151,13 +151,14 @@ def _antkv_row(name: str, bits: float, notes: str, fit: dict | None = None, **ca
         ak.use_antkv_attention(ctx.model)  # dense caches still run plain sdpa through it
         split = books.settings["chosen"][0]
         errors = ", ".join(f"{k} {v:.4f}" for k, v in books.settings["candidate_errors"].items())
+        basis = "key basis" if any(books.settings["key_basis_used"]) else "no key basis"
         return Setup(lambda: ak.AntKVCache(books, **cache_settings), codebooks=books.tensors(),
-                     details=f"split {split}" + (f" (probe attention error {errors})" if errors else ""))
+                     details=f"split {split}" + (f" (probe attention error {errors})" if errors else "") + f", {basis}")
 
     return Row(name, bits, setup, kind="ours", notes=notes)
 
 
-_DEFAULTS = "window 32, anchors 1%, Anchor-Score-weighted k-means, key basis"
+_DEFAULTS = "window 32, anchors 1%, Anchor-Score-weighted k-means"
 for _bits in (4.0, 2.0, 1.0, 0.5, 0.375):
     register(_antkv_row(f"antkv-{_bits:g}bit", _bits, _DEFAULTS))
 register(_antkv_row("antkv-1bit-no-anchors", 1.0, "ablation: no anchor tokens", anchor_frac=0.0))
@@ -173,7 +174,7 @@ for _bits in (2.0, 1.0):
 # The exact window is the largest lever a user has (the QuantizedCache peers keep a residual of 128):
 # 64 instead of 32 at the two budgets the acceptance names, same codebooks, +0.5 effective bits.
 for _bits in (2.0, 1.0):
-    register(_antkv_row(f"antkv-{_bits:g}bit-window64", _bits, "window 64 (default 32), anchors 1%, Anchor-Score-weighted k-means, key basis", window=64))
+    register(_antkv_row(f"antkv-{_bits:g}bit-window64", _bits, "window 64 (default 32), anchors 1%, Anchor-Score-weighted k-means", window=64))
 
 
 # --- running -------------------------------------------------------------------------------------
