@@ -61,10 +61,9 @@ class CacheSettings:
             )
 
 
-# The ops (ops.py) take the first nine; the basis is applied around them (to `new` and the query).
-_INNER = ("codes", "anchor_rows", "anchor_pos", "anchor_score", "window", "window_err", "window_score", "centroids", "expected_err",
-          "basis", "basis_inv")
-_OP_INNER = _INNER[:9]
+# What the ops (ops.py) take; the key basis is applied around them (to `new` and the query).
+_OP_INNER = ("codes", "anchor_rows", "anchor_pos", "anchor_score", "window", "window_err", "window_score", "centroids", "expected_err")
+_INNER = (*_OP_INNER, "basis", "basis_inv")
 _CODEBOOK = ("centroids", "expected_err", "basis", "basis_inv")
 
 
