@@ -63,8 +63,8 @@ class _CompiledGraph:
             flat.extend(getattr(arg, n) for n in _INNER) if is_vq else flat.append(arg)
         flat.extend(self.result.extra_inputs)
         outs = list(self.fn(*flat))
-        for i, idx, settings in self.result.vq_outputs:
-            outs[i] = mark_growing(VQTensor(*(outs[j] for j in idx), settings=settings))
+        for i, idx, settings, dtype in self.result.vq_outputs:
+            outs[i] = mark_growing(VQTensor(*(outs[j] for j in idx), settings=settings, dtype=dtype))
         return tuple(outs[: self.num_outputs])
 
 

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_map_only
 from . import ops
 from .attention import VQParts
 from .quant.basis import from_basis, identity, is_identity, query_to_basis, to_basis
-from .quant.pq import check_dtype, decode, encode
+from .quant.pq import SUPPORTED_DTYPES, check_dtype, decode, encode
 
 aten = torch.ops.aten
 
@@ -47,18 +47,23 @@ class CacheSettings:
     """window: exact recent tokens kept after a flush; anchor_frac: share of the flushed tokens kept
     exact; error: Anchor Score with each token's 'actual' quantization error or the per-head
     'expected' one; seq_dim: the sequence axis of the tensor the cache is, 2 for [B, H, T, D]
-    (SDPA's layout) or 1 for [B, T, H, D] (a model that transposes its cache before SDPA)."""
+    (SDPA's layout) or 1 for [B, T, H, D] (a model that transposes its cache before SDPA);
+    exact_dtype: dtype the exact rows (anchors, window) are stored in, None for the model's. In a
+    float32 model, float16 halves their bytes, as a float16 KV cache (llama.cpp's default) does."""
 
     window: int = 32
     anchor_frac: float = 0.01
     error: str = "actual"
     seq_dim: int = 2
+    exact_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         if self.window < 0 or not 0 <= self.anchor_frac <= 1 or self.error not in ("actual", "expected") or self.seq_dim not in (1, 2):
             raise ValueError(
                 f"invalid cache settings {self}: need window >= 0, 0 <= anchor_frac <= 1, error 'actual' or 'expected', seq_dim 1 or 2"
             )
+        if self.exact_dtype is not None and self.exact_dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"exact_dtype must be None or one of {', '.join(map(str, SUPPORTED_DTYPES))}, got {self.exact_dtype}")
 
 
 # What the ops (ops.py) take; the key basis is applied around them (to `new` and the query).
@@ -82,12 +87,14 @@ class VQTensor(torch.Tensor):
     settings: CacheSettings
 
     @staticmethod
-    def __new__(cls, codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err, basis, basis_inv, settings):
+    def __new__(cls, codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err, basis, basis_inv, settings, dtype=None):
+        """`dtype`: of the dense tensor the cache is; None for the window's (exact rows stored as is)."""
         B, H, T, _ = codes.shape
         shape = (B, H, T, window.shape[-1]) if settings.seq_dim == 2 else (B, T, H, window.shape[-1])
-        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=window.dtype, device=codes.device, requires_grad=False)
+        dtype = window.dtype if dtype is None else dtype
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=codes.device, requires_grad=False)
 
-    def __init__(self, codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err, basis, basis_inv, settings):
+    def __init__(self, codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err, basis, basis_inv, settings, dtype=None):
         self.codes, self.anchor_rows, self.anchor_pos, self.anchor_score = codes, anchor_rows, anchor_pos, anchor_score
         self.window, self.window_err, self.window_score = window, window_err, window_score
         self.centroids, self.expected_err, self.basis, self.basis_inv, self.settings = centroids, expected_err, basis, basis_inv, settings
@@ -105,12 +112,13 @@ class VQTensor(torch.Tensor):
         if basis is not None and tuple(basis.shape) != (H, S * d, S * d):
             raise ValueError(f"key basis of shape {tuple(basis.shape)} does not match the codebook [H={H}, D={S * d}]: want [{H}, {S * d}, {S * d}]")
         f32 = dict(dtype=torch.float32, device=device)
+        exact = dict(dtype=settings.exact_dtype or dtype, device=device)
         return cls(
             torch.zeros(batch, H, 0, S, dtype=torch.uint8 if K <= 256 else torch.int16, device=device),
-            torch.zeros(batch, H, 0, S * d, dtype=dtype, device=device),
+            torch.zeros(batch, H, 0, S * d, **exact),
             torch.zeros(batch, H, 0, dtype=torch.int32, device=device),
             torch.zeros(batch, H, 0, **f32),
-            torch.zeros(batch, H, 0, S * d, dtype=dtype, device=device),
+            torch.zeros(batch, H, 0, S * d, **exact),
             torch.zeros(batch, H, 0, **f32),
             torch.zeros(batch, H, 0, **f32),
             centroids.to(device=device, dtype=torch.float32),
@@ -118,19 +126,21 @@ class VQTensor(torch.Tensor):
             identity(H, device) if basis is None else basis.to(device=device, dtype=torch.float32),
             identity(H, device) if basis_inv is None else basis_inv.to(device=device, dtype=torch.float32),
             settings,
+            dtype,
         )
 
     def _replace(self, **inner) -> "VQTensor":
-        return VQTensor(**{n: inner.get(n, getattr(self, n)) for n in _INNER}, settings=self.settings)
+        return VQTensor(**{n: inner.get(n, getattr(self, n)) for n in _INNER}, settings=self.settings, dtype=self.dtype)
 
     # --- tensor-subclass protocol -------------------------------------------------------------
 
     def __tensor_flatten__(self):
-        return list(_INNER), self.settings
+        return list(_INNER), (self.settings, self.dtype)
 
     @staticmethod
-    def __tensor_unflatten__(inner, settings, outer_size, outer_stride):
-        return VQTensor(**inner, settings=settings)
+    def __tensor_unflatten__(inner, context, outer_size, outer_stride):
+        settings, dtype = context
+        return VQTensor(**inner, settings=settings, dtype=dtype)
 
     def __repr__(self):
         return (
@@ -175,7 +185,7 @@ class VQTensor(torch.Tensor):
 
     def dequantize(self) -> torch.Tensor:
         """The dense tensor this cache stands for: codes decoded, anchor and window rows exact."""
-        dense = from_basis(ops.dequantize(self.codes, self.anchor_rows, self.anchor_pos, self.window, self.centroids), self.basis_inv)
+        dense = from_basis(ops.dequantize(self.codes, self.anchor_rows, self.anchor_pos, self.window, self.centroids, self.dtype), self.basis_inv)
         return dense if self.settings.seq_dim == 2 else dense.transpose(1, 2)
 
     def cache_nbytes(self) -> int:
@@ -193,14 +203,15 @@ class VQTensor(torch.Tensor):
         if new.shape[:2] != self.bhtd[:2] or new.shape[3] != self.bhtd[3]:
             raise ValueError(f"cannot append {tuple(new.shape)} to a cache of shape {tuple(self.shape)}")
         s = self.settings
-        new = to_basis(new.to(self.dtype), self.basis)
+        new = to_basis(new.to(self.dtype), self.basis).to(self.window.dtype)
         state = ops.append(*(getattr(self, n) for n in _OP_INNER), new, s.window, s.anchor_frac, s.error)
         return self._replace(**dict(zip(ops.STATE, state)))
 
     def append_eager(self, new: torch.Tensor) -> "VQTensor":
-        """What `antkv::append` computes (ops.py), on a concrete cache; `new` is already in the basis."""
+        """What `antkv::append` computes (ops.py), on a concrete cache; `new` is already in the basis
+        (and is stored in the window's dtype)."""
         flushed = self._flush(self.num_window - self.settings.window)
-        new = new.to(self.dtype)
+        new = new.to(self.window.dtype)
         codes = encode(new, self.centroids)
         if self.settings.error == "actual":
             err = (new.float() - decode(codes, self.centroids)).norm(dim=-1)

@@ -194,8 +194,9 @@ def _(q, k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window, k_window_e
 
 
 @torch.library.custom_op("antkv::dequantize", mutates_args=())
-def dequantize(codes: Tensor, anchor_rows: Tensor, anchor_pos: Tensor, window: Tensor, centroids: Tensor) -> Tensor:
-    """The dense [B, H, T, D] tensor a cache stands for (the fallback of every other op)."""
+def dequantize(codes: Tensor, anchor_rows: Tensor, anchor_pos: Tensor, window: Tensor, centroids: Tensor, dtype: torch.dtype) -> Tensor:
+    """The dense [B, H, T, D] tensor a cache stands for, in `dtype` (the fallback of every other op).
+    `dtype` is the cache's, which may be wider than the exact rows' (CacheSettings.exact_dtype)."""
     from .quant.pq import decode
 
     B, H, T, _ = codes.shape
@@ -205,10 +206,10 @@ def dequantize(codes: Tensor, anchor_rows: Tensor, anchor_pos: Tensor, window: T
     dense = torch.cat([dense, dense.new_zeros(B, H, 1, D)], 2)  # dummy row for empty anchor slots
     idx = torch.where(anchor_pos >= 0, anchor_pos.long(), T)[..., None].expand(-1, -1, -1, D)
     dense.scatter_(2, idx, anchor_rows.float())
-    return dense[:, :, :T].to(window.dtype).contiguous()
+    return dense[:, :, :T].to(dtype).contiguous()
 
 
 @dequantize.register_fake
-def _(codes, anchor_rows, anchor_pos, window, centroids):
+def _(codes, anchor_rows, anchor_pos, window, centroids, dtype):
     B, H, T, _ = codes.shape
-    return window.new_empty(B, H, T, window.shape[3])
+    return window.new_empty(B, H, T, window.shape[3], dtype=dtype)

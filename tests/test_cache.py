@@ -57,14 +57,15 @@ def _sdpa_both(q, kc, vc, mask=None, **kw):
     steps=st.lists(st.integers(1, 24), min_size=1, max_size=5),
     mask_kind=st.sampled_from(["bool", "additive", "none"]),
     key_basis=st.booleans(),
+    exact_dtype=st.sampled_from([None, torch.float16, torch.bfloat16]),
 )
 def test_sdpa_on_cache_equals_sdpa_on_dequantized(
-    seed, batch, kv_heads, group, head_dim, k_bits, v_bits, window, anchor_frac, error, steps, mask_kind, key_basis
+    seed, batch, kv_heads, group, head_dim, k_bits, v_bits, window, anchor_frac, error, steps, mask_kind, key_basis, exact_dtype
 ):
     """Prefill then decode steps / chunks: VQ attention == dense SDPA on dequantize(K), dequantize(V),
-    with keys stored in a key basis or not."""
+    with keys stored in a key basis or not, exact rows in the model's dtype or a narrower one."""
     g = torch.Generator().manual_seed(seed)
-    settings = CacheSettings(window=window, anchor_frac=anchor_frac, error=error)
+    settings = CacheSettings(window=window, anchor_frac=anchor_frac, error=error, exact_dtype=exact_dtype)
     kc = _empty(batch, kv_heads, head_dim, k_bits, settings, g, basis=key_basis)
     vc = _empty(batch, kv_heads, head_dim, v_bits, settings, g)
     pad = torch.randint(0, 6, (batch,), generator=g)  # left padding; may mask a whole row
@@ -89,14 +90,19 @@ def test_sdpa_on_cache_equals_sdpa_on_dequantized(
     anchor_frac=st.sampled_from([0.0, 0.05, 0.3]),
     steps=st.lists(st.integers(1, 20), min_size=2, max_size=6),
     key_basis=st.booleans(),
+    exact_dtype=st.sampled_from([None, torch.float16, torch.bfloat16]),
 )
-def test_dequantize_is_codes_plus_exact_anchors_and_window(seed, head_dim, bits, window, anchor_frac, steps, key_basis):
+def test_dequantize_is_codes_plus_exact_anchors_and_window(seed, head_dim, bits, window, anchor_frac, steps, key_basis, exact_dtype):
     """Against the appended originals: window rows and anchor rows exact, every other row the
     nearest-centroid decode of the original (float64 reference; with a key basis A, the decode of
     the nearest centroid to k A, mapped back by A^-1); codes never re-encoded; the anchor budget
-    is ceil(anchor_frac * encoded tokens)."""
+    is ceil(anchor_frac * encoded tokens). With a narrower exact_dtype, "exact" is the stored row
+    rounded to it (k A rounded, with a basis), and the codes are those of the rounded row."""
     g = torch.Generator().manual_seed(seed)
-    cache = _empty(2, 2, head_dim, bits, CacheSettings(window=window, anchor_frac=anchor_frac), g, basis=key_basis)
+    settings = CacheSettings(window=window, anchor_frac=anchor_frac, exact_dtype=exact_dtype)
+    cache = _empty(2, 2, head_dim, bits, settings, g, basis=key_basis)
+    stored = exact_dtype or torch.float32
+    assert cache.dtype == torch.float32 and cache.window.dtype == cache.anchor_rows.dtype == stored
     original = torch.zeros(2, 2, 0, head_dim)
     for n in steps:
         codes_before = cache.codes
@@ -116,13 +122,16 @@ def test_dequantize_is_codes_plus_exact_anchors_and_window(seed, head_dim, bits,
         exact[..., Tc:] = True
         exact.scatter_(2, cache.anchor_pos.clamp_min(0).long(), valid)
         if key_basis:
-            # k A in float32 as the cache computes it (so near-ties pick the same centroid), then float64
-            in_basis = torch.einsum("bhtd,hde->bhte", original, cache.basis)
+            # k A in float32 as the cache computes it (so near-ties pick the same centroid), rounded
+            # to the stored dtype, then float64
+            in_basis = torch.einsum("bhtd,hde->bhte", original, cache.basis).to(stored).float()
             decoded = torch.einsum("bhtd,hde->bhte", nearest_centroid_decode(in_basis, cache.centroids), cache.basis_inv.double())
+            rows = torch.einsum("bhtd,hde->bhte", in_basis.double(), cache.basis_inv.double())
         else:
-            decoded = nearest_centroid_decode(original, cache.centroids)
-        ref = torch.where(exact[..., None], original.double(), decoded)
-        tol = 1e-4 if key_basis else 1e-5  # exact rows go through A and back in float32
+            rounded = original.to(stored).float()
+            decoded, rows = nearest_centroid_decode(rounded, cache.centroids), rounded.double()
+        ref = torch.where(exact[..., None], rows, decoded)
+        tol = 1e-4 if key_basis else 1e-5  # exact rows go through A^-1 in float32
         torch.testing.assert_close(dequantize(cache).double(), ref, rtol=tol, atol=tol)
 
 

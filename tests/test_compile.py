@@ -75,20 +75,22 @@ def _run(model, backend, books, settings, batch, steps, mask_kind, seed=0):
     window=st.sampled_from([0, 2, 8]),
     seq_dim=st.sampled_from([2, 1]),
     key_basis=st.booleans(),
+    exact_dtype=st.sampled_from([None, torch.float16]),
 )
-def test_compiled_equals_eager_on_the_compressed_cache(seed, batch, heads, gqa, mask_kind, scale, steps, window, seq_dim, key_basis):
+def test_compiled_equals_eager_on_the_compressed_cache(seed, batch, heads, gqa, mask_kind, scale, steps, window, seq_dim, key_basis, exact_dtype):
     """Random shapes, GQA spellings, masks, prompt and decode lengths, cache layouts [B, H, T, D]
-    and [B, T, H, D] (transposed before SDPA), codebooks with a key basis or not; the pass, without
-    Inductor."""
+    and [B, T, H, D] (transposed before SDPA), codebooks with a key basis or not, exact rows in
+    the model's dtype or float16; the pass, without Inductor."""
     torch._dynamo.reset()
     n_head, n_kv = heads
     torch.manual_seed(seed)
     model = NanoGPT(n_layer=1, n_head=n_head, n_kv_head=n_kv, gqa=gqa, scale=softmax_scale(16) if scale else None, seq_dim=seq_dim).eval()
     books = random_codebooks(1, n_kv, 16, seed=seed, key_basis=key_basis)
-    settings = CacheSettings(window=window, anchor_frac=0.3, seq_dim=seq_dim)
-    backend = AntKVBackend(books, inductor=False, window=window, anchor_frac=0.3)
-    _run(model, backend, books, settings, batch, steps, mask_kind, seed)
+    settings = CacheSettings(window=window, anchor_frac=0.3, seq_dim=seq_dim, exact_dtype=exact_dtype)
+    backend = AntKVBackend(books, inductor=False, window=window, anchor_frac=0.3, exact_dtype=exact_dtype)
+    past = _run(model, backend, books, settings, batch, steps, mask_kind, seed)
     assert backend.sites and all(site.rewritten for site in backend.sites), backend.sites
+    assert all(t.dtype == torch.float32 and t.window.dtype == (exact_dtype or torch.float32) for layer in past for t in layer)
 
 
 def test_inductor_decode_equals_eager_and_holds_no_dense_kv():

@@ -88,12 +88,14 @@ def attention_cases(draw, max_queries):
     Tw = draw(st.integers(0, min(T, 40)))
     A = draw(st.integers(0, 6))
     dtype = draw(st.sampled_from([torch.float32] * 3 + [torch.float16, torch.bfloat16]))
+    # exact rows (anchors, window) in the query's dtype, or narrower (CacheSettings.exact_dtype)
+    exact = draw(st.sampled_from([dtype, torch.float16])) if dtype == torch.float32 else dtype
     mask_kind = draw(st.sampled_from(["none", "padding", "padding_causal", "additive"]))
     is_causal = draw(st.booleans()) if mask_kind == "none" else draw(st.sampled_from([False] * 3 + [True]))
     scale = draw(st.sampled_from([None, 0.3]))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    k = random_parts(g, B, Hkv, T, Tw, A, D // dk, Kk, dk, dtype)
-    v = random_parts(g, B, Hkv, T, Tw, A, D // dv, Kv, dv, dtype)
+    k = random_parts(g, B, Hkv, T, Tw, A, D // dk, Kk, dk, exact)
+    v = random_parts(g, B, Hkv, T, Tw, A, D // dv, Kv, dv, exact)
     q = torch.randn(B, G * Hkv, L, D, generator=g).to(dtype)
     mask = random_mask(g, mask_kind, B, G * Hkv, L, T)
     return q, k, v, mask, scale, is_causal, draw(st.sampled_from([None, 1, 2, 5]))
@@ -196,7 +198,7 @@ def _bad(**change):
         ({"q": lambda q: q[..., :32]}, ValueError, "head_dim|anchor_rows|window"),
         ({"q": lambda q: q[:, :5]}, ValueError, "multiple"),
         ({"q": lambda q: q.double()}, TypeError, "float32/float16/bfloat16"),
-        ({"q": lambda q: q.half()}, TypeError, "query dtype"),
+        ({"k": lambda k: k._replace(window=k.window.half())}, TypeError, "share one float dtype"),
         ({"k": lambda k: k._replace(codes=k.codes.int())}, TypeError, "uint8 or int16"),
         ({"k": lambda k: k._replace(anchor_pos=k.anchor_pos.long())}, TypeError, "int32"),
         ({"k": lambda k: k._replace(centroids=k.centroids[:, :, :48])}, ValueError, "powers of two"),

@@ -92,7 +92,7 @@ class CacheSide:
 class PassResult:
     sites: list[Site] = field(default_factory=list)
     vq_inputs: dict[str, CacheSettings] = field(default_factory=dict)  # placeholder name -> settings
-    vq_outputs: list[tuple[int, list[int], CacheSettings]] = field(default_factory=list)  # output, inner outputs
+    vq_outputs: list[tuple[int, list[int], CacheSettings, torch.dtype]] = field(default_factory=list)  # output, inner outputs, dtype
     extra_inputs: list[torch.Tensor] = field(default_factory=list)  # codebooks, after the graph's inputs
 
 
@@ -351,15 +351,16 @@ class _Rewriter:
                     past = self.graph.call_method("transpose", (past, 1, 2))
             if side.past_is_vq:
                 inner = self.inner_of(side.past)
-                settings = _val(side.past).settings
+                settings, dtype = _val(side.past).settings, _val(side.past).dtype
                 book = {n: inner[n] for n in ("centroids", "expected_err", "basis", "basis_inv")}
-                new = self.graph.call_function(to_basis, (new, book["basis"]))
+                new = self._exact(self.graph.call_function(to_basis, (new, book["basis"])), _val(side.new).dtype, _val(side.past).window.dtype)
                 call = self.graph.call_function(
                     torch.ops.antkv.append.default,
                     (*(inner[n] for n in _OP_INNER), new, settings.window, settings.anchor_frac, settings.error),
                 )
             elif centroids is None:
-                settings = s
+                settings, dtype = s, _val(side.new).dtype
+                new, past = self._exact(new, _val(side.new).dtype, s.exact_dtype), self._exact(past, _val(side.past).dtype, s.exact_dtype)
                 call = self.graph.call_function(
                     torch.ops.antkv.learn_start.default,
                     (past, new, online.sub_dim, online.code_bits, s.window, s.anchor_frac, s.error, seed),
@@ -368,7 +369,7 @@ class _Rewriter:
                 none = identity(_val(side.new).shape[1 if side.seq_dim == 2 else 2])
                 book.update(basis=self.constant(f"{tag}_basis", none), basis_inv=self.constant(f"{tag}_basis_inv", none))
             else:
-                settings = s
+                settings, dtype = s, _val(side.new).dtype
                 H = centroids.shape[0]
                 book = {"centroids": self.constant(f"{tag}_centroids", centroids), "expected_err": self.constant(f"{tag}_expected_err", expected_err),
                         "basis": self.constant(f"{tag}_basis", identity(H) if basis is None else basis),
@@ -377,14 +378,21 @@ class _Rewriter:
                     new = self.graph.call_function(to_basis, (new, book["basis"]))
                     if _val(side.past).dim() == 4:
                         past = self.graph.call_function(to_basis, (past, book["basis"]))
+                new, past = self._exact(new, _val(side.new).dtype, s.exact_dtype), self._exact(past, _val(side.past).dtype, s.exact_dtype)
                 call = self.graph.call_function(
                     torch.ops.antkv.start.default,
                     (past, new, book["centroids"], book["expected_err"], s.window, s.anchor_frac, s.error),
                 )
             state = {n: self.graph.call_function(operator.getitem, (call, i)) for i, n in enumerate(STATE)}
         state.update(book)
-        state["settings"] = settings
+        state["settings"], state["dtype"] = settings, dtype
         return state
+
+    def _exact(self, node: fx.Node, dtype: torch.dtype, exact_dtype: torch.dtype | None) -> fx.Node:
+        """`node` (of `dtype`) cast to the dtype the cache stores exact rows in (CacheSettings.exact_dtype)."""
+        if exact_dtype is None or dtype == exact_dtype:
+            return node
+        return self.graph.call_method("to", (node, exact_dtype))
 
     def rewrite(self, sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, book, layer: int, online: PQSpec | None) -> None:
         ks = self.append(k, book and book.key_centroids, book and book.key_error, book and book.key_basis, book and book.key_basis_inv,
@@ -442,7 +450,7 @@ class _Rewriter:
                 continue
             start = len(outs) + len(extra)
             extra += [state[n] for n in _INNER]
-            self.result.vq_outputs.append((i, list(range(start, start + len(_INNER))), state["settings"]))
+            self.result.vq_outputs.append((i, list(range(start, start + len(_INNER))), state["settings"], state["dtype"]))
             outs[i] = None
         output.args = (tuple(outs + extra),)
         for node in reversed(list(self.graph.nodes)):

@@ -527,9 +527,9 @@ def _check_side(name: str, parts: VQParts, B: int, Hkv: int, dtype: torch.dtype,
         raise TypeError(f"{name}.codes must be uint8 or int16, got {codes.dtype}")
     if pos.dtype != torch.int32:
         raise TypeError(f"{name}.anchor_pos must be int32, got {pos.dtype}")
-    if rows.dtype != dtype or win.dtype != dtype:
-        raise TypeError(f"{name}.anchor_rows ({rows.dtype}) and {name}.window ({win.dtype}) must have "
-                        f"the query dtype {dtype}")
+    if rows.dtype != win.dtype or win.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}.anchor_rows ({rows.dtype}) and {name}.window ({win.dtype}) must share "
+                        f"one float dtype (the query's, {dtype}, or a narrower exact-row dtype)")
     A = pos.shape[-1] if pos.dim() == 3 else -1
     want = {"codes": (B, Hkv, codes.shape[2], S), "centroids": (Hkv, S, K, d),
             "anchor_rows": (B, Hkv, A, D), "anchor_pos": (B, Hkv, A), "window": (B, Hkv, win.shape[2], D)}
