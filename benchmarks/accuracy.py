@@ -175,6 +175,18 @@ for _bits in (2.0, 1.0):
 # 64 instead of 32 at the two budgets the acceptance names, same codebooks, +0.5 effective bits.
 for _bits in (2.0, 1.0):
     register(_antkv_row(f"antkv-{_bits:g}bit-window64", _bits, "window 64 (default 32), anchors 1%, Anchor-Score-weighted k-means", window=64))
+# Exact rows (window, anchors) stored in float16 rather than the model's float32 (exact_dtype), as a
+# float16 KV cache holds them: same perplexity, half their bytes. With those bytes the window can
+# match the QuantizedCache peers' residual of 128 tokens and still hold fewer bits than they do.
+for _bits in (2.0, 1.0):
+    register(_antkv_row(f"antkv-{_bits:g}bit-fp16rows", _bits, "window 32, anchors 1%, exact rows float16", exact_dtype=torch.float16))
+    register(_antkv_row(f"antkv-{_bits:g}bit-window128-fp16rows", _bits, "window 128 (the peers' residual), anchors 1%, exact rows float16",
+                        window=128, exact_dtype=torch.float16))
+# The 2-bit configuration picked on development windows (tokens 50000+, 2 x 2048) before this
+# slice was run: window 128 and 2% anchors, ppl / FP 1.0203 there (window 128 with 1% anchors
+# 1.0238, window 160 1.0205, window 96 1.0315).
+register(_antkv_row("antkv-2bit-window128-anchors2-fp16rows", 2.0, "window 128, anchors 2%, exact rows float16",
+                    window=128, anchor_frac=0.02, exact_dtype=torch.float16))
 
 
 # --- running -------------------------------------------------------------------------------------
