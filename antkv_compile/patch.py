@@ -18,7 +18,7 @@ from .quant.codebook import Codebooks
 def patch(model, codebooks: Codebooks | None = None, **settings):
     """Compile `model.forward` with antkv_backend (in place) and return the model.
 
-    `settings` are the cache settings (window, anchor_frac, error) and `inductor_config`. The model
+    `settings` are the cache settings (window, anchor_frac, error, exact_dtype) and `inductor_config`. The model
     switches to the "antkv" attention implementation (SDPA with enable_gqa on compressed caches,
     no repeat_kv); `model.antkv_backend.sites` reports what the pass did.
     """
