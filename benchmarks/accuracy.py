@@ -257,7 +257,31 @@ def write_markdown(path: Path, records: list[dict], header: dict) -> None:
         lines.append(f"| {r['name']} | {_fmt(r['bits_budget'], 'g')} | {_fmt(r['effective_bits'], '.3f')} | {ppl} "
                      f"| {_fmt(r['ppl_ratio_vs_fp'], '.4f')} | {_fmt(r['codebook_bytes'], ',d')} "
                      f"| {_fmt(r['seconds_per_window'], '.1f')} | {r['notes']} |")
+    lines += _targets(records)
     path.write_text("\n".join(lines) + "\n")
+
+
+# Issue 2's accuracy targets: at this budget, ppl / FP within this factor (and, where True, ppl
+# below every peer row of the budget at no more effective bits).
+TARGETS = {2.0: (1.03, True), 1.0: (1.3, False)}
+
+
+def _targets(records: list[dict]) -> list[str]:
+    """Where every one of our rows at a target budget lands against the target, and against the
+    peers' rows at that budget (ppl at no more effective bits)."""
+    lines = []
+    for bits, (factor, vs_peers) in TARGETS.items():
+        ours = [r for r in records if r["kind"] == "ours" and r["bits_budget"] == bits and r["ppl_ratio_vs_fp"]]
+        peers = [r for r in records if vs_peers and r["kind"] == "peer" and r["bits_budget"] == bits and r["ppl"]]
+        if not ours:
+            continue
+        lines += ["", f"Target at {bits:g} bit: ppl within {factor}x FP" + (", and below every {:g}-bit peer row at no more effective bits:".format(bits) if peers else ":")]
+        for r in ours:
+            verdict = "met" if r["ppl_ratio_vs_fp"] <= factor else "missed"
+            beaten = [p["name"] for p in peers if r["ppl"] < p["ppl"] and r["effective_bits"] <= p["effective_bits"]]
+            vs = f"; below {len(beaten)} of {len(peers)} peer rows at no more bits" if peers else ""
+            lines.append(f"- {r['name']}: {r['ppl_ratio_vs_fp']:.4f}x at {r['effective_bits']:.3f} bits: {verdict}{vs}")
+    return lines
 
 
 def write_plot(path: Path, records: list[dict], title: str) -> None:

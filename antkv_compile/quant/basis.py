@@ -11,7 +11,7 @@ changes but which errors the codebook makes. Two choices of A help product VQ:
   correlated dimensions, and none is left with all the variance.
 
 Measured on SmolLM2 (benchmarks/accuracy.py, the no-basis ablation rows): perplexity at 2 bits
-23.33 -> 22.13, at 1 bit 27.59 -> 26.01. At 0.5 bit (16-dim sub-vectors) it was worse, so
+23.21 -> 22.01, at 1 bit 28.15 -> 25.84. At 0.5 bit (16-dim sub-vectors) it was worse, so
 calibration uses it only for sub-vectors of up to 8 dims (calibrate.KEY_BASIS_MAX_SUB_DIM).
 
 An empty basis ([H, 0, 0]) means the identity: values, and codebooks fitted without one.
