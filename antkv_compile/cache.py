@@ -203,13 +203,14 @@ class VQTensor(torch.Tensor):
         if new.shape[:2] != self.bhtd[:2] or new.shape[3] != self.bhtd[3]:
             raise ValueError(f"cannot append {tuple(new.shape)} to a cache of shape {tuple(self.shape)}")
         s = self.settings
-        new = to_basis(new.to(self.dtype), self.basis).to(self.window.dtype)
+        new = to_basis(new.to(self.dtype), self.basis)
         state = ops.append(*(getattr(self, n) for n in _OP_INNER), new, s.window, s.anchor_frac, s.error)
         return self._replace(**dict(zip(ops.STATE, state)))
 
     def append_eager(self, new: torch.Tensor) -> "VQTensor":
-        """What `antkv::append` computes (ops.py), on a concrete cache; `new` is already in the basis
-        (and is stored in the window's dtype)."""
+        """What `antkv::append` computes (ops.py), on a concrete cache; `new` is already in the basis.
+        It is stored, and encoded, in the window's dtype (CacheSettings.exact_dtype): the one place
+        new rows are rounded to it."""
         flushed = self._flush(self.num_window - self.settings.window)
         new = new.to(self.window.dtype)
         codes = encode(new, self.centroids)

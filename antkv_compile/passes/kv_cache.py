@@ -353,7 +353,7 @@ class _Rewriter:
                 inner = self.inner_of(side.past)
                 settings, dtype = _val(side.past).settings, _val(side.past).dtype
                 book = {n: inner[n] for n in ("centroids", "expected_err", "basis", "basis_inv")}
-                new = self._exact(self.graph.call_function(to_basis, (new, book["basis"])), _val(side.new).dtype, _val(side.past).window.dtype)
+                new = self.graph.call_function(to_basis, (new, book["basis"]))  # antkv::append rounds it to the window's dtype
                 call = self.graph.call_function(
                     torch.ops.antkv.append.default,
                     (*(inner[n] for n in _OP_INNER), new, settings.window, settings.anchor_frac, settings.error),
@@ -389,7 +389,8 @@ class _Rewriter:
         return state
 
     def _exact(self, node: fx.Node, dtype: torch.dtype, exact_dtype: torch.dtype | None) -> fx.Node:
-        """`node` (of `dtype`) cast to the dtype the cache stores exact rows in (CacheSettings.exact_dtype)."""
+        """`node` (of `dtype`) cast to CacheSettings.exact_dtype: a new cache (antkv::start) stores
+        its exact rows in the dtype they arrive in."""
         if exact_dtype is None or dtype == exact_dtype:
             return node
         return self.graph.call_method("to", (node, exact_dtype))
