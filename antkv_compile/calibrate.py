@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .quant.anchor_score import anchor_score_terms_blockwise, combine
+from .quant.anchor_score import anchor_score_terms_blockwise, combine, group_query_heads
 from .quant.basis import fit_key_basis, query_to_basis, to_basis
 from .quant.codebook import Codebooks, LayerCodebook, model_fingerprint
 from .quant.kmeans import weighted_kmeans
@@ -77,8 +77,7 @@ def collect_calibration(model, texts_or_ids, tokenizer=None, seq_len=1024, max_t
         s1, s0 = anchor_score_terms_blockwise(query, key, value, is_causal=True, scale=scale)
         per_layer[module.layer_idx].append((key.float(), value.float(), s1, s0, query[:, :, -probe:].float()))
         scales[module.layer_idx] = scale
-        B, Hq, L, D = query.shape
-        q = query.float().reshape(B, key.shape[1], Hq // key.shape[1], L, D).transpose(0, 1).reshape(key.shape[1], -1, D)
+        q = group_query_heads(query.float(), key.shape[1]).transpose(0, 1).flatten(1, -2)  # [Hkv, B*G*L, D]
         moments[module.layer_idx] = moments[module.layer_idx] + q.transpose(1, 2) @ q
 
     device = next(model.parameters()).device

@@ -24,7 +24,8 @@ import math
 import torch
 
 
-def _group(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+def group_query_heads(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Queries [B, Hq, L, D] -> [B, Hkv, G, L, D]: the G query heads that share each kv head (GQA)."""
     B, Hq, L, D = q.shape
     if Hq % num_kv_heads:
         raise ValueError(f"{Hq} query heads cannot share {num_kv_heads} kv heads evenly")
@@ -64,7 +65,7 @@ def anchor_score_terms_dense(q, k, v, attn_mask=None, is_causal=False, scale=Non
     promoted to at least float32."""
     dt = torch.promote_types(q.dtype, torch.float32)
     B, Hkv, T, D = k.shape
-    qg = _group(q.to(dt), Hkv)
+    qg = group_query_heads(q.to(dt), Hkv)
     G, L = qg.shape[2], qg.shape[3]
     scale = 1 / math.sqrt(D) if scale is None else scale
     kd, vd = k.to(dt)[:, :, None], v.to(dt)[:, :, None]
@@ -80,7 +81,7 @@ def anchor_score_terms_blockwise(q, k, v, attn_mask=None, is_causal=False, scale
     that yields o and the row log-sum-exp; pass 2 revisits the tiles with A = exp(s - lse)."""
     dt = torch.promote_types(q.dtype, torch.float32)
     B, Hkv, T, D = k.shape
-    qg = _group(q.to(dt), Hkv)
+    qg = group_query_heads(q.to(dt), Hkv)
     G, L = qg.shape[2], qg.shape[3]
     scale = 1 / math.sqrt(D) if scale is None else scale
     mask = grouped_mask(attn_mask, B, Hkv, G, L, T)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .anchor_score import group_query_heads
+
 
 def identity(num_heads: int, device=None) -> torch.Tensor:
     """The 'no basis' marker: shapes decide, so a traced graph needs no data-dependent branch."""
@@ -47,10 +49,8 @@ def query_to_basis(q: torch.Tensor, basis_inv: torch.Tensor) -> torch.Tensor:
     """Queries [B, Hq, R, D] -> q A^-T, each query head with the basis of its kv head (GQA)."""
     if is_identity(basis_inv):
         return q
-    B, Hq, R, D = q.shape
-    H = basis_inv.shape[0]
-    grouped = q.float().reshape(B, H, Hq // H, R, D)
-    return torch.einsum("bhgrd,hed->bhgre", grouped, basis_inv).reshape(B, Hq, R, D).to(q.dtype)
+    grouped = group_query_heads(q.float(), basis_inv.shape[0])
+    return torch.einsum("bhgrd,hed->bhgre", grouped, basis_inv).reshape(q.shape).to(q.dtype)
 
 
 def fit_key_basis(keys: torch.Tensor, query_moment: torch.Tensor, sub_dim: int, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
