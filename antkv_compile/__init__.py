@@ -8,19 +8,21 @@
     model = antkv_compile.patch(hf_model, codebooks)     # generate() runs compiled
 """
 
-from .backend import AntKVBackend, antkv_backend, explain, mark_growing
-from .cache import CacheSettings, VQTensor, dequantize
+from .cache import VQTensor, dequantize
 from .calibrate import CalibrationData, calibrate, collect_calibration, fit_codebooks
+from .compile.backend import AntKVBackend, antkv_backend, explain, mark_growing
+from .compile.patch import patch
 from .hf import AntKVCache, use_antkv_attention
-from .patch import patch
-from .quant.codebook import Codebooks, LayerCodebook
+from .quant.codebook import Codebooks, CodebookSide, LayerCodebook
 from .quant.pq import PQSpec
+from .settings import CacheSettings
 
 __all__ = [
     "AntKVBackend",
     "AntKVCache",
     "CacheSettings",
     "CalibrationData",
+    "CodebookSide",
     "Codebooks",
     "LayerCodebook",
     "PQSpec",

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .quant.anchor_score import anchor_score_terms_blockwise, combine, group_query_heads
 from .quant.basis import fit_key_basis, query_to_basis, to_basis
-from .quant.codebook import Codebooks, LayerCodebook, model_fingerprint
+from .quant.codebook import Codebooks, CodebookSide, LayerCodebook, model_fingerprint
 from .quant.kmeans import weighted_kmeans
 from .quant.pq import PRESETS, PQSpec, decode, encode, spec_for_bits
 
@@ -159,7 +159,7 @@ def _fit_layer(data, layer, kspec, vspec, weighted, anchor_frac, iters, seed, km
         w = _token_weights(_anchor_scores(data, layer, kspec, vspec, keys), anchor_frac) if weighted else None
         kc, ke = _fit_side(keys, w, kspec, iters, seed, kmeans_tokens)
         vc, ve = _fit_side(data.values[layer], w, vspec, iters, seed + 1, kmeans_tokens)
-        data.fits[key] = LayerCodebook(kc, vc, kspec, vspec, ke, ve, basis, basis_inv)
+        data.fits[key] = LayerCodebook(CodebookSide(kspec, kc, ke, basis, basis_inv), CodebookSide(vspec, vc, ve))
     return data.fits[key]
 
 
@@ -173,13 +173,13 @@ def attention_error(data: CalibrationData, layer: int, book: LayerCodebook, anch
     k, v, q = data.keys[layer], data.values[layer], data.probe_q[layer]
     n, H, L, D = k.shape
     kb, qb = k, q  # keys and queries in the key basis, if the codebook has one
-    if book.key_basis is not None:
-        kb, qb = to_basis(k, book.key_basis), query_to_basis(q, book.key_basis_inv)
-    score = _anchor_scores(data, layer, book.key_spec, book.value_spec, kb)
+    if book.key.basis is not None:
+        kb, qb = to_basis(k, book.key.basis), query_to_basis(q, book.key.basis_inv)
+    score = _anchor_scores(data, layer, book.key.spec, book.value.spec, kb)
     n_anchor = math.ceil(anchor_frac * L)
     exact = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(n_anchor, -1).indices, True)
-    kq = _dense_with_anchors(kb, book.key_centroids, exact)
-    vq = _dense_with_anchors(v, book.value_centroids, exact)
+    kq = _dense_with_anchors(kb, book.key.centroids, exact)
+    vq = _dense_with_anchors(v, book.value.centroids, exact)
     P = q.shape[2]
     mask = torch.ones(P, L, dtype=torch.bool).tril(L - P)  # probe i sits at position L - P + i
 
@@ -225,6 +225,9 @@ def fit_codebooks(
     kv_split: "auto" (measure the candidates of `kv_candidates`, keep the lowest attention error;
     on a near tie the norm rule decides), "equal", or explicit (key_bits, value_bits).
     per_layer: choose the split per layer instead of one split for the model.
+    anchor_frac: the share of tokens the cache will keep exact as anchors (CacheSettings.anchor_frac):
+    k-means weights are capped at that Anchor Score quantile, the split is scored with that share
+    exact, and the file records it so caches default to it.
     """
     n_layers = len(data.keys)
     if kv_split == "equal":
@@ -278,11 +281,12 @@ def fit_codebooks(
         "mean_key_norm": key_norm,
         "mean_value_norm": value_norm,
         "weighted": weighted,
-        "anchor_frac": anchor_frac,
+        # The cache these codebooks were fitted for: AntKVCache / patch default to it (settings.resolve).
+        "cache": {"anchor_frac": anchor_frac},
         "calibration_tokens": data.num_tokens,
         "kmeans_tokens": kmeans_tokens,
         "key_basis": key_basis,
-        "key_basis_used": [books[c][l].key_basis is not None for l, c in enumerate(chosen)],
+        "key_basis_used": [books[c][l].key.basis is not None for l, c in enumerate(chosen)],
         "iters": iters,
         "seed": seed,
     }

@@ -22,8 +22,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .cache import CacheSettings, VQTensor
+from .cache import VQTensor
 from .quant.codebook import Codebooks, LayerCodebook
+from .settings import CacheSettings, resolve
 
 ATTN_IMPLEMENTATION = "antkv"
 
@@ -35,22 +36,18 @@ class AntKVLayer(DynamicLayer):
         super().__init__()
         self.codebook, self.settings = codebook, settings
 
-    def lazy_initialization(self, key_states, value_states):
+    def lazy_initialization(self, key_states, value_states, *args, **kwargs):
         self.dtype, self.device = key_states.dtype, key_states.device
-        book, batch = self.codebook, key_states.shape[0]
-        for name, states, centroids, error in (
-            ("key", key_states, book.key_centroids, book.key_error),
-            ("value", value_states, book.value_centroids, book.value_error),
-        ):
+        for name, states in (("key", key_states), ("value", value_states)):
+            centroids = self.codebook.sides()[name].centroids
             if states.shape[1] != centroids.shape[0] or states.shape[-1] != centroids.shape[1] * centroids.shape[3]:
                 raise ValueError(
                     f"{name} states of shape {tuple(states.shape)} do not match the codebook "
                     f"[{centroids.shape[0]} kv heads, head_dim {centroids.shape[1] * centroids.shape[3]}]: "
                     f"these codebooks were calibrated for another model"
                 )
-        self.keys = VQTensor.empty(batch, book.key_centroids, book.key_error, self.settings, self.dtype, self.device,
-                                   basis=book.key_basis, basis_inv=book.key_basis_inv)
-        self.values = VQTensor.empty(batch, book.value_centroids, book.value_error, self.settings, self.dtype, self.device)
+        batch = key_states.shape[0]
+        self.keys, self.values = (VQTensor.empty(batch, side, self.settings, self.dtype, self.device) for side in (self.codebook.key, self.codebook.value))
         self.is_initialized = True
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -64,13 +61,15 @@ class AntKVLayer(DynamicLayer):
 
 
 class AntKVCache(Cache):
-    """An HF cache that stores every layer's K and V vector-quantized (see cache.py)."""
+    """An HF cache that stores every layer's K and V vector-quantized (see cache.py). Settings:
+    `settings=CacheSettings(...)` or keyword arguments (window, anchor_frac, error, exact_dtype);
+    unset ones come from what the codebooks were calibrated with (settings.resolve)."""
 
     def __init__(self, codebooks: Codebooks, settings: CacheSettings | None = None, config=None, **setting_kwargs):
         if config is not None:
             codebooks.check_model(config)
-        settings = settings or CacheSettings(**setting_kwargs)
-        super().__init__(layers=[AntKVLayer(book, settings) for book in codebooks.layers])
+        self.settings = resolve(codebooks, settings, **setting_kwargs)
+        super().__init__(layers=[AntKVLayer(book, self.settings) for book in codebooks.layers])
 
     def cache_nbytes(self) -> int:
         """Bytes held by the compressed K and V of all layers (codebooks not included)."""

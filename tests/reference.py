@@ -60,13 +60,14 @@ def dense_from_parts(codes, centroids, anchor_rows, anchor_pos, window) -> torch
 
 
 def attention_from_parts(q, k, v, mask, scale, is_causal):
-    """(out, lse, S0, S1) in float64 over a compressed K and V given as (codes, centroids,
-    anchor_rows, anchor_pos, window): out from torch SDPA on the dense cache (causal, top-left,
+    """(out, lse, S0, S1) in float64 over a compressed K and V given as records with the fields
+    codes, centroids, anchor_rows, anchor_pos, window (read by name): out from torch SDPA on the dense cache (causal, top-left,
     folded into the mask when both are given, which SDPA itself refuses); S0, S1 [B, Hkv, Tw] the
     Anchor Score sums of the window tokens over the queries and query heads of their kv head."""
     B, Hq, L, D = q.shape
-    kd, vd = dense_from_parts(*k), dense_from_parts(*v)
-    Hkv, T, Tw = kd.shape[1], kd.shape[2], k[4].shape[2]
+    parts = ("codes", "centroids", "anchor_rows", "anchor_pos", "window")
+    kd, vd = (dense_from_parts(*(getattr(x, f) for f in parts)) for x in (k, v))
+    Hkv, T, Tw = kd.shape[1], kd.shape[2], k.window.shape[2]
     G = Hq // Hkv
     scale = 1 / math.sqrt(D) if scale is None else scale
     keep = torch.ones(L, T, dtype=torch.bool).tril() if is_causal else None

@@ -1,4 +1,4 @@
-"""The compressed cache: every op equals the same op on its dequantized form (DESIGN.md contract 1),
+"""The compressed cache: every op equals the same op on its dequantized form (docs/DESIGN.md contract 1),
 quantize-on-write, anchor selection, crop / batch select, bytes held."""
 
 import math
@@ -10,14 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from reference import nearest_centroid_decode
 
-from antkv_compile.cache import CacheSettings, VQTensor, dequantize
+from antkv_compile import CacheSettings, CodebookSide, VQTensor, dequantize
 from antkv_compile.quant.pq import spec_for_bits
 
 
 def _codebook(heads, head_dim, bits, g):
     spec = spec_for_bits(bits)
     S = spec.num_subspaces(head_dim)
-    return torch.randn(heads, S, spec.num_centroids, spec.sub_dim, generator=g), torch.rand(heads, generator=g)
+    return spec, torch.randn(heads, S, spec.num_centroids, spec.sub_dim, generator=g), torch.rand(heads, generator=g)
 
 
 def _basis(heads, head_dim, g):
@@ -29,9 +29,9 @@ def _basis(heads, head_dim, g):
 
 
 def _empty(batch, heads, head_dim, bits, settings, g, dtype=torch.float32, basis=False):
-    centroids, err = _codebook(heads, head_dim, bits, g)
+    spec, centroids, err = _codebook(heads, head_dim, bits, g)
     a, a_inv = _basis(heads, head_dim, g) if basis else (None, None)
-    return VQTensor.empty(batch, centroids, err, settings, dtype=dtype, basis=a, basis_inv=a_inv)
+    return VQTensor.empty(batch, CodebookSide(spec, centroids, err, a, a_inv), settings, dtype=dtype)
 
 
 def _sdpa_both(q, kc, vc, mask=None, **kw):
@@ -220,8 +220,21 @@ def test_bad_input_errors():
         cache.append(torch.zeros(1, 2, 3, 32, dtype=torch.int32))
     with pytest.raises(ValueError, match="cannot append"):
         cache.append(torch.zeros(1, 3, 3, 32))
-    with pytest.raises(ValueError, match="invalid cache settings"):
-        CacheSettings(error="median")
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(error="median"), ValueError, "error must be 'actual' or 'expected', got 'median'"),
+    (dict(window=2.5), TypeError, "window must be an int .* got 2.5 of type float"),
+    (dict(window="8"), TypeError, "window must be an int .* got '8' of type str"),
+    (dict(window=True), TypeError, "window must be an int .* got True of type bool"),
+    (dict(window=-1), ValueError, "window must be >= 0"),
+    (dict(anchor_frac="0.1"), TypeError, "anchor_frac must be a float"),
+    (dict(anchor_frac=1.5), ValueError, r"anchor_frac must be in \[0, 1\]"),
+    (dict(exact_dtype=torch.int8), TypeError, "exact_dtype must be None or one of"),
+])
+def test_bad_settings_name_the_setting(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        CacheSettings(**kwargs)
 
 
 def test_one_bit_cache_at_4096_tokens_is_under_a_tenth_of_fp16():

@@ -1,5 +1,5 @@
 """antkv_backend on a hand-written nanoGPT-style model with a tuple cache: every site kind is
-rewritten and the compiled model equals the eager model on the compressed cache (DESIGN.md
+rewritten and the compiled model equals the eager model on the compressed cache (docs/DESIGN.md
 contract 2); what the pass cannot prove is declined with its reason and computes exactly what the
 uncompiled model computes (contract 3); the decode graph Inductor compiles holds no dense K/V of
 the cache's length.
@@ -8,13 +8,12 @@ Most runs use `AntKVBackend(inductor=False)`: the rewritten graph runs without I
 checks the pass in seconds; the tests marked "Inductor" compile for real."""
 
 import copy
-import dataclasses
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from nano import NanoGPT, prefix_mask, random_codebooks, softmax_scale, vq_past
+from helpers import NanoGPT, prefix_mask, random_codebooks, softmax_scale, vq_past
 
 import antkv_compile as ak
 from antkv_compile import AntKVBackend, CacheSettings, VQTensor, dequantize
@@ -38,14 +37,13 @@ def _eager_twin(model):
     return twin
 
 
-def _run(model, backend, books, settings, batch, steps, mask_kind, seed=0):
-    """settings.seq_dim is the model's cache layout."""
+def _run(model, backend, books, settings, batch, steps, mask_kind, seed=0, seq_dim=2):
     """Prefill + decode / chunks through `backend` and eagerly on VQTensor caches; asserts the
-    logits agree at every step and returns the compiled caches."""
+    logits agree at every step and returns the compiled caches. `seq_dim`: the model's cache layout."""
     g = torch.Generator().manual_seed(seed)
     twin = _eager_twin(model)
     compiled = torch.compile(model, backend=backend)
-    past, ref_past = model.empty_past(batch, settings.seq_dim), vq_past(books, batch, dataclasses.replace(settings, seq_dim=2))
+    past, ref_past = model.empty_past(batch, seq_dim), vq_past(books, batch, settings)
     pad = torch.randint(0, 3, (batch,), generator=g)
     T = 0
     for n in steps:
@@ -59,7 +57,7 @@ def _run(model, backend, books, settings, batch, steps, mask_kind, seed=0):
         assert all(isinstance(t, VQTensor) for layer in past for t in layer)
     for layer, ref_layer in zip(past, ref_past):
         for t, r in zip(layer, ref_layer):
-            r = dequantize(r) if settings.seq_dim == 2 else dequantize(r).transpose(1, 2)
+            r = dequantize(r) if seq_dim == 2 else dequantize(r).transpose(1, 2)
             torch.testing.assert_close(dequantize(t), r, rtol=1e-4, atol=1e-4)
     return past
 
@@ -86,9 +84,9 @@ def test_compiled_equals_eager_on_the_compressed_cache(seed, batch, heads, gqa, 
     torch.manual_seed(seed)
     model = NanoGPT(n_layer=1, n_head=n_head, n_kv_head=n_kv, gqa=gqa, scale=softmax_scale(16) if scale else None, seq_dim=seq_dim).eval()
     books = random_codebooks(1, n_kv, 16, seed=seed, key_basis=key_basis)
-    settings = CacheSettings(window=window, anchor_frac=0.3, seq_dim=seq_dim, exact_dtype=exact_dtype)
+    settings = CacheSettings(window=window, anchor_frac=0.3, exact_dtype=exact_dtype)
     backend = AntKVBackend(books, inductor=False, window=window, anchor_frac=0.3, exact_dtype=exact_dtype)
-    past = _run(model, backend, books, settings, batch, steps, mask_kind, seed)
+    past = _run(model, backend, books, settings, batch, steps, mask_kind, seed, seq_dim)
     assert backend.sites and all(site.rewritten for site in backend.sites), backend.sites
     assert all(t.dtype == torch.float32 and t.window.dtype == (exact_dtype or torch.float32) for layer in past for t in layer)
 
@@ -126,8 +124,11 @@ def test_settings_pass_like_torch_compile_options():
     with torch.no_grad():
         _, present = torch.compile(model, backend=AntKVBackend(books, anchor_frac=0.5, inductor=False))(ids, past)
     assert present[1][1].settings == CacheSettings(anchor_frac=0.5)
-    with pytest.raises(TypeError, match="unknown antkv settings"):
+    with pytest.raises(TypeError, match="unknown cache settings"):
         AntKVBackend(books, windw=3)
+    # (Dynamo wraps what the backend raises in BackendCompilerFailed, keeping the message)
+    with pytest.raises(Exception, match=r"unknown option 'windw' \(did you mean 'window'"):
+        torch.compile(model, backend="antkv", options={"codebooks": books, "windw": 8, "inductor": False})(ids, past)
 
 
 DECLINES = {
@@ -294,7 +295,7 @@ def test_a_cache_in_b_t_h_d_layout():
     """VQTensor with seq_dim=1 (eager): [B, T, H, D], cat on dim 1 appends; other ops (transpose)
     see its dequantized form."""
     books = random_codebooks(1, 2, 16)
-    ((k, _),) = vq_past(books, 2, CacheSettings(window=2, anchor_frac=0.5, seq_dim=1))
+    ((k, _),) = vq_past(books, 2, CacheSettings(window=2, anchor_frac=0.5), seq_dim=1)
     ((ref, _),) = vq_past(books, 2, CacheSettings(window=2, anchor_frac=0.5))
     g = torch.Generator().manual_seed(0)
     for n in (5, 1, 2):

@@ -6,7 +6,7 @@ AntKVCache run, and `patch()` makes generate() work compiled with a bounded numb
 import pytest
 import torch
 import transformers as tf
-from nano import random_codebooks
+from helpers import random_codebooks
 from transformers import DynamicCache
 
 import antkv_compile as ak

@@ -1,4 +1,4 @@
-"""The CPU kernel of antkv::attention (antkv_compile/cpu/) against dense float64 attention on the
+"""The CPU kernel of antkv::attention (antkv_compile/ops/cpu/) against dense float64 attention on the
 cache it stands for, built from the raw inner tensors (tests/reference.py: no package code)."""
 
 import math
@@ -7,9 +7,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from helpers import full_side
 from reference import attention_from_parts
 
-from antkv_compile import cpu, ops
+from antkv_compile import ops
+from antkv_compile.ops import cpu
 
 # (sub_dim, code_bits): 4, 2, 1, 0.5, 0.375 bits, and 10-bit codes (int16, 1024 centroids).
 SPECS = [(2, 8), (4, 8), (8, 8), (16, 8), (16, 6), (8, 10)]
@@ -27,7 +29,7 @@ def _side(g, B, H, Tc, Tw, A, D, spec, dtype, empty_slots, codes_view):
     A = min(A, Tc)
     pos = torch.stack([torch.randperm(Tc, generator=g)[:A] for _ in range(B * H)]).view(B, H, A).to(torch.int32)
     pos = pos.masked_fill(torch.rand(B, H, A, generator=g) < empty_slots, -1)
-    return dict(
+    return full_side(
         codes=codes,
         centroids=torch.randn(H, S, K, d, generator=g),
         anchor_rows=torch.randn(B, H, A, D, generator=g).to(dtype),
@@ -40,14 +42,8 @@ def _side(g, B, H, Tc, Tw, A, D, spec, dtype, empty_slots, codes_view):
 def _reference(q, k, v, mask, is_causal, scale):
     """(out, window score) in float64 (tests/reference.py): SDPA on the dense K / V and the Anchor
     Score of the window tokens, AS_t = e_k,t * S1_t + e_v,t * S0_t."""
-    parts = ("codes", "centroids", "anchor_rows", "anchor_pos", "window")
-    out, _, s0, s1 = attention_from_parts(q, [k[n] for n in parts], [v[n] for n in parts], mask, scale, is_causal)
-    return out, k["window_err"].double() * s1 + v["window_err"].double() * s0
-
-
-def _args(q, k, v, mask, is_causal, scale):
-    names = ("codes", "centroids", "anchor_rows", "anchor_pos", "window", "window_err")
-    return (q, *(k[n] for n in names), *(v[n] for n in names), mask, is_causal, scale)
+    out, _, s0, s1 = attention_from_parts(q, k, v, mask, scale, is_causal)
+    return out, k.window_err.double() * s1 + v.window_err.double() * s0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -97,10 +93,8 @@ def test_kernel_equals_dense_attention_on_the_dequantized_cache(
         "padding": keep,
         "additive": torch.where(keep, 0.0, -math.inf) + torch.randn(shape, generator=g),
     }[mask_kind]
-    args = _args(q, k, v, mask, is_causal, scale)
-
-    assert cpu.supported(q, k["codes"])  # the kernel, not the fallback, is under test
-    out, score = cpu.attention(*args, chunk_tokens=chunk_tokens)
+    assert cpu.supported(q, k)  # the kernel, not the fallback, is under test
+    out, score = cpu.attention(q, k, v, mask, is_causal, scale, chunk_tokens=chunk_tokens)
     ref_out, ref_score = _reference(q, k, v, mask, is_causal, scale)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype and out.shape == q.shape and score.shape == (B, H, window)
@@ -108,7 +102,7 @@ def test_kernel_equals_dense_attention_on_the_dequantized_cache(
     biggest = ref_score.abs().max().item() if ref_score.numel() else 0.0
     torch.testing.assert_close(score.double(), ref_score, rtol=1e-3, atol=1e-3 * (1 + biggest))
     # the custom op on CPU tensors dispatches to the same kernel
-    op_out, op_score = torch.ops.antkv.attention(*args)
+    op_out, op_score = torch.ops.antkv.attention(q, list(k), list(v), mask, is_causal, scale)
     if chunk_tokens == 2048:  # same split of the sequence: same result to the bit
         assert torch.equal(op_out, out) and torch.equal(op_score, score)
     torch.testing.assert_close(op_out, out, rtol=tol, atol=tol)
@@ -123,9 +117,9 @@ def test_kernel_and_reference_agree_where_the_op_switches(seed, q_len, spec):
     v = _side(g, B, H, 200, 8, 3, D, spec, torch.float32, 0.3, False)
     q = torch.randn(B, H * G, q_len, D, generator=g)
     mask = torch.randn(B, 1, q_len, 208, generator=g)
-    args = _args(q, k, v, mask, False, None)  # not causal: top-left causal would hide all but the first keys
-    out, score = cpu.attention(*args, chunk_tokens=32)
-    ref_out, ref_score = ops._attention_reference(*args)
+    # not causal: top-left causal would hide all but the first keys
+    out, score = cpu.attention(q, k, v, mask, False, None, chunk_tokens=32)
+    ref_out, ref_score = ops.attention_reference(q, k, v, mask, False, None)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(score, ref_score, rtol=1e-4, atol=1e-5)
 
@@ -135,11 +129,11 @@ def test_large_calls_fall_back_to_the_reference(monkeypatch):
     k = _side(g, 1, 1, 50, 4, 2, 32, (8, 8), torch.float32, 0.0, False)
     v = _side(g, 1, 1, 50, 4, 2, 32, (8, 8), torch.float32, 0.0, False)
     q = torch.randn(1, 2, 3, 32, generator=g)
-    assert cpu.supported(q, k["codes"])
+    assert cpu.supported(q, k)
     monkeypatch.setattr(cpu, "MAX_ROWS", 4)
-    assert not cpu.supported(q, k["codes"])
+    assert not cpu.supported(q, k)
     called = []
     monkeypatch.setattr(cpu, "attention", lambda *a: called.append(1))
-    out, _ = torch.ops.antkv.attention(*_args(q, k, v, None, False, None))
+    out, _ = torch.ops.antkv.attention(q, list(k), list(v), None, False, None)
     assert not called
     torch.testing.assert_close(out.double(), _reference(q, k, v, None, False, None)[0], rtol=1e-4, atol=1e-4)

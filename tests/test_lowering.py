@@ -1,4 +1,4 @@
-"""The Inductor lowering of antkv::attention (antkv_compile/lowering.py), checked without a GPU.
+"""The Inductor lowering of antkv::attention (antkv_compile/inductor/attention.py), checked without a GPU.
 
 The lowering is run for real on Inductor IR inputs that claim to live on a CUDA device (a
 GraphLowering with InputBuffers on cuda:0; the few places where Inductor asks the CUDA driver
@@ -39,11 +39,13 @@ from torch._inductor.virtualized import V  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: E402
 
-import antkv_compile.lowering as low  # noqa: E402
-from antkv_compile.attention import VQParts, vq_attention  # noqa: E402
-from antkv_compile.templates.vq_attention import _anchor_slots  # noqa: E402
+import antkv_compile.inductor.attention as low  # noqa: E402
+from antkv_compile.ops.reference import vq_attention  # noqa: E402
+from antkv_compile.quant.basis import query_to_basis  # noqa: E402
+from antkv_compile.ops.triton.attention import _anchor_slots  # noqa: E402
+from antkv_compile.state import Side  # noqa: E402
 
-from test_triton_attention import random_parts  # noqa: E402
+from helpers import random_parts  # noqa: E402
 
 CUDA = torch.device("cuda", 0)
 _REAL_PROPS = DeviceProperties.create
@@ -57,13 +59,9 @@ def _sm90_props(device):
     return _REAL_PROPS(device)
 
 
-# (the op's argument, name of the graph input) for tensor arguments
-_TENSOR_ARGS = ("q", "k_codes", "k_centroids", "k_anchor_rows", "k_anchor_pos", "k_window", "k_window_err",
-                "v_codes", "v_centroids", "v_anchor_rows", "v_anchor_pos", "v_window", "v_window_err")
-
-
-_SEQ_INPUTS = {"k_codes": "T", "v_codes": "T", "k_window": "Tw", "v_window": "Tw", "k_window_err": "Tw",
-               "v_window_err": "Tw"}
+# Names of the graph inputs: q, then each side's fields as k_<field>, v_<field>.
+_TENSOR_ARGS = ("q", *(f"{side}_{f}" for side in "kv" for f in Side._fields))
+_SEQ_INPUTS = {f"{side}_{f}": ("T" if f == "codes" else "Tw") for side in "kv" for f in ("codes", "window", "window_err", "window_score")}
 
 
 def lower(args: dict, device=CUDA, dynamic=False):
@@ -95,6 +93,8 @@ def lower(args: dict, device=CUDA, dynamic=False):
         return box
 
     ir_args = {k: (ir_input(k, v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    ir_args = dict(q=ir_args["q"], key=[ir_args[f"k_{f}"] for f in Side._fields], value=[ir_args[f"v_{f}"] for f in Side._fields],
+                   attn_mask=ir_args["attn_mask"], is_causal=ir_args["is_causal"], scale=ir_args["scale"])
     with (
         V.set_graph_handler(graph),
         V.set_fake_mode(FakeTensorMode(shape_env=graph.sizevars.shape_env)),
@@ -142,10 +142,13 @@ def run_choice(choice, tensors: list[torch.Tensor], out: torch.Tensor) -> str:
     return source
 
 
-def make_case(seed, B, Hkv, G, L, T, Tw, A, S, K, d, dtype, mask_kind, is_causal):
+def make_case(seed, B, Hkv, G, L, T, Tw, A, S, K, d, dtype, mask_kind, is_causal, key_basis=False):
     g = torch.Generator().manual_seed(seed)
-    k = random_parts(g, B, Hkv, T, Tw, A, S, K, d, dtype)
-    v = random_parts(g, B, Hkv, T, Tw, A, S, K, d, dtype)
+    k = random_parts(g, B, Hkv, T, Tw, A, S, K, d, dtype, window_err=True)
+    if key_basis:  # a well-conditioned random A per kv head: the lowering maps q by A^-T itself
+        a = torch.eye(S * d) + 0.3 * torch.randn(Hkv, S * d, S * d, generator=g) / (S * d) ** 0.5
+        k = k._replace(basis=a, basis_inv=torch.linalg.inv(a))
+    v = random_parts(g, B, Hkv, T, Tw, A, S, K, d, dtype, window_err=True)
     q = torch.randn(B, G * Hkv, L, S * d, generator=g).to(dtype)
     mask = None
     if mask_kind == "padding":
@@ -153,9 +156,8 @@ def make_case(seed, B, Hkv, G, L, T, Tw, A, S, K, d, dtype, mask_kind, is_causal
         mask = (torch.arange(T) >= pad[:, None])[:, None, None, :]  # [B, 1, 1, T] bool
     args = dict(q=q, attn_mask=mask, is_causal=is_causal, scale=None)
     for side, parts in (("k", k), ("v", v)):
-        for field in ("codes", "centroids", "anchor_rows", "anchor_pos", "window"):
+        for field in Side._fields:
             args[f"{side}_{field}"] = getattr(parts, field)
-        args[f"{side}_window_err"] = torch.rand(B, Hkv, Tw, generator=g)
     return args
 
 
@@ -167,11 +169,14 @@ CASES = [
     # top-left causal hides the window from a single query, so the scores would all be 0.)
     dict(seed=1, B=1, Hkv=2, G=2, L=1, T=30, Tw=9, A=2, S=4, K=16, d=8, dtype=torch.float16,
          mask_kind="none", is_causal=False),
+    # a key basis: the query goes through q A^-T (Inductor IR) before the templates
+    dict(seed=2, B=1, Hkv=2, G=3, L=1, T=40, Tw=5, A=3, S=4, K=16, d=8, dtype=torch.float32,
+         mask_kind="padding", is_causal=False, key_basis=True),
 ]
 
 
-@pytest.mark.parametrize("case, all_configs, dynamic", [(CASES[0], True, False), (CASES[1], False, True)],
-                         ids=["fp32-mask-gqa3", "fp16-dynamic"])
+@pytest.mark.parametrize("case, all_configs, dynamic", [(CASES[0], True, False), (CASES[1], False, True), (CASES[2], False, False)],
+                         ids=["fp32-mask-gqa3", "fp16-dynamic", "fp32-key-basis"])
 def test_rendered_templates_match_the_op(case, all_configs, dynamic):
     """Every rendered decode configuration of the first case (the interpreter costs ~35 ms per
     program, empty splits included), the first of the second, each followed by the window-score
@@ -189,20 +194,21 @@ def test_rendered_templates_match_the_op(case, all_configs, dynamic):
     if dynamic:  # the lengths reach the kernels as arguments, not constants
         assert any(isinstance(x, sympy.Symbol) for x in score_ir.get_size())
 
-    # The PyTorch reference the op is defined by (attention.py), as ops.attention combines it.
-    k = VQParts(*(args[f"k_{f}"] for f in VQParts._fields))
-    v = VQParts(*(args[f"v_{f}"] for f in VQParts._fields))
-    want_out, s1, s0 = vq_attention(q, k, v, mask, case["is_causal"], None)
+    # The PyTorch reference the op is defined by (ops/reference.py), as ops.attention combines it.
+    k = Side(*(args[f"k_{f}"] for f in Side._fields))
+    v = Side(*(args[f"v_{f}"] for f in Side._fields))
+    qb = query_to_basis(q, k.basis_inv)  # q itself without a basis
+    want_out, s1, s0 = vq_attention(qb, k, v, mask, case["is_causal"], None)
     want_score = args["k_window_err"] * s1 + args["v_window_err"] * s0
 
     # Operands the lowering computes as IR, computed here with the torch code they mirror.
     scale = 1 / math.sqrt(D)
     t_enc = T - Tw
     S, d = case["S"], case["d"]
-    lut = torch.einsum("bhmsd,hskd->bhmsk", q.float().reshape(B, Hkv, -1, S, d) * scale,
+    lut = torch.einsum("bhmsd,hskd->bhmsk", qb.float().reshape(B, Hkv, -1, S, d) * scale,
                        args["k_centroids"]).flatten(-2).contiguous()
     roles = dict(
-        Q=q, KC=args["k_codes"], KCENT=args["k_centroids"], KROWS=args["k_anchor_rows"], KWIN=args["k_window"],
+        Q=qb, KC=args["k_codes"], KCENT=args["k_centroids"], KROWS=args["k_anchor_rows"], KWIN=args["k_window"],
         VC=args["v_codes"], VCENT=args["v_centroids"], VROWS=args["v_anchor_rows"], VWIN=args["v_window"],
         KSLOT=_anchor_slots(args["k_anchor_pos"], t_enc).int().contiguous(),
         VSLOT=_anchor_slots(args["v_anchor_pos"], t_enc).int().contiguous(), LUT=lut,
@@ -214,7 +220,7 @@ def test_rendered_templates_match_the_op(case, all_configs, dynamic):
     window_names = [n for n in low.WINDOW_SCORES_INPUTS if n != "MASK" or mask is not None]
     assert len(decode_names) == len(decode_nodes) and len(window_names) == len(window_nodes)
     for name, node in zip(decode_names, decode_nodes):
-        if name in ("Q", "KC", "KCENT", "KROWS", "KWIN", "VC", "VCENT", "VROWS", "VWIN"):
+        if name in ("Q", "KC", "KCENT", "KROWS", "KWIN", "VC", "VCENT", "VROWS", "VWIN") and not (name == "Q" and case.get("key_basis")):
             assert node.get_name() in _TENSOR_ARGS  # graph inputs go straight to the template
 
     for choice in decode_choices if all_configs else decode_choices[:1]:
@@ -345,7 +351,7 @@ def test_backend_registers_the_lowering_when_it_calls_inductor():
     script = """
 import sys, torch
 import antkv_compile
-assert "antkv_compile.lowering" not in sys.modules, "imported at start-up"
+assert "antkv_compile.inductor.attention" not in sys.modules, "imported at start-up"
 from torch._inductor.lowering import user_lowerings
 torch.compile(lambda x: x + 1, backend=antkv_compile.AntKVBackend())(torch.ones(2))
 assert torch.ops.antkv.attention.default in user_lowerings, "not registered when compiling"
@@ -358,8 +364,8 @@ def test_template_source_is_the_kernels_source():
     """The template text holds the standalone kernels' device functions verbatim."""
     import inspect
 
-    from antkv_compile.templates import vq_attention as kernels
-    from antkv_compile.templates import vq_attention_template as tmpl
+    from antkv_compile.inductor import attention_template as tmpl
+    from antkv_compile.ops.triton import attention as kernels
 
     for fn in (kernels.vq_decode_program, kernels.vq_window_scores_program, kernels._decode_codes_split):
         assert inspect.getsource(fn.fn) in tmpl.DECODE_TEMPLATE

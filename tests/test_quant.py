@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from reference import anchor_score_terms_loops, nearest_centroid_decode
 
 from antkv_compile.quant.anchor_score import anchor_score_terms_blockwise, anchor_score_terms_dense, combine
-from antkv_compile.quant.codebook import Codebooks, LayerCodebook, model_fingerprint
+from antkv_compile.quant.codebook import Codebooks, CodebookSide, LayerCodebook, model_fingerprint
 from antkv_compile.quant.kmeans import weighted_kmeans
 from antkv_compile.quant.pq import PRESETS, PQSpec, check_dtype, decode, encode, spec_for_bits
 
@@ -164,10 +164,9 @@ def _books(config=_Config, kspec=PQSpec(8, 8), vspec=PQSpec(16, 6)):
     H, D = config.num_key_value_heads, config.head_dim
     layers = [
         LayerCodebook(
-            torch.randn(H, D // kspec.sub_dim, kspec.num_centroids, kspec.sub_dim),
-            torch.randn(H, D // vspec.sub_dim, vspec.num_centroids, vspec.sub_dim),
-            kspec, vspec, torch.rand(H), torch.rand(H),
-            *((torch.randn(H, D, D), torch.randn(H, D, D)) if i == 0 else (None, None)),  # a key basis on layer 0 only
+            CodebookSide(kspec, torch.randn(H, D // kspec.sub_dim, kspec.num_centroids, kspec.sub_dim), torch.rand(H),
+                         *((torch.randn(H, D, D), torch.randn(H, D, D)) if i == 0 else (None, None))),  # a key basis on layer 0 only
+            CodebookSide(vspec, torch.randn(H, D // vspec.sub_dim, vspec.num_centroids, vspec.sub_dim), torch.rand(H)),
         )  # fmt: skip
         for i in range(config.num_hidden_layers)
     ]
@@ -180,10 +179,12 @@ def test_codebook_file_round_trip(tmp_path):
     loaded = Codebooks.load(tmp_path / "cb.safetensors", config=_Config)
     assert loaded.fingerprint == books.fingerprint and loaded.settings == books.settings
     for a, b in zip(books.layers, loaded.layers):
-        assert a.key_spec == b.key_spec and a.value_spec == b.value_spec
-        for name in ("key_centroids", "value_centroids", "key_error", "value_error", "key_basis", "key_basis_inv"):
-            x, y = getattr(a, name), getattr(b, name)
-            assert (x is None and y is None) or torch.equal(x, y), name
+        for what in ("key", "value"):
+            x_side, y_side = getattr(a, what), getattr(b, what)
+            assert x_side.spec == y_side.spec
+            for name in ("centroids", "error", "basis", "basis_inv"):
+                x, y = getattr(x_side, name), getattr(y_side, name)
+                assert (x is None and y is None) or torch.equal(x, y), f"{what}.{name}"
     assert loaded.average_bits == pytest.approx((1 + 0.375) / 2)
 
 
@@ -266,7 +267,7 @@ def test_key_basis_lowers_attention_error_when_queries_favour_some_directions():
     errors = {}
     for key_basis in (False, True):
         books = fit_codebooks(data, bits=1.0, kv_split="equal", kmeans_tokens=1024, iters=8, key_basis=key_basis, progress=False)
-        assert (books[0].key_basis is not None) == key_basis
+        assert (books[0].key.basis is not None) == key_basis
         errors[key_basis] = attention_error(data, 0, books[0], 0.01)
     assert errors[True] < 0.8 * errors[False], errors
 

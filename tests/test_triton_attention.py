@@ -3,28 +3,20 @@ a float64 reference: dequantize the cache, then torch SDPA and the dense Anchor 
 
 import math
 import os
-from typing import NamedTuple
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import given, strategies as st  # noqa: E402
+from helpers import random_parts  # noqa: E402
 from reference import attention_from_parts  # noqa: E402
 
-from antkv_compile.templates.vq_attention import (  # noqa: E402
+from antkv_compile.ops.triton.attention import (  # noqa: E402
     vq_decode_attention,
     vq_prefill_attention,
     vq_window_scores,
 )
-
-
-class Parts(NamedTuple):
-    codes: torch.Tensor
-    centroids: torch.Tensor
-    anchor_rows: torch.Tensor
-    anchor_pos: torch.Tensor
-    window: torch.Tensor
 
 
 # --- comparing with the reference (reference.attention_from_parts) -------------------------------
@@ -38,27 +30,6 @@ def assert_close_scaled(got, want, tol):
 
 
 # --- random caches ------------------------------------------------------------------------------
-
-
-def random_parts(g, B, H, T, Tw, A, S, K, d, dtype) -> Parts:
-    """Random codes, centroids and exact rows; A anchor slots per (b, h) at distinct encoded
-    positions, a random share of them empty (-1), ragged across (b, h)."""
-    D = S * d
-    codes = torch.randint(0, K, (B, H, T, S), generator=g).to(torch.uint8 if K <= 256 else torch.int16)
-    pos = torch.full((B, H, A), -1, dtype=torch.int32)
-    T_enc = T - Tw
-    for b in range(B):
-        for h in range(H):
-            n = min(A, T_enc, int(torch.randint(0, A + 1, (), generator=g)))
-            slots = torch.randperm(A, generator=g)[:n]
-            pos[b, h, slots] = torch.randperm(T_enc, generator=g)[:n].int()
-    return Parts(
-        codes=codes,
-        centroids=torch.randn(H, S, K, d, generator=g),
-        anchor_rows=torch.randn(B, H, A, D, generator=g).to(dtype),
-        anchor_pos=pos,
-        window=torch.randn(B, H, Tw, D, generator=g).to(dtype),
-    )
 
 
 def random_mask(g, kind, B, Hq, L, T):

@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import given, strategies as st  # noqa: E402
 
-from antkv_compile.templates.encode import vq_encode  # noqa: E402
+from antkv_compile.ops.triton.encode import vq_encode  # noqa: E402
 
 
 def reference_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

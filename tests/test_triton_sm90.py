@@ -22,23 +22,23 @@ SM90_MAX_SHARED = 227 * 1024
 _CACHE_PTRS = {f"{s}{n}_ptr": t for s in "kv" for n, t in
                [("codes", "*u8"), ("cent", "*fp32"), ("slot", "*i16"), ("rows", "*fp16"), ("win", "*fp16")]}
 CASES = {
-    "decode_d64": ("vq_attention.vq_decode_kernel", ("decode_config", (3, 1, 64, 64)),
+    "decode_d64": ("attention.vq_decode_kernel", ("decode_config", (3, 1, 64, 64)),
                    dict(KK=256, DV_SUB=8, BLOCK_SK=8, HAS_MASK=True, IS_CAUSAL=False),
                    {"q_ptr": "*fp16", "mask_ptr": "*fp32", "lut_ptr": "*fp32", "o_ptr": "*fp32",
                     "lse_ptr": "*fp32", **_CACHE_PTRS}),
-    "decode_d128": ("vq_attention.vq_decode_kernel", ("decode_config", (4, 1, 128, 128)),
+    "decode_d128": ("attention.vq_decode_kernel", ("decode_config", (4, 1, 128, 128)),
                     dict(KK=256, DV_SUB=8, BLOCK_SK=16, HAS_MASK=True, IS_CAUSAL=False),
                     {"q_ptr": "*fp16", "mask_ptr": "*fp32", "lut_ptr": "*fp32", "o_ptr": "*fp32",
                      "lse_ptr": "*fp32", **_CACHE_PTRS}),
-    "prefill_d128": ("vq_attention.vq_prefill_kernel", ("prefill_config", (128, 128)),
+    "prefill_d128": ("attention.vq_prefill_kernel", ("prefill_config", (128, 128)),
                      dict(DK_SUB=8, DV_SUB=8, HAS_MASK=True, IS_CAUSAL=True),
                      {"q_ptr": "*fp16", "mask_ptr": "*fp32", "o_ptr": "*fp32", "lse_ptr": "*fp32",
                       **_CACHE_PTRS}),
-    "window_scores_d128": ("vq_attention.vq_window_scores_kernel", ("window_scores_config", (128, 128)),
+    "window_scores_d128": ("attention.vq_window_scores_kernel", ("window_scores_config", (128, 128)),
                            dict(HAS_MASK=True, IS_CAUSAL=False),
                            {"q_ptr": "*fp16", "mask_ptr": "*fp32", "kwin_ptr": "*fp16", "vwin_ptr": "*fp16",
                             "o_ptr": "*fp32", "lse_ptr": "*fp32", "s0_ptr": "*fp32", "s1_ptr": "*fp32"}),
-    "window_scores_d64": ("vq_attention.vq_window_scores_kernel", ("window_scores_config", (64, 64)),
+    "window_scores_d64": ("attention.vq_window_scores_kernel", ("window_scores_config", (64, 64)),
                           dict(HAS_MASK=True, IS_CAUSAL=False),
                           {"q_ptr": "*fp16", "mask_ptr": "*fp32", "kwin_ptr": "*fp16", "vwin_ptr": "*fp16",
                            "o_ptr": "*fp32", "lse_ptr": "*fp32", "s0_ptr": "*fp32", "s1_ptr": "*fp32"}),
@@ -61,7 +61,7 @@ def _load(module_name: str):
     __init__ pulls in transformers: seconds per process)."""
     import importlib.util
 
-    path = Path(__file__).parents[1] / "antkv_compile" / "templates" / f"{module_name}.py"
+    path = Path(__file__).parents[1] / "antkv_compile" / "ops" / "triton" / f"{module_name}.py"
     spec = importlib.util.spec_from_file_location(f"_sm90_{module_name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,14 +1,15 @@
 """Codebooks for a whole model, and their file format (safetensors + JSON metadata, never pickle).
 
-One `LayerCodebook` per attention layer holds the key and the value centroids, each [Hkv, S, K, d]
-with its own `PQSpec` (keys may get more bits than values), the mean quantization error per kv
-head (the "expected error" of the Anchor Score) and, optionally, the key basis the key centroids
-live in (quant/basis.py). The file records the model it was calibrated for,
+One `LayerCodebook` per attention layer holds a `CodebookSide` for keys and one for values: the
+centroids [Hkv, S, K, d] with their own `PQSpec` (keys may get more bits than values), the mean
+quantization error per kv head (the "expected error" of the Anchor Score) and, optionally, the
+basis the centroids live in (quant/basis.py; keys only). The file records the model it was calibrated for,
 so loading it onto another model fails with the field that differs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,31 +24,46 @@ FORMAT_VERSION = 2
 
 
 @dataclass
-class LayerCodebook:
-    key_centroids: torch.Tensor  # [Hkv, S_k, K_k, d_k] float32
-    value_centroids: torch.Tensor  # [Hkv, S_v, K_v, d_v] float32
-    key_spec: PQSpec
-    value_spec: PQSpec
-    key_error: torch.Tensor  # [Hkv] mean ||k - decode(encode(k))|| on calibration data
-    value_error: torch.Tensor  # [Hkv]
-    key_basis: torch.Tensor | None = None  # [Hkv, D, D]: key centroids are centroids of k @ key_basis
-    key_basis_inv: torch.Tensor | None = None
+class CodebookSide:
+    """The codebook of one side (K or V) of one layer."""
 
-    def to(self, device) -> "LayerCodebook":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return LayerCodebook(
-            self.key_centroids.to(device), self.value_centroids.to(device), self.key_spec, self.value_spec,
-            self.key_error.to(device), self.value_error.to(device), move(self.key_basis), move(self.key_basis_inv),
-        )  # fmt: skip
+    spec: PQSpec
+    centroids: torch.Tensor  # [Hkv, S, K, d] float32
+    error: torch.Tensor  # [Hkv] mean ||x - decode(encode(x))|| on calibration data
+    basis: torch.Tensor | None = None  # [Hkv, D, D]: centroids are centroids of x @ basis (keys only)
+    basis_inv: torch.Tensor | None = None
 
-    def tensors(self) -> list[torch.Tensor]:
-        both = (self.key_centroids, self.value_centroids, self.key_error, self.value_error, self.key_basis, self.key_basis_inv)
-        return [t for t in both if t is not None]
+    TENSORS = ("centroids", "error", "basis", "basis_inv")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.TENSORS if getattr(self, n) is not None}
+
+    def to(self, device) -> "CodebookSide":
+        return dataclasses.replace(self, **{n: t.to(device) for n, t in self.tensors().items()})
 
     @property
     def nbytes(self) -> int:
-        """Centroids and basis: what a device must hold to run the layer (errors are a few floats)."""
-        return sum(t.numel() * t.element_size() for t in (self.key_centroids, self.value_centroids, self.key_basis, self.key_basis_inv) if t is not None)
+        """Centroids and basis: what a device must hold to run the side (errors are a few floats)."""
+        return sum(t.numel() * t.element_size() for n, t in self.tensors().items() if n != "error")
+
+
+@dataclass
+class LayerCodebook:
+    key: CodebookSide
+    value: CodebookSide
+
+    def sides(self) -> dict[str, CodebookSide]:
+        return {"key": self.key, "value": self.value}
+
+    def to(self, device) -> "LayerCodebook":
+        return LayerCodebook(self.key.to(device), self.value.to(device))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for side in self.sides().values() for t in side.tensors().values()]
+
+    @property
+    def nbytes(self) -> int:
+        return self.key.nbytes + self.value.nbytes
 
 
 def model_fingerprint(config) -> dict:
@@ -84,7 +100,7 @@ class Codebooks:
 
     @property
     def average_bits(self) -> float:
-        return sum(l.key_spec.bits + l.value_spec.bits for l in self.layers) / (2 * len(self.layers))
+        return sum(l.key.spec.bits + l.value.spec.bits for l in self.layers) / (2 * len(self.layers))
 
     def check_model(self, config) -> None:
         """Raise a ValueError naming every field where `config` differs from the calibrated model."""
@@ -99,14 +115,10 @@ class Codebooks:
     def save(self, path: str | Path) -> None:
         tensors, specs = {}, []
         for i, layer in enumerate(self.layers):
-            tensors[f"layers.{i}.key.centroids"] = layer.key_centroids.float().contiguous().cpu()
-            tensors[f"layers.{i}.value.centroids"] = layer.value_centroids.float().contiguous().cpu()
-            tensors[f"layers.{i}.key.error"] = layer.key_error.float().contiguous().cpu()
-            tensors[f"layers.{i}.value.error"] = layer.value_error.float().contiguous().cpu()
-            if layer.key_basis is not None:
-                tensors[f"layers.{i}.key.basis"] = layer.key_basis.float().contiguous().cpu()
-                tensors[f"layers.{i}.key.basis_inv"] = layer.key_basis_inv.float().contiguous().cpu()
-            specs.append({"key": layer.key_spec.to_dict(), "value": layer.value_spec.to_dict()})
+            for what, side in layer.sides().items():
+                for name, t in side.tensors().items():
+                    tensors[f"layers.{i}.{what}.{name}"] = t.float().contiguous().cpu()
+            specs.append({what: side.spec.to_dict() for what, side in layer.sides().items()})
         meta = {
             "format": "antkv-codebooks",
             "version": str(FORMAT_VERSION),
@@ -129,12 +141,10 @@ class Codebooks:
             raise ValueError(f"{path} has codebook format version {meta['version']}; this antkv_compile reads up to {FORMAT_VERSION}")
         tensors = load_file(str(path), device=str(device))
         layers = [
-            LayerCodebook(
-                tensors[f"layers.{i}.key.centroids"], tensors[f"layers.{i}.value.centroids"],
-                PQSpec(**spec["key"]), PQSpec(**spec["value"]),
-                tensors[f"layers.{i}.key.error"], tensors[f"layers.{i}.value.error"],
-                tensors.get(f"layers.{i}.key.basis"), tensors.get(f"layers.{i}.key.basis_inv"),
-            )  # fmt: skip
+            LayerCodebook(*(
+                CodebookSide(PQSpec(**spec[what]), **{n: tensors.get(f"layers.{i}.{what}.{n}") for n in CodebookSide.TENSORS})
+                for what in ("key", "value")
+            ))
             for i, spec in enumerate(json.loads(meta["layers"]))
         ]
         books = cls(layers, json.loads(meta["fingerprint"]), json.loads(meta["settings"]))

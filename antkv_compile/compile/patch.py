@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from ..hf import use_antkv_attention
+from ..quant.codebook import Codebooks
 from .backend import AntKVBackend
-from .hf import use_antkv_attention
-from .quant.codebook import Codebooks
 
 
 def patch(model, codebooks: Codebooks | None = None, **settings):

@@ -1,9 +1,10 @@
 """Triton attention over the compressed (product-VQ) KV cache.
 
-One side (K or V) of a layer's cache is five plain tensors (`antkv_compile.attention.VQParts`):
+One side (K or V) of a layer's cache is a `state.Side`; the kernels read five of its tensors:
 codes [B, H, T, S] for every position, centroids [H, S, K, d], exact anchor rows [B, H, A, D] at
 anchor_pos [B, H, A] (-1 = empty slot, positions < T - Tw) and an exact window [B, H, Tw, D] of the
-last Tw positions. Every kernel computes SDPA on the dense tensor those stand for.
+last Tw positions. Every kernel computes SDPA on the dense tensor those stand for; the query is
+already in the key basis (ops.attention maps it).
 
 - `vq_decode_attention`: few queries (decode, L <= 16). One program per (batch, kv head, split of
   the sequence) serves all G*L query rows of the group from one read of the codes. Key scores come
@@ -24,14 +25,11 @@ inputs, build the per-position anchor slot maps and pick block sizes.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 import triton
 import triton.language as tl
 
-if TYPE_CHECKING:
-    from antkv_compile.attention import VQParts
+from ...state import Side
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DECODE_QUERIES = 16
@@ -511,7 +509,7 @@ def vq_window_scores_kernel(
 # --- launchers -----------------------------------------------------------------------------------
 
 
-def _check_side(name: str, parts: VQParts, B: int, Hkv: int, dtype: torch.dtype, device) -> None:
+def _check_side(name: str, parts: Side, B: int, Hkv: int, dtype: torch.dtype, device) -> None:
     codes, cent, rows, pos, win = (parts.codes, parts.centroids, parts.anchor_rows,
                                    parts.anchor_pos, parts.window)
     if cent.dtype != torch.float32 or cent.dim() != 4:
@@ -543,7 +541,7 @@ def _check_side(name: str, parts: VQParts, B: int, Hkv: int, dtype: torch.dtype,
         raise ValueError(f"{name}: window of {win.shape[2]} rows exceeds the {codes.shape[2]} positions")
 
 
-def _check_inputs(q: torch.Tensor, k: VQParts, v: VQParts, attn_mask: torch.Tensor | None):
+def _check_inputs(q: torch.Tensor, k: Side, v: Side, attn_mask: torch.Tensor | None):
     """Validate shapes/dtypes; returns (G, T, Tw, additive float mask expanded to [B, Hq, L, T] or None)."""
     if q.dim() != 4:
         raise ValueError(f"q must be [B, Hq, L, D], got {tuple(q.shape)}")
@@ -585,7 +583,7 @@ def _anchor_slots(pos: torch.Tensor, t_enc: int) -> torch.Tensor:
     return slots[:, :, :t_enc]
 
 
-def _side_args(parts: VQParts, slots: torch.Tensor) -> list:
+def _side_args(parts: Side, slots: torch.Tensor) -> list:
     return [parts.codes, *parts.codes.stride(), parts.centroids, *parts.centroids.stride(),
             slots, *slots.stride(), parts.anchor_rows, *parts.anchor_rows.stride(),
             parts.window, *parts.window.stride()]
@@ -624,8 +622,8 @@ def window_scores_config(D: int, DV: int) -> dict:
 
 def vq_decode_attention(
     q: torch.Tensor,
-    k: VQParts,
-    v: VQParts,
+    k: Side,
+    v: Side,
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
     is_causal: bool = False,
@@ -719,8 +717,8 @@ def _window_scores(q, k, v, out, lse, G, T, Tw, mask, scale, is_causal):
 
 def vq_prefill_attention(
     q: torch.Tensor,
-    k: VQParts,
-    v: VQParts,
+    k: Side,
+    v: Side,
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
     is_causal: bool = False,
@@ -741,8 +739,8 @@ def vq_prefill_attention(
 
 def vq_window_scores(
     q: torch.Tensor,
-    k: VQParts,
-    v: VQParts,
+    k: Side,
+    v: Side,
     out: torch.Tensor,
     lse: torch.Tensor,
     attn_mask: torch.Tensor | None = None,

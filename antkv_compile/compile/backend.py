@@ -4,7 +4,7 @@
     model = torch.compile(model, backend=AntKVBackend(books, anchor_frac=0.02))
     model = antkv_compile.patch(hf_model, books)          # generate() runs compiled
 
-The backend runs the graph pass (passes/kv_cache.py) on the Dynamo graph, then hands it to
+The backend runs the graph pass (compile/passes/kv_cache.py) on the Dynamo graph, then hands it to
 Inductor. How the compressed cache crosses calls: a graph's compressed inputs and outputs are
 `VQTensor`s for the user (and for Dynamo, which guards on them like any tensor subclass), but the
 compiled code only sees their inner tensors: the backend flattens `VQTensor` arguments before the
@@ -19,23 +19,25 @@ grows (Dynamo guards the strides that follow it, then makes them dynamic): at mo
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import itertools
 import logging
 
 import torch
 import torch.fx as fx
 
-from .cache import _INNER, CacheSettings, VQTensor
+from .. import settings as _settings
+from ..cache import VQTensor
+from ..quant.codebook import Codebooks
+from ..quant.pq import spec_for_bits
+from ..state import UNBACKED_FIELDS, Side
 from .passes.kv_cache import PassResult, Site, copy_graph_module, kv_cache_pass
-from .quant.codebook import Codebooks
-from .quant.pq import spec_for_bits
 
 log = logging.getLogger(__name__)
 
-_SETTINGS = {f.name for f in dataclasses.fields(CacheSettings)}
 _GRAPH_IDS = itertools.count()
-_UNBACKED = ("anchor_rows", "anchor_pos", "anchor_score", "window", "window_err", "window_score")
+# Options of ours besides the cache settings (settings.NAMES).
+_OPTIONS = ("codebooks", "bits", "inductor")
 
 
 def mark_growing(cache: VQTensor) -> VQTensor:
@@ -44,9 +46,9 @@ def mark_growing(cache: VQTensor) -> VQTensor:
     The backend marks the caches it returns; call it on a cache built outside a compiled model
     (loaded, or appended to eagerly) before its first compiled call, or that call compiles a graph
     for its exact length and the next one recompiles."""
-    torch._dynamo.maybe_mark_dynamic(cache, cache.settings.seq_dim)
+    torch._dynamo.maybe_mark_dynamic(cache, cache.seq_dim)
     torch._dynamo.maybe_mark_dynamic(cache.codes, 2)
-    for name in _UNBACKED:
+    for name in UNBACKED_FIELDS:
         torch._dynamo.decorators.mark_unbacked(getattr(cache, name), 2)
     return cache
 
@@ -60,11 +62,11 @@ class _CompiledGraph:
     def __call__(self, *args):
         flat = []
         for arg, is_vq in zip(args, self.vq_inputs):
-            flat.extend(getattr(arg, n) for n in _INNER) if is_vq else flat.append(arg)
+            flat.extend(arg.side) if is_vq else flat.append(arg)
         flat.extend(self.result.extra_inputs)
         outs = list(self.fn(*flat))
-        for i, idx, settings, dtype in self.result.vq_outputs:
-            outs[i] = mark_growing(VQTensor(*(outs[j] for j in idx), settings=settings, dtype=dtype))
+        for out in self.result.vq_outputs:
+            outs[out.index] = mark_growing(VQTensor(Side(*(outs[j] for j in out.inner)), out.settings, out.dtype, out.seq_dim))
         return tuple(outs[: self.num_outputs])
 
 
@@ -84,23 +86,21 @@ class AntKVBackend:
     def __init__(
         self, codebooks: Codebooks | None = None, *, bits: float = 1.0, inductor: bool = True, inductor_config: dict | None = None, **settings
     ):
-        unknown = set(settings) - _SETTINGS
-        if unknown:
-            raise TypeError(f"unknown antkv settings {sorted(unknown)}; known: codebooks, bits, inductor, {', '.join(sorted(_SETTINGS))}")
-        self.codebooks, self.settings, self.bits = codebooks, CacheSettings(**settings), bits
+        self.codebooks, self.bits, self.given = codebooks, bits, settings
+        self.settings = _settings.resolve(codebooks, **settings)
         self.online = None if codebooks is not None else spec_for_bits(bits)
         self.inductor, self.inductor_config = inductor, dict(inductor_config or {})
         self.sites: list[Site] = []
 
     def configured(self, options: dict) -> "AntKVBackend":
-        """A backend with `options` (torch.compile's options=...) applied over these settings."""
-        options = dict(options)
-        codebooks = options.pop("codebooks", self.codebooks)
-        inductor = options.pop("inductor", self.inductor)
-        bits = options.pop("bits", self.bits)
-        ours = {k: options.pop(k) for k in list(options) if k in _SETTINGS}
-        settings = {**dataclasses.asdict(self.settings), **ours}
-        backend = AntKVBackend(codebooks, bits=bits, inductor=inductor, inductor_config={**self.inductor_config, **options}, **settings)
+        """A backend with `options` (torch.compile's options=...) applied over these settings: ours
+        (codebooks, bits, inductor, the cache settings), the rest Inductor's config. A name that
+        is neither raises, with the closest known names."""
+        ours, rest = _settings.split(dict(options))
+        extra = {k: rest.pop(k) for k in _OPTIONS if k in rest}
+        _check_inductor_options(rest)
+        kwargs = {"codebooks": self.codebooks, "bits": self.bits, "inductor": self.inductor, **extra}
+        backend = AntKVBackend(**kwargs, inductor_config={**self.inductor_config, **rest}, **{**self.given, **ours})
         backend.sites = self.sites  # one report across configured copies
         return backend
 
@@ -123,7 +123,7 @@ class AntKVBackend:
             return original.forward
         flat_inputs = []
         for arg, is_vq in zip(example_inputs, vq_inputs):
-            flat_inputs.extend(getattr(arg, n) for n in _INNER) if is_vq else flat_inputs.append(arg)
+            flat_inputs.extend(arg.side) if is_vq else flat_inputs.append(arg)
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         for t in result.extra_inputs:
             flat_inputs.append(fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t)
@@ -131,10 +131,26 @@ class AntKVBackend:
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
 
-            from . import lowering  # noqa: F401  (registers the Inductor lowering of antkv::attention)
+            from ..inductor import attention  # noqa: F401  (registers the Inductor lowering of antkv::attention)
 
             fn = compile_fx(gm, flat_inputs, config_patches=self.inductor_config or None)
         return _CompiledGraph(fn, vq_inputs, result, num_outputs)
+
+
+def _check_inductor_options(options: dict) -> None:
+    """Raise on torch.compile options that are neither ours nor Inductor config names."""
+    from torch._inductor import config
+
+    known = set(config.get_config_copy())
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        names = [*_OPTIONS, *_settings.NAMES]
+        hints = [f"{k!r} (did you mean {', '.join(map(repr, close))}?)" if (close := difflib.get_close_matches(k, names + sorted(known), 3)) else repr(k)
+                 for k in unknown]  # fmt: skip
+        raise TypeError(
+            f"antkv_backend: unknown option {', '.join(hints)}. Options are ours ({', '.join(names)}) "
+            f"or torch._inductor.config names."
+        )
 
 
 antkv_backend = AntKVBackend()
@@ -147,9 +163,11 @@ def explain(model, *example_args, codebooks: Codebooks | None = None, **settings
     """Run `model(*example_args)` once through the pass (no Inductor) and print every attention site
     found: rewritten, or declined with the reason. Returns the sites. Keyword arguments other than
     the antkv settings (and bits) go to the model."""
-    ours = {k: settings.pop(k) for k in list(settings) if k in _SETTINGS | {"bits"}}
+    ours, model_kwargs = _settings.split(settings)
+    if "bits" in model_kwargs:
+        ours["bits"] = model_kwargs.pop("bits")
     backend = AntKVBackend(codebooks, inductor=False, **ours)
-    torch.compile(model, backend=backend)(*example_args, **settings)
+    torch.compile(model, backend=backend)(*example_args, **model_kwargs)
     for site in backend.sites:
         print(site)
     return backend.sites

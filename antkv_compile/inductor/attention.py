@@ -3,11 +3,12 @@
 On CUDA inputs with few queries (decode, L <= 16) Inductor emits, instead of a call to the op's
 PyTorch implementation:
 
-1. preprocessing as Inductor IR (fused into Inductor's own kernels): the per-row key look-up
+1. preprocessing as Inductor IR (fused into Inductor's own kernels): the query mapped into the
+   key basis (q A^-T, when the codebook has one), the per-row key look-up
    table LUT[b, h, g*L + i, s*K + k] = scale * q_s . centroid[h, s, k], the position -> anchor slot
    maps of keys and values (a scatter), the additive float mask viewed as [B, Hq, L, T];
-2. `antkv_vq_decode`, a TritonTemplate (templates/vq_attention_template.py, which calls the device
-   functions of the standalone `vq_decode_kernel`) chosen by `autotune_select_algorithm` among a
+2. `antkv_vq_decode`, a TritonTemplate (attention_template.py, which calls the device functions
+   of the standalone `vq_decode_kernel` of ops/triton/attention.py) chosen by `autotune_select_algorithm` among a
    few configurations (sequence splits, BLOCK_T, num_warps, num_stages). Its output is the
    per-split partial output [B, Hq, L, MAX_SPLITS + 1, Dv]; the per-split log-sum-exp is a second
    buffer the template writes as a mutated input (as flex decoding writes its row max and sum);
@@ -40,9 +41,10 @@ from torch._inductor.select_algorithm import (
 )
 from torch._inductor.virtualized import V, ops
 
-from . import ops as _ops  # noqa: F401  (defines torch.ops.antkv.attention)
-from .templates.vq_attention import MAX_DECODE_QUERIES, decode_config, window_scores_config
-from .templates.vq_attention_template import (  # noqa: F401  (the *_INPUTS orders are the contract)
+from .. import ops as _ops  # noqa: F401  (defines torch.ops.antkv.attention)
+from ..ops.triton.attention import MAX_DECODE_QUERIES, decode_config, window_scores_config
+from ..state import Side
+from .attention_template import (  # noqa: F401  (the *_INPUTS orders are the contract)
     DECODE_INPUTS,
     DECODE_TEMPLATE,
     WINDOW_SCORES_INPUTS,
@@ -132,6 +134,20 @@ def anchor_slots_ir(pos, t_enc):
     return lowerings[aten.slice](slots, 2, 0, t_enc)
 
 
+def query_to_basis_ir(q, basis_inv):
+    """`quant.basis.query_to_basis` in Inductor IR: q A^-T per kv head, in q's dtype; q itself when
+    the basis is the empty [H, 0, 0] marker (a static shape, so no branch at run time)."""
+    if _static(basis_inv.get_size()[-1]) == 0:
+        return q
+    B, Hq, L, D = q.get_size()
+    Hkv = basis_inv.get_size()[0]
+    G = Hq // Hkv
+    qf = lowerings[aten.reshape](lowerings[prims.convert_element_type](q, torch.float32), [B, Hkv, G, L, 1, D])
+    prod = lowerings[aten.mul](qf, lowerings[aten.view](basis_inv, [1, Hkv, 1, 1, D, D]))  # [.., e, d] = q_d A^-1[e, d]
+    out = lowerings[aten.reshape](lowerings[aten.sum](prod, [5]), [B, Hq, L, D])
+    return lowerings[prims.convert_element_type](out, q.get_dtype())
+
+
 def lut_ir(q, k_centroids, scale):
     """LUT [B, Hkv, G*L, S*K] float32 = scale * q_s . centroid[h, s, k] (the launcher's einsum)."""
     B, Hq, L, D = q.get_size()
@@ -176,29 +192,28 @@ def _decode_supported(q, k_centroids, v_centroids) -> str | None:
     return None
 
 
-def lower_decode(q, k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window, k_window_err,
-                 v_codes, v_centroids, v_anchor_rows, v_anchor_pos, v_window, v_window_err,
-                 attn_mask, is_causal, scale):
+def lower_decode(q, k: Side, v: Side, attn_mask, is_causal, scale):
     """(out, score) of the op as Inductor IR, through the two templates (see the module doc)."""
+    q = query_to_basis_ir(q, k.basis_inv)
     B, Hq, L, D = (int(x) for x in q.get_size())
-    Hkv, SK, KK, _ = (int(x) for x in k_centroids.get_size())
-    _, SV, _, DV_SUB = (int(x) for x in v_centroids.get_size())
+    Hkv, SK, KK, _ = (int(x) for x in k.centroids.get_size())
+    _, SV, _, DV_SUB = (int(x) for x in v.centroids.get_size())
     DV = SV * DV_SUB
     G = Hq // Hkv
-    T = k_codes.get_size()[2]
-    Tw = k_window.get_size()[2]
+    T = k.codes.get_size()[2]
+    Tw = k.window.get_size()[2]
     t_enc = T - Tw
     scale = 1 / math.sqrt(D) if scale is None else float(scale)
     device = q.get_device()
     has_mask = attn_mask is not None
 
-    lut = lut_ir(q, k_centroids, scale)
-    k_slots, v_slots = anchor_slots_ir(k_anchor_pos, t_enc), anchor_slots_ir(v_anchor_pos, t_enc)
+    lut = lut_ir(q, k.centroids, scale)
+    k_slots, v_slots = anchor_slots_ir(k.anchor_pos, t_enc), anchor_slots_ir(v.anchor_pos, t_enc)
     mask = [mask_ir(attn_mask, B, Hq, L, T)] if has_mask else []
-    (q, k_codes, k_centroids, k_slots, k_anchor_rows, k_window, v_codes, v_centroids, v_slots,
-     v_anchor_rows, v_window, lut, k_window_err, v_window_err) = realize_inputs(
-        q, k_codes, k_centroids, k_slots, k_anchor_rows, k_window, v_codes, v_centroids, v_slots,
-        v_anchor_rows, v_window, lut, k_window_err, v_window_err)
+    q, lut, k_slots, v_slots = realize_inputs(q, lut, k_slots, v_slots)
+    read = ("codes", "centroids", "anchor_rows", "window", "window_err")  # what the templates read of a side
+    k = k._replace(**dict(zip(read, realize_inputs(*(getattr(k, f) for f in read)))))
+    v = v._replace(**dict(zip(read, realize_inputs(*(getattr(v, f) for f in read)))))
 
     configs = decode_configs(G, L, D, DV)
     max_splits = max(c["NUM_SPLITS"] for c in configs)
@@ -208,8 +223,8 @@ def lower_decode(q, k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window,
     out_layout = ir.FixedLayout(device, torch.float32, [*part_shape, DV],
                                 ir.FlexibleLayout.contiguous_strides([*part_shape, DV]))
     # In DECODE_INPUTS order.
-    inputs = [q, *mask, k_codes, k_centroids, k_slots, k_anchor_rows, k_window,
-              v_codes, v_centroids, v_slots, v_anchor_rows, v_window, lut, lse_part]
+    inputs = [q, *mask, k.codes, k.centroids, k_slots, k.anchor_rows, k.window,
+              v.codes, v.centroids, v_slots, v.anchor_rows, v.window, lut, lse_part]
     static = dict(SCALE=scale, KK=KK, DV_SUB=DV_SUB, BLOCK_SK=1 << max(SK - 1, 0).bit_length(),
                   HAS_MASK=has_mask, IS_CAUSAL=bool(is_causal))
     choices: list = []
@@ -240,7 +255,7 @@ def lower_decode(q, k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window,
     # Anchor Score of the window tokens (the op's second output).
     out32, lse = realize_inputs(out32, lse)
     # In WINDOW_SCORES_INPUTS order.
-    w_inputs = [q, *mask, k_codes, k_window, v_window, out32, lse, k_window_err, v_window_err]
+    w_inputs = [q, *mask, k.codes, k.window, v.window, out32, lse, k.window_err, v.window_err]
     w_layout = ir.FixedLayout(device, torch.float32, [B, Hkv, Tw],
                               ir.FlexibleLayout.contiguous_strides([B, Hkv, Tw]))
     w_choices: list = []
@@ -255,27 +270,13 @@ def lower_decode(q, k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window,
     return out, score
 
 
-_PARAMS = ("q", "k_codes", "k_centroids", "k_anchor_rows", "k_anchor_pos", "k_window", "k_window_err",
-           "v_codes", "v_centroids", "v_anchor_rows", "v_anchor_pos", "v_window", "v_window_err",
-           "attn_mask", "is_causal", "scale")
-
-
-def _bind(args, kwargs) -> dict:
-    bound = dict(zip(_PARAMS, args))
-    bound.update(kwargs)
-    bound.setdefault("attn_mask", None)
-    bound.setdefault("is_causal", False)
-    bound.setdefault("scale", None)
-    return bound
-
-
-def attention_lowering(*args, **kwargs):
+def attention_lowering(q, key, value, attn_mask=None, is_causal=False, scale=None):
     """The user lowering: the templates for CUDA decode, None (Inductor's usual fallback to the
     op's kernel) otherwise."""
-    a = _bind(args, kwargs)
-    if _decode_supported(a["q"], a["k_centroids"], a["v_centroids"]) is not None:
+    k, v = Side(*key), Side(*value)
+    if _decode_supported(q, k.centroids, v.centroids) is not None:
         return None
-    return lower_decode(**a)
+    return lower_decode(q, k, v, attn_mask, is_causal, scale)
 
 
 register_lowering(OP, type_promotion_kind=None, lowering_dict=user_lowerings)(attention_lowering)

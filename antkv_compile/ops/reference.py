@@ -1,7 +1,8 @@
 """VQ attention in PyTorch: SDPA over a compressed K/V cache, read from the codes.
 
-The cache of one layer is, for K and for V, the plain tensors of `VQParts`: codes for every token,
-exact anchor rows at scattered positions, and an exact window of the most recent tokens. The
+The cache of one layer is, for K and for V, a `state.Side`: codes for every token, exact anchor
+rows at scattered positions, and an exact window of the most recent tokens (the query arrives
+already mapped into the key basis, if there is one: ops.attention does that). The
 result equals `sdpa(q, dequantize(K), dequantize(V))`; it is computed without decoding the cache
 where that is cheaper:
 
@@ -17,22 +18,12 @@ of the window tokens, which the cache accumulates to choose its anchors when the
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
-from .quant.anchor_score import apply_mask, grouped_mask, pairwise_dist
-from .quant.pq import decode
-
-
-class VQParts(NamedTuple):
-    """One side (K or V) of one layer's compressed cache, as plain tensors."""
-
-    codes: torch.Tensor  # [B, H, T, S] uint8/int16, every position
-    centroids: torch.Tensor  # [H, S, K, d] float32
-    anchor_rows: torch.Tensor  # [B, H, A, D] exact rows
-    anchor_pos: torch.Tensor  # [B, H, A] int32 positions < T - Tw, or -1 for an empty slot
-    window: torch.Tensor  # [B, H, Tw, D] exact rows of positions T - Tw .. T - 1
+from ..quant.anchor_score import apply_mask, grouped_mask, pairwise_dist
+from ..quant.pq import decode
+from ..state import Side
 
 
 def _anchor_index(pos: torch.Tensor, dummy: int) -> torch.Tensor:
@@ -45,7 +36,7 @@ def _use_lookup(rows_per_head: int, num_subspaces: int, head_dim: int) -> bool:
     return rows_per_head * num_subspaces <= head_dim
 
 
-def _code_scores(qg: torch.Tensor, k: VQParts, Tc: int) -> torch.Tensor:
+def _code_scores(qg: torch.Tensor, k: Side, Tc: int) -> torch.Tensor:
     """scores [B, H, R, Tc] of R query rows against the encoded tokens 0..Tc-1 (unscaled)."""
     codes = k.codes[:, :, :Tc]
     H, S, K, d = k.centroids.shape
@@ -58,7 +49,7 @@ def _code_scores(qg: torch.Tensor, k: VQParts, Tc: int) -> torch.Tensor:
     return picked.view(B, H, R, Tc, S).sum(-1)
 
 
-def _code_values(p: torch.Tensor, v: VQParts, Tc: int) -> torch.Tensor:
+def _code_values(p: torch.Tensor, v: Side, Tc: int) -> torch.Tensor:
     """sum_t p[..., t] * decode(v)[t] over encoded tokens 0..Tc-1, p [B, H, R, Tc] -> [B, H, R, D]."""
     codes = v.codes[:, :, :Tc]
     H, S, K, d = v.centroids.shape
@@ -74,8 +65,8 @@ def _code_values(p: torch.Tensor, v: VQParts, Tc: int) -> torch.Tensor:
 
 def vq_attention(
     q: torch.Tensor,
-    k: VQParts,
-    v: VQParts,
+    k: Side,
+    v: Side,
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,

@@ -1,7 +1,7 @@
 """Inductor template sources (jinja, TritonTemplate style) for the VQ attention kernels.
 
 The template kernels hold no attention code of their own: their bodies read Inductor's sizes and
-strides, call the very @triton.jit device functions the standalone kernels of `vq_attention.py`
+strides, call the very @triton.jit device functions the standalone kernels of `ops/triton/attention.py`
 call (`vq_decode_program`, `vq_window_scores_program` and the helpers under them), and store the
 result through Inductor's `store_output`. The source of those device functions is appended to the
 template verbatim (`inspect.getsource`), so the generated module defines them next to the template
@@ -9,14 +9,14 @@ kernel, the template hash (Inductor's code cache key) changes whenever they chan
 tests/test_triton_attention.py checks in the interpreter is the code the lowering emits.
 
 The lowering itself (IR preprocessing, autotune configs, the split merge) is in
-antkv_compile/lowering.py, as torch keeps flex attention's templates apart from its lowering.
+inductor/attention.py, as torch keeps flex attention's templates apart from its lowering.
 """
 
 from __future__ import annotations
 
 import inspect
 
-from . import vq_attention as _k
+from ..ops.triton import attention as _k
 
 # Device functions the templates call, callees first (the order only matters for readability:
 # Triton resolves a jit function's globals when the kernel is compiled).

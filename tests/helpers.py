@@ -1,6 +1,7 @@
-"""A hand-written nanoGPT-style decoder with a user tuple cache, in the attention variants the
-compiler pass must see through: GQA by enable_gqa / repeat_kv (expand + reshape) /
-repeat_interleave, causal or bool / additive masks, default or explicit scale."""
+"""Shared test helpers (not tests themselves): a hand-written nanoGPT-style decoder with a user tuple
+cache, in the attention variants the compiler pass must see through (GQA by enable_gqa / repeat_kv
+(expand + reshape) / repeat_interleave, causal or bool / additive masks, default or explicit
+scale); random codebooks; random raw cache sides for the kernel tests."""
 
 import math
 
@@ -8,8 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from antkv_compile import CacheSettings, Codebooks, LayerCodebook, VQTensor
+from antkv_compile import CacheSettings, Codebooks, CodebookSide, LayerCodebook, VQTensor
 from antkv_compile.quant.pq import spec_for_bits
+from antkv_compile.state import Side
 
 
 def repeat_kv(x, n_rep):
@@ -104,17 +106,52 @@ def random_codebooks(n_layer, kv_heads, head_dim, bits=1.0, seed=0, key_basis=Fa
         a = torch.eye(head_dim) + 0.3 * torch.randn(kv_heads, head_dim, head_dim, generator=g) / head_dim**0.5
         return a, torch.linalg.inv(a)
 
-    layers = [LayerCodebook(side(), side(), spec, spec, torch.rand(kv_heads, generator=g), torch.rand(kv_heads, generator=g), *basis())
-              for _ in range(n_layer)]
-    return Codebooks(layers, {})
+    def layer():
+        k, v = side(), side()
+        return LayerCodebook(CodebookSide(spec, k, torch.rand(kv_heads, generator=g), *basis()),
+                             CodebookSide(spec, v, torch.rand(kv_heads, generator=g)))
+
+    return Codebooks([layer() for _ in range(n_layer)], {})
 
 
-def vq_past(books: Codebooks, batch, settings: CacheSettings):
+def vq_past(books: Codebooks, batch, settings: CacheSettings, seq_dim=2):
     """The eager reference's starting cache: empty VQTensors with the same codebooks (and layout)."""
     return tuple(
-        (VQTensor.empty(batch, b.key_centroids, b.key_error, settings, basis=b.key_basis, basis_inv=b.key_basis_inv),
-         VQTensor.empty(batch, b.value_centroids, b.value_error, settings))
-        for b in books.layers
+        tuple(VQTensor.empty(batch, side, settings, seq_dim=seq_dim) for side in (b.key, b.value)) for b in books.layers
+    )
+
+
+def full_side(codes, centroids, anchor_rows, anchor_pos, window, window_err=None) -> Side:
+    """A `state.Side` from the raw tensors the attention kernels read; the rest zero (window error,
+    scores, expected error) or empty (no key basis)."""
+    B, H, A = anchor_pos.shape
+    Tw = window.shape[2]
+    none = torch.zeros(H, 0, 0)
+    err = torch.zeros(B, H, Tw) if window_err is None else window_err
+    return Side(codes, anchor_rows, anchor_pos, torch.zeros(B, H, A), window, err, torch.zeros(B, H, Tw),
+                centroids, torch.zeros(H), none, none)
+
+
+def random_parts(g, B, H, T, Tw, A, S, K, d, dtype, window_err=False) -> Side:
+    """Random codes, centroids and exact rows; A anchor slots per (b, h) at distinct encoded
+    positions, a random share of them empty (-1), ragged across (b, h); with `window_err`, a random
+    quantization error per window token."""
+    D = S * d
+    codes = torch.randint(0, K, (B, H, T, S), generator=g).to(torch.uint8 if K <= 256 else torch.int16)
+    pos = torch.full((B, H, A), -1, dtype=torch.int32)
+    T_enc = T - Tw
+    for b in range(B):
+        for h in range(H):
+            n = min(A, T_enc, int(torch.randint(0, A + 1, (), generator=g)))
+            slots = torch.randperm(A, generator=g)[:n]
+            pos[b, h, slots] = torch.randperm(T_enc, generator=g)[:n].int()
+    return full_side(
+        codes=codes,
+        centroids=torch.randn(H, S, K, d, generator=g),
+        anchor_rows=torch.randn(B, H, A, D, generator=g).to(dtype),
+        anchor_pos=pos,
+        window=torch.randn(B, H, Tw, D, generator=g).to(dtype),
+        window_err=torch.rand(B, H, Tw, generator=g) if window_err else None,
     )
 
 

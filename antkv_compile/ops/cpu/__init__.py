@@ -21,6 +21,8 @@ import warnings
 
 import torch
 
+from ...state import Side
+
 # Query rows per kv head (G * L) the kernel takes. Measured (1 thread, CPU time, G = 3, 4096
 # tokens, rows 96 / 192 / 384 / 768): 1 bit 6.4 / 12 / 24 / 46 ms vs the reference's 25 / 39 / 64 /
 # 205 ms; 4 bit 19 / 38 / 97 / 181 vs 17 / 48 / 74 / 215. So it also serves prefill chunks; past
@@ -54,29 +56,32 @@ def extension():
         return False
 
 
-def supported(q: torch.Tensor, k_codes: torch.Tensor) -> bool:
+def supported(q: torch.Tensor, k: Side) -> bool:
     """Whether the kernel takes this call: at most MAX_ROWS query rows per kv head, and a
     buildable extension."""
-    Hq, L, Hkv = q.shape[1], q.shape[2], k_codes.shape[1]
+    Hq, L, Hkv = q.shape[1], q.shape[2], k.codes.shape[1]
     return Hkv > 0 and Hq % Hkv == 0 and (Hq // Hkv) * L <= MAX_ROWS and extension()
 
 
-def attention(
-    q, k_codes, k_centroids, k_anchor_rows, k_anchor_pos, k_window, k_window_err,
-    v_codes, v_centroids, v_anchor_rows, v_anchor_pos, v_window, v_window_err,
-    attn_mask, is_causal, scale, chunk_tokens=None,
-):  # fmt: skip
-    """`antkv::attention` (ops.py) on CPU tensors: (out [B, Hq, L, D] in q's dtype, score [B, Hkv, Tw]).
-    `chunk_tokens` (default CHUNK_TOKENS) is the shortest sequence chunk of a task; tests make it
-    small to exercise the merge of chunks."""
+def _side_args(side: Side) -> list:
+    """The kernel's view of a side (the `Side` struct of attention.cpp): codes, centroids, anchor
+    rows and positions, window, window error, in the dtypes and layouts it reads."""
+    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731 - small tensors (no copy if already so)
+    return [_codes(side.codes), f32(side.centroids), f32(side.anchor_rows), side.anchor_pos.to(torch.int32).contiguous(),
+            f32(side.window), f32(side.window_err)]  # fmt: skip
+
+
+def attention(q, k: Side, v: Side, attn_mask, is_causal, scale, chunk_tokens=None):
+    """`antkv::attention` (ops/) on CPU tensors, q already in the key basis: (out [B, Hq, L, D] in
+    q's dtype, score [B, Hkv, Tw]). `chunk_tokens` (default CHUNK_TOKENS) is the shortest sequence
+    chunk of a task; tests make it small to exercise the merge of chunks."""
     B, Hq, L, D = q.shape
-    Hkv, T = k_codes.shape[1], k_codes.shape[2]
-    if v_window.shape[2] != k_window.shape[2] or v_codes.shape[2] != T:
+    Hkv, T = k.codes.shape[1], k.codes.shape[2]
+    if v.window.shape[2] != k.window.shape[2] or v.codes.shape[2] != T:
         raise ValueError("key and value caches must hold the same tokens and the same window")
     G = Hq // Hkv
     scale = 1 / math.sqrt(D) if scale is None else scale
-    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731 - small tensors (no copy if already so)
-    qg = f32(q.reshape(B, Hkv, G * L, D))
+    qg = q.reshape(B, Hkv, G * L, D).to(torch.float32).contiguous()
     if attn_mask is not None:
         # Converted before broadcasting, so an expanded mask stays a view.
         attn_mask = attn_mask if attn_mask.dtype in (torch.bool, torch.float32) else attn_mask.float()
@@ -84,10 +89,8 @@ def attention(
     if not extension():
         raise RuntimeError("antkv: the CPU attention kernel could not be built (see the warning)")
     out, score = torch.ops.antkv_cpu.vq_attention(
-        qg,
-        _codes(k_codes), f32(k_centroids), f32(k_anchor_rows), k_anchor_pos.to(torch.int32).contiguous(), f32(k_window), f32(k_window_err),
-        _codes(v_codes), f32(v_centroids), f32(v_anchor_rows), v_anchor_pos.to(torch.int32).contiguous(), f32(v_window), f32(v_window_err),
-        attn_mask, bool(is_causal), float(scale), L, CHUNK_TOKENS if chunk_tokens is None else chunk_tokens,
+        qg, *_side_args(k), *_side_args(v), attn_mask, bool(is_causal), float(scale), L,
+        CHUNK_TOKENS if chunk_tokens is None else chunk_tokens,
     )  # fmt: skip
     return out.view(B, Hq, L, D).to(q.dtype), score
 

@@ -8,14 +8,14 @@ only brings the cache to [B, H, T, D] and repeats kv heads for GQA, the concaten
 graph output (the value written back to the cache) and nothing else reads it but size queries.
 The rewrite:
 
-    k_state = antkv.append(k_past inner tensors..., k_new @ A)  # or antkv.start(k_past @ A, k_new @ A, codebook)
-    v_state = antkv.append(v_past inner tensors..., v_new)
-    out, score = antkv.attention(q @ A^-T, k_state..., v_state..., attn_mask, is_causal, scale)
+    k_state = antkv.append([k_past's Side fields], k_new, *settings)   # or antkv.start(k_past, k_new, [codebook], *settings)
+    v_state = antkv.append([v_past's Side fields], v_new, *settings)
+    out, score = antkv.attention(q, [k_state + codebook], [v_state + codebook], attn_mask, is_causal, scale)
     k_state.window_score += score;  v_state.window_score += score
 
-(A: the key basis of the codebook, quant/basis.py, the identity when it has none) and the output
-that was `k` becomes the inner tensors of the new cache, which the backend wraps back into a
-`VQTensor`. A past that is already a `VQTensor` arrives as its inner tensors (the
+(the ops map keys and queries into the key basis themselves) and the output that was `k`
+becomes the inner tensors of the new cache (the fields of `state.Side`), which the backend wraps
+back into a `VQTensor`. A past that is already a `VQTensor` arrives as its inner tensors (the
 backend flattens it), so no dense K or V of the full length exists in the graph.
 
 Anything not provably equivalent is left as it is and reported with the reason.
@@ -23,7 +23,6 @@ Anything not provably equivalent is left as it is and reported with the reason.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import operator
 import re
@@ -35,10 +34,13 @@ import torch.nn.functional as F
 from torch._dynamo.source import AttrSource
 from torch.fx.experimental.symbolic_shapes import optimization_hint as hint_int
 
-from ..cache import _INNER, _OP_INNER, CacheSettings, VQTensor
-from ..ops import STATE
-from ..quant.basis import identity, is_identity, query_to_basis, to_basis
-from ..quant.pq import PQSpec
+from ... import state
+from ...cache import VQTensor
+from ...ops import settings_args
+from ...quant.basis import is_identity
+from ...quant.pq import PQSpec
+from ...settings import CacheSettings
+from ...state import BOOK_FIELDS, STATE_FIELDS, Side
 
 SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -89,10 +91,32 @@ class CacheSide:
 
 
 @dataclass
+class NewCache:
+    """A compressed cache the rewritten graph computes: its Side fields as nodes, and what the
+    backend needs to wrap them into a `VQTensor` again."""
+
+    nodes: dict[str, fx.Node]  # Side field -> node
+    settings: CacheSettings
+    dtype: torch.dtype
+    seq_dim: int
+
+
+@dataclass
+class VQOutput:
+    """Graph output `index` was a cache: it is now the outputs `inner` (its Side fields, in order)."""
+
+    index: int
+    inner: list[int]
+    settings: CacheSettings
+    dtype: torch.dtype
+    seq_dim: int
+
+
+@dataclass
 class PassResult:
     sites: list[Site] = field(default_factory=list)
-    vq_inputs: dict[str, CacheSettings] = field(default_factory=dict)  # placeholder name -> settings
-    vq_outputs: list[tuple[int, list[int], CacheSettings, torch.dtype]] = field(default_factory=list)  # output, inner outputs, dtype
+    vq_inputs: set[str] = field(default_factory=set)  # placeholder names of compressed inputs
+    vq_outputs: list[VQOutput] = field(default_factory=list)
     extra_inputs: list[torch.Tensor] = field(default_factory=list)  # codebooks, after the graph's inputs
 
 
@@ -112,7 +136,7 @@ def _size_query(user: fx.Node) -> tuple | None:
     dim(), or an inner tensor Dynamo reads to bind unbacked sizes; None otherwise."""
     if user.op == "call_method" and user.target in ("size", "numel", "dim"):
         return (user.target, *user.args[1:])
-    if user.op == "call_function" and user.target is getattr and (user.args[1] == "shape" or user.args[1] in _INNER):
+    if user.op == "call_function" and user.target is getattr and (user.args[1] == "shape" or user.args[1] in Side._fields):
         return (user.args[1],)
     if user.op == "call_function" and user.target is torch.ops.aten.sym_size.int:
         return ("size", user.args[1])
@@ -228,8 +252,8 @@ def _trace_side(sdpa: fx.Node, operand: fx.Node, what: str, outputs: set) -> Cac
         raise Decline(f"the compressed {what} cache is computed inside the graph, not read from the cache")
     if past_is_vq and new_val.dtype != past_val.dtype:
         raise Decline(f"the new {what} tokens are {new_val.dtype}, the compressed cache {past_val.dtype}")
-    if past_is_vq and past_val.settings.seq_dim != seq_dim:
-        raise Decline(f"the compressed {what} cache has its sequence at dim {past_val.settings.seq_dim}, the model concatenates on dim {seq_dim}")
+    if past_is_vq and past_val.seq_dim != seq_dim:
+        raise Decline(f"the compressed {what} cache has its sequence at dim {past_val.seq_dim}, the model concatenates on dim {seq_dim}")
     if not past_is_vq and not (past_val.dim() == 4 or (past_val.dim() == 1 and past_val.numel() == 0)):
         raise Decline(f"the past {what} has shape {tuple(past_val.shape)}")
     if new_val.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -283,8 +307,8 @@ def _check_site(sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, codebook,
         if not tokens >= need:  # a guard: Dynamo recompiles once enough tokens were seen
             raise Decline(f"no codebook yet: {hint_int(tokens)} tokens seen, learning {need} centroids online needs {need}; the cache stays dense (exact) until then")
         return
-    for what, centroids in (("key", codebook.key_centroids), ("value", codebook.value_centroids)):
-        H, S, _, d = centroids.shape
+    for what, side in codebook.sides().items():
+        H, S, _, d = side.centroids.shape
         if D % d:
             raise Decline(f"head_dim {D} is not divisible by the {what} sub-vector size {d}")
         if (H, S * d) != (Hkv, D):
@@ -315,20 +339,19 @@ class _Rewriter:
         self.inner: dict[fx.Node, dict[str, fx.Node]] = {}
 
     def inner_of(self, placeholder: fx.Node) -> dict[str, fx.Node]:
-        """Placeholders for a compressed input's inner tensors, in `_INNER` order, before it."""
+        """Placeholders for a compressed input's inner tensors (its Side fields), before it."""
         if placeholder not in self.inner:
             val = _val(placeholder)
             nodes = {}
             with self.graph.inserting_before(placeholder):
-                for name in _INNER:
+                for name in Side._fields:
                     node = self.graph.placeholder(f"{placeholder.name}_{name}")
                     node.meta["example_value"] = node.meta["val"] = getattr(val, name)
                     source = getattr(placeholder, "_dynamo_source", None)
                     node._dynamo_source = source and AttrSource(source, name)  # for AOTAutograd
                     nodes[name] = node
-            nodes["settings"] = val.settings
             self.inner[placeholder] = nodes
-            self.result.vq_inputs[placeholder.name] = val.settings
+            self.result.vq_inputs.add(placeholder.name)
         return self.inner[placeholder]
 
     def constant(self, name: str, tensor: torch.Tensor) -> fx.Node:
@@ -341,8 +364,12 @@ class _Rewriter:
         self.result.extra_inputs.append(tensor)
         return node
 
-    def append(self, side: CacheSide, centroids, expected_err, basis, basis_inv, tag: str, online: PQSpec | None, seed: int) -> dict[str, fx.Node]:
-        s = dataclasses.replace(self.settings, seq_dim=side.seq_dim)
+    def _items(self, call: fx.Node, names, first: int = 0) -> dict[str, fx.Node]:
+        return {n: self.graph.call_function(operator.getitem, (call, first + i)) for i, n in enumerate(names)}
+
+    def append(self, side: CacheSide, codebook, tag: str, online: PQSpec | None, seed: int) -> NewCache:
+        """The new cache of one side: antkv::append onto a compressed past, antkv::start from a
+        dense one with the layer's codebook, or antkv::learn_start learning it (online)."""
         with self.graph.inserting_before(side.cat):
             new, past = side.new, side.past
             if side.seq_dim == 1:  # the ops take [B, H, T, D]
@@ -350,92 +377,67 @@ class _Rewriter:
                 if not side.past_is_vq and _val(past).dim() == 4:
                     past = self.graph.call_method("transpose", (past, 1, 2))
             if side.past_is_vq:
-                inner = self.inner_of(side.past)
-                settings, dtype = _val(side.past).settings, _val(side.past).dtype
-                book = {n: inner[n] for n in ("centroids", "expected_err", "basis", "basis_inv")}
-                new = self.graph.call_function(to_basis, (new, book["basis"]))  # antkv::append rounds it to the window's dtype
+                inner, pv = self.inner_of(side.past), _val(side.past)
+                settings, dtype = pv.settings, pv.dtype
                 call = self.graph.call_function(
-                    torch.ops.antkv.append.default,
-                    (*(inner[n] for n in _OP_INNER), new, settings.window, settings.anchor_frac, settings.error),
+                    torch.ops.antkv.append.default, ([inner[f] for f in Side._fields], new, *settings_args(settings))
                 )
-            elif centroids is None:
-                settings, dtype = s, _val(side.new).dtype
-                new, past = self._exact(new, _val(side.new).dtype, s.exact_dtype), self._exact(past, _val(side.past).dtype, s.exact_dtype)
+                book = {f: inner[f] for f in BOOK_FIELDS}
+            elif codebook is None:
+                settings, dtype = self.settings, _val(side.new).dtype
                 call = self.graph.call_function(
                     torch.ops.antkv.learn_start.default,
-                    (past, new, online.sub_dim, online.code_bits, s.window, s.anchor_frac, s.error, seed),
+                    (past, new, online.sub_dim, online.code_bits, *settings_args(settings), seed),
                 )
-                book = {n: self.graph.call_function(operator.getitem, (call, len(STATE) + i)) for i, n in enumerate(("centroids", "expected_err"))}
-                none = identity(_val(side.new).shape[1 if side.seq_dim == 2 else 2])
-                book.update(basis=self.constant(f"{tag}_basis", none), basis_inv=self.constant(f"{tag}_basis_inv", none))
+                book = self._items(call, BOOK_FIELDS, len(STATE_FIELDS))
             else:
-                settings, dtype = s, _val(side.new).dtype
-                H = centroids.shape[0]
-                book = {"centroids": self.constant(f"{tag}_centroids", centroids), "expected_err": self.constant(f"{tag}_expected_err", expected_err),
-                        "basis": self.constant(f"{tag}_basis", identity(H) if basis is None else basis),
-                        "basis_inv": self.constant(f"{tag}_basis_inv", identity(H) if basis_inv is None else basis_inv)}
-                if basis is not None:
-                    new = self.graph.call_function(to_basis, (new, book["basis"]))
-                    if _val(side.past).dim() == 4:
-                        past = self.graph.call_function(to_basis, (past, book["basis"]))
-                new, past = self._exact(new, _val(side.new).dtype, s.exact_dtype), self._exact(past, _val(side.past).dtype, s.exact_dtype)
+                settings, dtype = self.settings, _val(side.new).dtype
+                book = {f: self.constant(f"{tag}_{f}", t) for f, t in zip(BOOK_FIELDS, state.book(codebook))}
                 call = self.graph.call_function(
-                    torch.ops.antkv.start.default,
-                    (past, new, book["centroids"], book["expected_err"], s.window, s.anchor_frac, s.error),
+                    torch.ops.antkv.start.default, (past, new, [book[f] for f in BOOK_FIELDS], *settings_args(settings))
                 )
-            state = {n: self.graph.call_function(operator.getitem, (call, i)) for i, n in enumerate(STATE)}
-        state.update(book)
-        state["settings"], state["dtype"] = settings, dtype
-        return state
-
-    def _exact(self, node: fx.Node, dtype: torch.dtype, exact_dtype: torch.dtype | None) -> fx.Node:
-        """`node` (of `dtype`) cast to CacheSettings.exact_dtype: a new cache (antkv::start) stores
-        its exact rows in the dtype they arrive in."""
-        if exact_dtype is None or dtype == exact_dtype:
-            return node
-        return self.graph.call_method("to", (node, exact_dtype))
+            nodes = {**self._items(call, STATE_FIELDS), **book}
+        return NewCache(nodes, settings, dtype, side.seq_dim)
 
     def rewrite(self, sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, book, layer: int, online: PQSpec | None) -> None:
-        ks = self.append(k, book and book.key_centroids, book and book.key_error, book and book.key_basis, book and book.key_basis_inv,
-                         f"_antkv_{layer}_key", online, 2 * layer)
-        vs = self.append(v, book and book.value_centroids, book and book.value_error, None, None, f"_antkv_{layer}_value", online, 2 * layer + 1)
-        part = ("codes", "centroids", "anchor_rows", "anchor_pos", "window", "window_err")
+        ks = self.append(k, book and book.key, f"_antkv_{layer}_key", online, 2 * layer)
+        vs = self.append(v, book and book.value, f"_antkv_{layer}_value", online, 2 * layer + 1)
         with self.graph.inserting_before(sdpa):
-            query = self.graph.call_function(query_to_basis, (args["query"], ks["basis_inv"]))
             call = self.graph.call_function(
                 torch.ops.antkv.attention.default,
-                (query, *(ks[n] for n in part), *(vs[n] for n in part), args["attn_mask"], args["is_causal"], args["scale"]),
-            )
+                (args["query"], [ks.nodes[f] for f in Side._fields], [vs.nodes[f] for f in Side._fields],
+                 args["attn_mask"], args["is_causal"], args["scale"]),
+            )  # fmt: skip
             out = self.graph.call_function(operator.getitem, (call, 0))
             score = self.graph.call_function(operator.getitem, (call, 1))
-            ks["window_score"] = self.graph.call_function(operator.add, (ks["window_score"], score))
-            vs["window_score"] = self.graph.call_function(operator.add, (vs["window_score"], score))
+            for new in (ks, vs):
+                new.nodes["window_score"] = self.graph.call_function(operator.add, (new.nodes["window_score"], score))
         sdpa.replace_all_uses_with(out)
-        for side, state in ((k, ks), (v, vs)):
+        for side, new in ((k, ks), (v, vs)):
             for user, layout in side.chain_queries.items():
-                self._replace_query(user, state, layout)
+                self._replace_query(user, new.nodes, side.seq_dim, layout)
         for node in [sdpa, *reversed(k.chain), *reversed(v.chain)]:
             self.graph.erase_node(node)
-        for side, state in ((k, ks), (v, vs)):
-            self._retarget_queries(side.cat, state)
-            side.cat.meta["antkv_state"] = state
+        for side, new in ((k, ks), (v, vs)):
+            self._retarget_queries(side.cat, new.nodes, side.seq_dim)
+            side.cat.meta["antkv_cache"] = new
 
-    def _retarget_queries(self, node: fx.Node, state: dict) -> None:
+    def _retarget_queries(self, node: fx.Node, nodes: dict, seq_dim: int) -> None:
         """Size queries on a cache that is now inner tensors read them instead (and so do Dynamo's
         reads of inner tensors that bind unbacked sizes)."""
         for user in list(node.users):
             query = _size_query(user)
             if query is None:
                 continue
-            if query[0] in _INNER:
-                user.replace_all_uses_with(state[query[0]])
+            if query[0] in Side._fields:
+                user.replace_all_uses_with(nodes[query[0]])
                 self.graph.erase_node(user)
             else:
-                self._replace_query(user, state)
+                self._replace_query(user, nodes, seq_dim)
 
-    def _replace_query(self, user: fx.Node, state: dict, layout=None) -> None:
+    def _replace_query(self, user: fx.Node, nodes: dict, seq_dim: int, layout=None) -> None:
         with self.graph.inserting_before(user):
-            args = (state["codes"], state["window"], state["settings"].seq_dim, *_size_query(user))
+            args = (nodes["codes"], nodes["window"], seq_dim, *_size_query(user))
             size = self.graph.call_function(cache_size, args, {"layout": layout})
         user.replace_all_uses_with(size)
         self.graph.erase_node(user)
@@ -446,19 +448,19 @@ class _Rewriter:
         outs = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
         extra = []
         for i, node in enumerate(outs):
-            state = isinstance(node, fx.Node) and node.meta.get("antkv_state")
-            if not state:
+            new = isinstance(node, fx.Node) and node.meta.get("antkv_cache")
+            if not new:
                 continue
             start = len(outs) + len(extra)
-            extra += [state[n] for n in _INNER]
-            self.result.vq_outputs.append((i, list(range(start, start + len(_INNER))), state["settings"], state["dtype"]))
+            extra += [new.nodes[f] for f in Side._fields]
+            self.result.vq_outputs.append(VQOutput(i, list(range(start, start + len(Side._fields))), new.settings, new.dtype, new.seq_dim))
             outs[i] = None
         output.args = (tuple(outs + extra),)
         for node in reversed(list(self.graph.nodes)):
-            if node.meta.get("antkv_state") and not node.users:
+            if node.meta.get("antkv_cache") and not node.users:
                 self.graph.erase_node(node)
         for ph, inner in list(self.inner.items()):
-            self._retarget_queries(ph, inner)
+            self._retarget_queries(ph, inner, _val(ph).seq_dim)
             if not ph.users:
                 self.graph.erase_node(ph)
 

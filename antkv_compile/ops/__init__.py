@@ -1,0 +1,188 @@
+"""The compressed cache's work as torch.library custom ops, so it can live inside a traced graph.
+
+A cache side crosses every op as one `Tensor[]` argument: the fields of `state.Side`, in order
+(`list(side)`), so no signature spells the layout out. The settings cross as the fields of
+`CacheSettings` (`settings_args`). Every op returns new tensors, never views of its inputs.
+
+    antkv::start(past, new, book, *settings)            -> the state after the first call (STATE_FIELDS)
+    antkv::learn_start(past, new, sub_dim, code_bits, *settings, seed) -> state + the learned Book
+    antkv::append(side, new, *settings)                 -> the state after quantize-on-write of `new`
+    antkv::attention(q, key, value, attn_mask, is_causal, scale) -> (out, window Anchor Score)
+    antkv::dequantize(side, dtype)                      -> the dense tensor
+
+Each op's body is the function of state.py (or reference.py) it names; the CPU kernel of
+`attention` is registered from cpu/, and on CUDA the Inductor lowering (inductor/) replaces it in
+compiled graphs. The fake kernels give output shapes without running the quantizer: the window and
+anchor lengths after an append follow `state.flush_lengths` when sizes are concrete, and are fresh
+unbacked sizes when they are symbolic, so a traced decode step never specializes on them and a
+growing cache does not recompile it.
+
+`VQTensor` (cache.py) calls these ops in eager mode; the graph pass (compile/passes/) puts them
+in place of `cat` + `scaled_dot_product_attention` in a compiled model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._library.fake_impl import allocate_size
+
+from .. import state
+from ..quant.basis import query_to_basis
+from ..settings import CacheSettings
+from ..state import STATE_FIELDS, Book, Side
+from .reference import vq_attention
+
+_STATE = "(" + ", ".join("Tensor" for _ in STATE_FIELDS) + ")"
+_SETTINGS = "int window, float anchor_frac, str error, ScalarType? exact_dtype"
+
+
+def settings_args(s: CacheSettings) -> tuple:
+    """CacheSettings as the ops' trailing arguments (the `_SETTINGS` part of their schemas)."""
+    return (s.window, s.anchor_frac, s.error, s.exact_dtype)
+
+
+def _fresh(outs, inputs):
+    """Custom ops must not return views of their inputs: copy the ones that are."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs}
+    fresh = []
+    for t in outs:
+        ptr = t.untyped_storage().data_ptr()
+        fresh.append(t.clone() if ptr in seen or t.numel() == 0 else t)
+        seen.add(ptr)
+    return tuple(fresh)
+
+
+def _state(side: Side, inputs) -> tuple:
+    return _fresh(tuple(getattr(side, f) for f in STATE_FIELDS), inputs)
+
+
+# --- append / start --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("antkv::append", mutates_args=(), schema=f"(Tensor[] side, Tensor new, {_SETTINGS}) -> {_STATE}")
+def append(side, new, window, anchor_frac, error, exact_dtype):
+    """`state.append`: quantize-on-write of `new` [B, H, n, D] (the model's coordinates)."""
+    side = Side(*side)
+    return _state(state.append(side, new, CacheSettings(window, anchor_frac, error, exact_dtype)), side)
+
+
+def _append_fake(st: Side, new, window, anchor_frac) -> tuple:
+    B, H, T, S = st.codes.shape
+    n, A, Tw = new.shape[2], st.anchor_rows.shape[2], st.window.shape[2]
+    if all(isinstance(x, int) for x in (T, A, Tw, n)):
+        A, Tw = state.flush_lengths(T, A, Tw, n, window, anchor_frac)
+    else:
+        # Symbolic: fresh unbacked sizes, allocated directly rather than by ctx.new_dynamic_size(),
+        # which Dynamo only allows under capture_dynamic_output_shape_ops: they are sizes of
+        # inner tensors of the cache, never data-dependent outputs the user sees.
+        shape_env = torch.library.get_ctx()._shape_env
+        A, Tw = allocate_size(shape_env), allocate_size(shape_env)
+        torch._check(Tw >= n)
+    length = {"codes": T + n, "window": Tw}
+    return tuple(
+        getattr(st, f).new_empty(B, H, length.get(f, Tw if f.startswith("window") else A), *getattr(st, f).shape[3:])
+        for f in STATE_FIELDS
+    )
+
+
+@append.register_fake
+def _(side, new, window, anchor_frac, error, exact_dtype):
+    return _append_fake(Side(*side), new, window, anchor_frac)
+
+
+@torch.library.custom_op("antkv::start", mutates_args=(), schema=f"(Tensor past, Tensor new, Tensor[] book, {_SETTINGS}) -> {_STATE}")
+def start(past, new, book, window, anchor_frac, error, exact_dtype):
+    """`state.start`: a side from a dense `past` (empty, or [B, H, Tp, D]) and the call's `new`."""
+    side = state.start(past, new, Book(*book), CacheSettings(window, anchor_frac, error, exact_dtype))
+    return _state(side, (past, new, *book))
+
+
+def _start_fake(past, new, bk: Book, window, anchor_frac, exact_dtype) -> tuple:
+    st = state.empty(new.shape[0], bk, new.dtype, CacheSettings(exact_dtype=exact_dtype))
+    Tp = past.shape[2] if past.dim() == 4 else 0
+    if not (isinstance(Tp, int) and Tp == 0):
+        st = st._replace(**dict(zip(STATE_FIELDS, _append_fake(st, past, window, anchor_frac))))
+    return _append_fake(st, new, window, anchor_frac)
+
+
+@start.register_fake
+def _(past, new, book, window, anchor_frac, error, exact_dtype):
+    return _start_fake(past, new, Book(*book), window, anchor_frac, exact_dtype)
+
+
+_LEARNED = "(" + ", ".join("Tensor" for _ in STATE_FIELDS + Book._fields) + ")"
+
+
+@torch.library.custom_op(
+    "antkv::learn_start", mutates_args=(), schema=f"(Tensor past, Tensor new, int sub_dim, int code_bits, {_SETTINGS}, int seed) -> {_LEARNED}"
+)
+def learn_start(past, new, sub_dim, code_bits, window, anchor_frac, error, exact_dtype, seed):
+    """`start` with a codebook learned from these tokens (`state.learn_book`, no calibration data):
+    the state, then the Book."""
+    bk = state.learn_book(torch.cat([past.to(new.dtype), new], 2) if past.numel() else new, sub_dim, code_bits, seed)
+    side = state.start(past, new, bk, CacheSettings(window, anchor_frac, error, exact_dtype))
+    return _fresh((*(getattr(side, f) for f in STATE_FIELDS), *bk), (past, new))
+
+
+@learn_start.register_fake
+def _(past, new, sub_dim, code_bits, window, anchor_frac, error, exact_dtype, seed):
+    H, D = new.shape[1], new.shape[3]
+    bk = Book(new.new_empty(H, D // sub_dim, 1 << code_bits, sub_dim, dtype=torch.float32),
+              new.new_empty(H, dtype=torch.float32), new.new_empty(H, 0, 0, dtype=torch.float32),
+              new.new_empty(H, 0, 0, dtype=torch.float32))  # fmt: skip
+    return (*_start_fake(past, new, bk, window, anchor_frac, exact_dtype), *bk)
+
+
+# --- attention -------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "antkv::attention", mutates_args=(),
+    schema="(Tensor q, Tensor[] key, Tensor[] value, Tensor? attn_mask, bool is_causal, float? scale) -> (Tensor, Tensor)",
+)  # fmt: skip
+def attention(q, key, value, attn_mask, is_causal, scale):
+    """SDPA of q [B, Hq, L, D] (the model's coordinates) over a compressed K and V (GQA when q
+    has more heads). Returns (out, score): `score` [B, Hkv, Tw] is this call's Anchor Score of the
+    window tokens, which the caller adds to both sides' window_score. This body (the PyTorch
+    reference, reference.py) runs on every device but CPU, whose kernel is registered below."""
+    return attention_reference(q, Side(*key), Side(*value), attn_mask, is_causal, scale)
+
+
+def attention_reference(q, k: Side, v: Side, attn_mask, is_causal, scale):
+    out, s1, s0 = vq_attention(query_to_basis(q, k.basis_inv), k, v, attn_mask, is_causal, scale)
+    if s1 is None:
+        return out, k.window_err.new_zeros(k.window_err.shape)
+    return out, k.window_err * s1 + v.window_err * s0
+
+
+@attention.register_kernel("cpu")
+def _(q, key, value, attn_mask, is_causal, scale):
+    """On CPU: the C++ kernel (cpu/attention.cpp) for decode and chunks of up to cpu.MAX_ROWS
+    query rows per kv head; the reference for larger calls or where it cannot be built."""
+    from . import cpu
+
+    k, v = Side(*key), Side(*value)
+    if not cpu.supported(q, k):
+        return attention_reference(q, k, v, attn_mask, is_causal, scale)
+    return cpu.attention(query_to_basis(q, k.basis_inv), k, v, attn_mask, is_causal, scale)
+
+
+@attention.register_fake
+def _(q, key, value, attn_mask, is_causal, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(key[Side._fields.index("window_err")])
+
+
+# --- dequantize ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("antkv::dequantize", mutates_args=(), schema="(Tensor[] side, ScalarType dtype) -> Tensor")
+def dequantize(side, dtype):
+    """`state.dequantize`: the dense [B, H, T, D] tensor a side stands for, in `dtype` (the
+    fallback of every op VQTensor does not run on the codes)."""
+    return state.dequantize(Side(*side), dtype)
+
+
+@dequantize.register_fake
+def _(side, dtype):
+    s = Side(*side)
+    return s.window.new_empty(*state.bhtd(s), dtype=dtype)

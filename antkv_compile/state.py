@@ -1,0 +1,235 @@
+"""The state of one side (K or V) of one layer's compressed cache, and the pure functions on it.
+
+`Side` is the one record of that state. Everything else is derived from its fields: the inner
+tensors of the `VQTensor` subclass (cache.py) and its flatten order, the `Tensor[]` arguments of
+the custom ops (ops/), the placeholders the graph pass adds for a compressed input and the
+outputs it writes back (compile/passes/), the sizes the backend marks dynamic, the inputs of the
+Inductor lowering (inductor/) and the arguments of the CPU kernel (ops/cpu/).
+
+A side holds
+
+- `codes` [B, H, T, S]: the product-VQ code of every token, written once when the token arrives
+  (quantize-on-write) and never re-encoded;
+- anchors: exact rows [B, H, A, D] of the tokens with the highest Anchor Score, their positions
+  [B, H, A] (int32, -1 = empty slot) and scores;
+- the window: the most recent tokens [B, H, Tw, D], exact, with their actual quantization error
+  and the Anchor Score accumulated from the queries that attended to them;
+- the codebook it was encoded with (`BOOK_FIELDS`, shared by every sequence, not cache bytes):
+  centroids [H, S, K, d], the expected error per head, and the key basis A, A^-1 [H, D, D]
+  (quant/basis.py; [H, 0, 0] for none): every stored row, codes, anchors and window, is k A.
+
+The functions here are the semantics: `append` flushes the window down to `settings.window`
+(the oldest leave it; the best of current anchors + leavers by score stay exact as anchors,
+ceil(anchor_frac x encoded tokens) in all, the rest fall back to their codes), then the new
+tokens join the window whole, so the tokens of the current call are always attended exactly.
+`flush_lengths` is that rule on sizes alone, for the ops' fake kernels. They run on concrete
+tensors; the ops (ops/) wrap them for graphs, `VQTensor` (cache.py) for eager code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .quant.basis import from_basis, identity, to_basis
+from .quant.pq import decode, encode
+from .settings import CacheSettings
+
+
+class Side(NamedTuple):
+    """One side of one layer's compressed cache (see the module doc)."""
+
+    codes: Tensor  # [B, H, T, S] uint8 / int16
+    anchor_rows: Tensor  # [B, H, A, D] exact rows (in the exact-row dtype)
+    anchor_pos: Tensor  # [B, H, A] int32 position < T - Tw, or -1 for an empty slot
+    anchor_score: Tensor  # [B, H, A] float32
+    window: Tensor  # [B, H, Tw, D] exact rows of positions T - Tw .. T - 1
+    window_err: Tensor  # [B, H, Tw] float32 quantization error of each window token
+    window_score: Tensor  # [B, H, Tw] float32 Anchor Score accumulated so far
+    centroids: Tensor  # [H, S, K, d] float32
+    expected_err: Tensor  # [H] float32 mean quantization error per head
+    basis: Tensor  # [H, D, D] float32 key basis A, or [H, 0, 0]: none
+    basis_inv: Tensor  # [H, D, D] float32 A^-1, or [H, 0, 0]
+
+
+BOOK_FIELDS = ("centroids", "expected_err", "basis", "basis_inv")
+# Per-sequence state, in `Side` order: what an append returns (the codebook never changes).
+STATE_FIELDS = tuple(f for f in Side._fields if f not in BOOK_FIELDS)
+# Their dim 2 is a length: the tokens (codes: grows by every call), the anchors or the window
+# (change with the flush, so traced graphs take them as unbacked sizes).
+UNBACKED_FIELDS = tuple(f for f in STATE_FIELDS if f != "codes")
+
+
+class Book(NamedTuple):
+    """The codebook part of a `Side` (`BOOK_FIELDS`, same order)."""
+
+    centroids: Tensor
+    expected_err: Tensor
+    basis: Tensor
+    basis_inv: Tensor
+
+
+assert Book._fields == BOOK_FIELDS
+
+
+def book(cb, device=None) -> Book:
+    """The tensors a side carries for a `CodebookSide` `cb` (quant/codebook.py): float32 on
+    `device` (default: the centroids'), the empty [H, 0, 0] marker for no basis."""
+    centroids, expected_err, basis, basis_inv = cb.centroids, cb.error, cb.basis, cb.basis_inv
+    H, S, _, d = centroids.shape
+    device = centroids.device if device is None else device
+    if (basis is None) != (basis_inv is None):
+        raise ValueError("a key basis needs both A and its inverse (basis and basis_inv)")
+    if basis is not None and (tuple(basis.shape) != (H, S * d, S * d) or tuple(basis_inv.shape) != (H, S * d, S * d)):
+        raise ValueError(
+            f"key basis of shape {tuple(basis.shape)} / inverse {tuple(basis_inv.shape)} does not match the codebook "
+            f"[H={H}, D={S * d}]: want [{H}, {S * d}, {S * d}] each"
+        )
+    f32 = dict(device=device, dtype=torch.float32)
+    return Book(
+        centroids.to(**f32),
+        expected_err.to(**f32),
+        identity(H, device) if basis is None else basis.to(**f32),
+        identity(H, device) if basis_inv is None else basis_inv.to(**f32),
+    )
+
+
+def empty(batch: int, bk: Book, dtype: torch.dtype, settings: CacheSettings = CacheSettings()) -> Side:
+    """A side of 0 tokens for `batch` sequences of a model of `dtype`, exact rows stored in
+    `settings.exact_dtype` (None: the model's)."""
+    H, S, K, d = bk.centroids.shape
+    device = bk.centroids.device
+    f32 = dict(dtype=torch.float32, device=device)
+    exact = dict(dtype=settings.exact_dtype or dtype, device=device)
+    return Side(
+        torch.zeros(batch, H, 0, S, dtype=torch.uint8 if K <= 256 else torch.int16, device=device),
+        torch.zeros(batch, H, 0, S * d, **exact),
+        torch.zeros(batch, H, 0, dtype=torch.int32, device=device),
+        torch.zeros(batch, H, 0, **f32),
+        torch.zeros(batch, H, 0, S * d, **exact),
+        torch.zeros(batch, H, 0, **f32),
+        torch.zeros(batch, H, 0, **f32),
+        *bk,
+    )
+
+
+def bhtd(side: Side) -> tuple:
+    """[B, H, T, D] of the dense tensor a side stands for."""
+    return (*side.codes.shape[:3], side.window.shape[3])
+
+
+def flush_lengths(T, A, Tw, n, window: int, anchor_frac: float) -> tuple:
+    """(anchors, window) lengths after appending n tokens to a side of T tokens, A anchor slots and
+    Tw window tokens: the flush rule of `append` on sizes alone."""
+    n_leave = Tw - window
+    if n_leave <= 0:
+        return A, Tw + n
+    return min(math.ceil(anchor_frac * (T - Tw + n_leave)), A + n_leave), window + n
+
+
+def _flush(side: Side, n_leave: int, anchor_frac: float) -> Side:
+    """Move the oldest `n_leave` window tokens out; the top scorers among them and the current
+    anchors fill the anchor budget ceil(anchor_frac * encoded tokens)."""
+    if n_leave <= 0:
+        return side
+    B, H, T, _ = bhtd(side)
+    Tw = side.window.shape[2]
+    A, _ = flush_lengths(T, side.anchor_pos.shape[2], Tw, 0, Tw - n_leave, anchor_frac)
+    leave_pos = torch.arange(T - Tw, T - Tw + n_leave, dtype=torch.int32, device=side.codes.device)
+    cand_score = torch.cat([side.anchor_score, side.window_score[:, :, :n_leave]], 2)
+    cand_pos = torch.cat([side.anchor_pos, leave_pos.expand(B, H, -1)], 2)
+    cand_rows = torch.cat([side.anchor_rows, side.window[:, :, :n_leave]], 2)
+    if A == cand_score.shape[2]:  # every candidate stays: nothing to rank
+        rows, pos, score = cand_rows, cand_pos, cand_score
+    else:
+        # Advanced indexing, not gather with an expanded index: half the time per decode step.
+        score, idx = cand_score.topk(A, dim=2)
+        b = torch.arange(B, device=idx.device)[:, None, None]
+        h = torch.arange(H, device=idx.device)[None, :, None]
+        rows, pos = cand_rows[b, h, idx], cand_pos[b, h, idx]
+    return side._replace(
+        anchor_rows=rows,
+        anchor_pos=pos,
+        anchor_score=score,
+        window=side.window[:, :, n_leave:],
+        window_err=side.window_err[:, :, n_leave:],
+        window_score=side.window_score[:, :, n_leave:],
+    )
+
+
+def append(side: Side, new: Tensor, settings: CacheSettings) -> Side:
+    """Quantize-on-write of `new` [B, H, n, D] (the model's coordinates): mapped to the side's
+    basis, rounded to the exact-row dtype (the one place new rows are), flush, encode, join the
+    window."""
+    s = _flush(side, side.window.shape[2] - settings.window, settings.anchor_frac)
+    new = to_basis(new, s.basis).to(s.window.dtype)
+    codes = encode(new, s.centroids)
+    if settings.error == "actual":
+        err = (new.float() - decode(codes, s.centroids)).norm(dim=-1)
+    else:
+        err = s.expected_err[None, :, None].expand(new.shape[0], -1, new.shape[2])
+    return s._replace(
+        codes=torch.cat([s.codes, codes], 2),
+        window=torch.cat([s.window, new], 2),
+        window_err=torch.cat([s.window_err, err], 2),
+        window_score=torch.cat([s.window_score, err.new_zeros(err.shape)], 2),
+    )
+
+
+def start(past: Tensor, new: Tensor, bk: Book, settings: CacheSettings) -> Side:
+    """A side from a dense `past` (empty, or [B, H, Tp, D]) and the call's `new` tokens."""
+    side = empty(new.shape[0], bk, new.dtype, settings)
+    if past.numel():
+        side = append(side, past.to(new.dtype), settings)
+    return append(side, new, settings)
+
+
+def dequantize(side: Side, dtype: torch.dtype) -> Tensor:
+    """The dense [B, H, T, D] tensor a side stands for, in `dtype` (the model's, which may be wider
+    than the exact rows'): codes decoded, anchor and window rows exact, mapped out of the basis."""
+    B, H, T, D = bhtd(side)
+    Tc = T - side.window.shape[2]
+    dense = torch.cat([decode(side.codes[:, :, :Tc], side.centroids), side.window.float()], 2)
+    dense = torch.cat([dense, dense.new_zeros(B, H, 1, D)], 2)  # dummy row for empty anchor slots
+    idx = torch.where(side.anchor_pos >= 0, side.anchor_pos.long(), T)[..., None].expand(-1, -1, -1, D)
+    dense.scatter_(2, idx, side.anchor_rows.float())
+    return from_basis(dense[:, :, :T], side.basis_inv).to(dtype).contiguous()
+
+
+def crop(side: Side, end: int) -> Side:
+    """The first `end` tokens (HF's cache crop): codes cut, later anchors emptied, window cut."""
+    T, Tw = side.codes.shape[2], side.window.shape[2]
+    end = max(0, min(T, end if end >= 0 else T + end))
+    keep_w = max(0, end - (T - Tw))
+    gone = side.anchor_pos >= end
+    return side._replace(
+        codes=side.codes[:, :, :end],
+        anchor_pos=side.anchor_pos.masked_fill(gone, -1),
+        anchor_score=side.anchor_score.masked_fill(gone, float("-inf")),
+        window=side.window[:, :, :keep_w],
+        window_err=side.window_err[:, :, :keep_w],
+        window_score=side.window_score[:, :, :keep_w],
+    )
+
+
+def select_batch(side: Side, index: Tensor) -> Side:
+    """Reorder / pick sequences (beam search) on every per-sequence tensor."""
+    index = index.to(side.codes.device).long()
+    return side._replace(**{f: getattr(side, f).index_select(0, index) for f in STATE_FIELDS})
+
+
+def learn_book(x: Tensor, sub_dim: int, code_bits: int, seed: int) -> Book:
+    """A codebook learned from the tokens `x` [B, H, T, D] themselves (k-means per kv head and
+    subspace, no calibration data, no basis)."""
+    from .quant.kmeans import weighted_kmeans
+
+    x = x.float()
+    B, H, T, D = x.shape
+    S = D // sub_dim
+    sub = x.transpose(0, 1).reshape(H, B * T, S, sub_dim).transpose(1, 2).reshape(H * S, B * T, sub_dim)
+    centroids = weighted_kmeans(sub, 1 << code_bits, iters=10, seed=seed).view(H, S, 1 << code_bits, sub_dim)
+    expected_err = (x - decode(encode(x, centroids), centroids)).norm(dim=-1).mean((0, 2))
+    return Book(centroids, expected_err, identity(H, x.device), identity(H, x.device))
