@@ -23,21 +23,28 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import VQTensor
+from .quant import datafree
 from .quant.codebook import Codebooks, LayerCodebook
+from .quant.pq import spec_for_bits
 from .settings import CacheSettings, resolve
 
 ATTN_IMPLEMENTATION = "antkv"
 
 
 class AntKVLayer(DynamicLayer):
-    """A DynamicLayer whose keys and values are VQTensors (created on the first update)."""
+    """A DynamicLayer whose keys and values are VQTensors (created on the first update). Without a
+    codebook, it fits a data-free one (quant/datafree.py) of `bits` to the first update's tokens."""
 
-    def __init__(self, codebook: LayerCodebook, settings: CacheSettings):
+    def __init__(self, codebook: LayerCodebook | None, settings: CacheSettings, bits: float = 1.0, seed: int = 0):
         super().__init__()
-        self.codebook, self.settings = codebook, settings
+        self.codebook, self.settings, self.bits, self.seed = codebook, settings, bits, seed
 
     def lazy_initialization(self, key_states, value_states, *args, **kwargs):
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self.codebook is None:
+            spec = spec_for_bits(self.bits)
+            self.codebook = LayerCodebook(datafree.fit_side(key_states, spec, rotate=True, seed=2 * self.seed),
+                                          datafree.fit_side(value_states, spec, rotate=False, seed=2 * self.seed + 1))
         for name, states in (("key", key_states), ("value", value_states)):
             centroids = self.codebook.sides()[name].centroids
             if states.shape[1] != centroids.shape[0] or states.shape[-1] != centroids.shape[1] * centroids.shape[3]:
@@ -61,14 +68,23 @@ class AntKVLayer(DynamicLayer):
 
 
 class AntKVCache(Cache):
-    """An HF cache that stores every layer's K and V vector-quantized (see cache.py). Settings:
-    `settings=CacheSettings(...)` or keyword arguments (window, anchor_frac, error, exact_dtype);
-    unset ones come from what the codebooks were calibrated with (settings.resolve)."""
+    """An HF cache that stores every layer's K and V vector-quantized (see cache.py).
 
-    def __init__(self, codebooks: Codebooks, settings: CacheSettings | None = None, config=None, **setting_kwargs):
+    codebooks: calibrated `Codebooks` (ak.calibrate), or None: each layer fits a data-free codebook
+    of `bits` per element to its first update's tokens (the prompt), no calibration needed.
+    Settings: `settings=CacheSettings(...)` or keyword arguments (window, anchor_frac, error,
+    exact_dtype); unset ones come from what the codebooks were calibrated with (settings.resolve)."""
+
+    def __init__(self, codebooks: Codebooks | None = None, settings: CacheSettings | None = None, config=None, bits: float = 1.0,
+                 **setting_kwargs):  # fmt: skip
+        self.settings = resolve(codebooks, settings, **setting_kwargs)
+        if codebooks is None:
+            spec_for_bits(bits)  # a bad budget fails here, not at the first update
+            count = iter(range(1 << 30))
+            super().__init__(layer_class_to_replicate=lambda: AntKVLayer(None, self.settings, bits, seed=next(count)))
+            return
         if config is not None:
             codebooks.check_model(config)
-        self.settings = resolve(codebooks, settings, **setting_kwargs)
         super().__init__(layers=[AntKVLayer(book, self.settings) for book in codebooks.layers])
 
     def cache_nbytes(self) -> int:

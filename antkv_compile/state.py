@@ -34,8 +34,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .quant import datafree
 from .quant.basis import from_basis, identity, to_basis
-from .quant.pq import decode, encode
+from .quant.pq import PQSpec, decode, encode
 from .settings import CacheSettings
 
 
@@ -221,15 +222,7 @@ def select_batch(side: Side, index: Tensor) -> Side:
     return side._replace(**{f: getattr(side, f).index_select(0, index) for f in STATE_FIELDS})
 
 
-def learn_book(x: Tensor, sub_dim: int, code_bits: int, seed: int) -> Book:
-    """A codebook learned from the tokens `x` [B, H, T, D] themselves (k-means per kv head and
-    subspace, no calibration data, no basis)."""
-    from .quant.kmeans import weighted_kmeans
-
-    x = x.float()
-    B, H, T, D = x.shape
-    S = D // sub_dim
-    sub = x.transpose(0, 1).reshape(H, B * T, S, sub_dim).transpose(1, 2).reshape(H * S, B * T, sub_dim)
-    centroids = weighted_kmeans(sub, 1 << code_bits, iters=10, seed=seed).view(H, S, 1 << code_bits, sub_dim)
-    expected_err = (x - decode(encode(x, centroids), centroids)).norm(dim=-1).mean((0, 2))
-    return Book(centroids, expected_err, identity(H, x.device), identity(H, x.device))
+def learn_book(x: Tensor, sub_dim: int, code_bits: int, rotate: bool, seed: int) -> Book:
+    """A data-free codebook for tokens like x [B, H, T, D] (quant/datafree.py: a fixed Gaussian
+    codebook placed and scaled by x's moments; keys rotated by a random orthogonal basis)."""
+    return book(datafree.fit_side(x, PQSpec(sub_dim, code_bits), rotate, seed))

@@ -71,11 +71,12 @@ class Context:
 @dataclass(frozen=True)
 class Setup:
     """A row ready to evaluate. `make_cache()` returns a fresh cache for one window. `codebooks`:
-    tensors shared by every cache of the row (None for rows without); they are excluded from the
-    cache bytes and reported as codebook_bytes."""
+    tensors shared by every cache of the row, or a function of a cache giving its own (data-free
+    codebooks, fitted per cache); None for rows without. They are excluded from the cache bytes
+    and reported as codebook_bytes."""
 
     make_cache: Callable[[], object]
-    codebooks: Sequence[torch.Tensor] | None = None
+    codebooks: Sequence[torch.Tensor] | Callable[[object], Sequence[torch.Tensor]] | None = None
     details: str = ""  # appended to the row's notes, e.g. the K/V split calibration chose
 
 
@@ -190,6 +191,24 @@ register(_antkv_row("antkv-2bit-window128-anchors2-fp16rows", 2.0, "window 128, 
                     window=128, anchor_frac=0.02, exact_dtype=torch.float16))
 
 
+
+def _datafree_row(bits: float) -> Row:
+    """No calibration: each layer fits a data-free codebook (quant/datafree.py) to the first call
+    of each window (its first chunk of tokens), as AntKVCache() does for a prompt."""
+
+    def setup(ctx: Context) -> Setup:
+        ak.use_antkv_attention(ctx.model)
+        return Setup(lambda: ak.AntKVCache(bits=bits), codebooks=lambda cache: [t for layer in cache.layers for t in layer.codebook.tensors()],
+                     details="codebooks per cache (not shared), fitted to its first call")
+
+    return Row(f"antkv-datafree-{bits:g}bit", bits, setup, kind="ours",
+               notes="no calibration: random rotation of keys, Gaussian codebook placed by the first call's moments; window 32, anchors 1%")
+
+
+for _bits in (4.0, 2.0, 1.0):
+    register(_datafree_row(_bits))
+
+
 # --- running -------------------------------------------------------------------------------------
 
 def select_rows(spec: str | None) -> list[Row]:
@@ -213,17 +232,17 @@ def evaluate_row(row: Row, ctx: Context, windows: list[torch.Tensor], chunk: int
         setup = row.setup(ctx)
         eval_start = time.perf_counter()
         record["setup_seconds"] = eval_start - start
-        exclude = setup.codebooks or ()
         total_nll, total_predictions, bits = 0.0, 0, []
         for window in tqdm(windows, desc=row.name, unit="window"):
             nll, predictions, cache = decode_faithful_nll(ctx.model, window, setup.make_cache, chunk)
             total_nll += nll
             total_predictions += predictions
+            exclude = setup.codebooks(cache) if callable(setup.codebooks) else setup.codebooks or ()
             bits.append(cache_nbytes(cache, exclude=exclude) * 8 / dense_kv_elements(cache, ctx.model.config))
         record["ppl"] = perplexity(total_nll, total_predictions)
         record["effective_bits"] = sum(bits) / len(bits)
         if setup.codebooks is not None:
-            record["codebook_bytes"] = tensors_nbytes(setup.codebooks)
+            record["codebook_bytes"] = tensors_nbytes(exclude)
         if setup.details:
             record["notes"] = f"{row.notes}; {setup.details}" if row.notes else setup.details
         record["seconds_per_window"] = (time.perf_counter() - eval_start) / len(windows)

@@ -9,7 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import transformers as tf
+
 from antkv_compile import CacheSettings, Codebooks, CodebookSide, LayerCodebook, VQTensor
+from antkv_compile.quant.codebook import model_fingerprint
 from antkv_compile.quant.pq import spec_for_bits
 from antkv_compile.state import Side
 
@@ -166,3 +169,32 @@ def prefix_mask(pad, L, T, additive=False, g=None):
 
 def softmax_scale(head_dim):
     return 1 / math.sqrt(head_dim) * 0.7
+
+
+# --- tiny Hugging Face decoders (random weights, no download) ---------------------------------
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024, pad_token_id=0)
+GQA = dict(num_key_value_heads=2)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", GQA),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(GQA, sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", GQA),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(GQA, head_dim=16)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", GQA),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", GQA),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", GQA),
+}
+
+
+
+def tiny_hf_model(arch, **overrides):
+    """A tiny random-weight HF decoder of `arch` (ARCHS) and random codebooks (head_dim 16) for it."""
+    config_cls, model_cls, kw = ARCHS[arch]
+    torch.manual_seed(0)
+    config = getattr(tf, config_cls)(**{**TINY, **kw, **overrides})
+    model = getattr(tf, model_cls)(config).eval()
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    books = random_codebooks(config.num_hidden_layers, kv_heads, 16)
+    books.fingerprint = model_fingerprint(config)
+    return model, books

@@ -5,27 +5,11 @@ AntKVCache run, and `patch()` makes generate() work compiled with a bounded numb
 
 import pytest
 import torch
-import transformers as tf
-from helpers import random_codebooks
+from helpers import ARCHS, tiny_hf_model
 from transformers import DynamicCache
 
 import antkv_compile as ak
 from antkv_compile import VQTensor
-from antkv_compile.quant.codebook import model_fingerprint
-
-TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024, pad_token_id=0)
-GQA = dict(num_key_value_heads=2)
-ARCHS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", GQA),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(GQA, sliding_window=None)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", GQA),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(GQA, head_dim=16)),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", GQA),
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
-    "stablelm": ("StableLmConfig", "StableLmForCausalLM", GQA),
-    "olmo": ("OlmoConfig", "OlmoForCausalLM", GQA),
-}
-
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
@@ -33,17 +17,6 @@ def fresh_dynamo():
     torch._dynamo.utils.counters.clear()
     yield
     torch._dynamo.reset()
-
-
-def _tiny(arch, **overrides):
-    config_cls, model_cls, kw = ARCHS[arch]
-    torch.manual_seed(0)
-    config = getattr(tf, config_cls)(**{**TINY, **kw, **overrides})
-    model = getattr(tf, model_cls)(config).eval()
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    books = random_codebooks(config.num_hidden_layers, kv_heads, 16)
-    books.fingerprint = model_fingerprint(config)
-    return model, books
 
 
 def _steps(model, forward, cache, n_decode=1):
@@ -61,7 +34,7 @@ def _steps(model, forward, cache, n_decode=1):
 def test_architectures_are_rewritten_and_equal_eager(arch):
     """HF's "sdpa" attention (repeat_kv under a mask) on a DynamicCache, compiled, against eager
     "antkv" attention on an AntKVCache."""
-    model, books = _tiny(arch)
+    model, books = tiny_hf_model(arch)
     backend = ak.AntKVBackend(books, inductor=False, window=2, anchor_frac=0.2)
     model.set_attn_implementation("sdpa")
     cache = DynamicCache(config=model.config)
@@ -77,7 +50,7 @@ def test_architectures_are_rewritten_and_equal_eager(arch):
 def test_sliding_window_cache_is_declined_and_exact():
     """Mistral with a sliding window: the cache writes back a slice of the concatenation, which the
     compressed cache does not implement; declined, and equal to the uncompiled model."""
-    model, books = _tiny("mistral", sliding_window=4)
+    model, books = tiny_hf_model("mistral", sliding_window=4)
     backend = ak.AntKVBackend(books, inductor=False)
     got = _steps(model, torch.compile(model.forward, backend=backend), DynamicCache(config=model.config))
     ref = _steps(model, model, DynamicCache(config=model.config))
@@ -89,7 +62,7 @@ def test_sliding_window_cache_is_declined_and_exact():
 def test_patch_generates_512_tokens_like_eager_with_at_most_3_graphs():
     """Greedy, left-padded batch of 2, Inductor: identical tokens to the eager compressed-cache
     run, and the whole generation compiles at most 3 graphs."""
-    model, books = _tiny("llama")
+    model, books = tiny_hf_model("llama")
     ids = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -107,7 +80,7 @@ def test_patch_generates_512_tokens_like_eager_with_at_most_3_graphs():
 def test_patch_sampling_and_beam_search():
     """Sampling runs; beam search (the cache reordered between compiled calls) gives the eager
     compressed-cache beams."""
-    model, books = _tiny("qwen2")
+    model, books = tiny_hf_model("qwen2")
     ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(3))
     kw = dict(max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
     ak.use_antkv_attention(model)

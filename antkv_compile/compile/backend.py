@@ -74,8 +74,8 @@ class AntKVBackend:
     """A torch.compile backend with its settings:
 
     - codebooks: a `Codebooks`, one per layer (the layer a cache belongs to, as Dynamo names it).
-      Without them each layer learns a codebook of `bits` per element from its own keys and values
-      once a call has enough tokens;
+      Without them each layer fits a data-free codebook of `bits` per element (quant/datafree.py)
+      to its first call's keys and values;
     - the cache settings: window, anchor_frac, error (see `CacheSettings`);
     - inductor: False runs the rewritten graph as is (explain(), fast tests).
 

@@ -5,7 +5,7 @@ A cache side crosses every op as one `Tensor[]` argument: the fields of `state.S
 `CacheSettings` (`settings_args`). Every op returns new tensors, never views of its inputs.
 
     antkv::start(past, new, book, *settings)            -> the state after the first call (STATE_FIELDS)
-    antkv::learn_start(past, new, sub_dim, code_bits, *settings, seed) -> state + the learned Book
+    antkv::learn_start(past, new, sub_dim, code_bits, rotate, *settings, seed) -> state + a data-free Book
     antkv::append(side, new, *settings)                 -> the state after quantize-on-write of `new`
     antkv::attention(q, key, value, attn_mask, is_causal, scale) -> (out, window Anchor Score)
     antkv::dequantize(side, dtype)                      -> the dense tensor
@@ -114,22 +114,24 @@ _LEARNED = "(" + ", ".join("Tensor" for _ in STATE_FIELDS + Book._fields) + ")"
 
 
 @torch.library.custom_op(
-    "antkv::learn_start", mutates_args=(), schema=f"(Tensor past, Tensor new, int sub_dim, int code_bits, {_SETTINGS}, int seed) -> {_LEARNED}"
+    "antkv::learn_start", mutates_args=(),
+    schema=f"(Tensor past, Tensor new, int sub_dim, int code_bits, bool rotate, {_SETTINGS}, int seed) -> {_LEARNED}",
 )
-def learn_start(past, new, sub_dim, code_bits, window, anchor_frac, error, exact_dtype, seed):
-    """`start` with a codebook learned from these tokens (`state.learn_book`, no calibration data):
-    the state, then the Book."""
-    bk = state.learn_book(torch.cat([past.to(new.dtype), new], 2) if past.numel() else new, sub_dim, code_bits, seed)
+def learn_start(past, new, sub_dim, code_bits, rotate, window, anchor_frac, error, exact_dtype, seed):
+    """`start` with a data-free codebook fitted to these tokens (`state.learn_book`, no calibration
+    data): the state, then the Book."""
+    bk = state.learn_book(torch.cat([past.to(new.dtype), new], 2) if past.numel() else new, sub_dim, code_bits, rotate, seed)
     side = state.start(past, new, bk, CacheSettings(window, anchor_frac, error, exact_dtype))
     return _fresh((*(getattr(side, f) for f in STATE_FIELDS), *bk), (past, new))
 
 
 @learn_start.register_fake
-def _(past, new, sub_dim, code_bits, window, anchor_frac, error, exact_dtype, seed):
+def _(past, new, sub_dim, code_bits, rotate, window, anchor_frac, error, exact_dtype, seed):
     H, D = new.shape[1], new.shape[3]
+    B = D if rotate else 0  # the basis: a rotation, or the empty marker
     bk = Book(new.new_empty(H, D // sub_dim, 1 << code_bits, sub_dim, dtype=torch.float32),
-              new.new_empty(H, dtype=torch.float32), new.new_empty(H, 0, 0, dtype=torch.float32),
-              new.new_empty(H, 0, 0, dtype=torch.float32))  # fmt: skip
+              new.new_empty(H, dtype=torch.float32), new.new_empty(H, B, B, dtype=torch.float32),
+              new.new_empty(H, B, B, dtype=torch.float32))  # fmt: skip
     return (*_start_fake(past, new, bk, window, anchor_frac, exact_dtype), *bk)
 
 

@@ -303,9 +303,6 @@ def _check_site(sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, codebook,
     if codebook is None:
         if D % online.sub_dim:
             raise Decline(f"head_dim {D} is not divisible by the sub-vector size {online.sub_dim} of {online.bits:g} bits")
-        tokens, need = kv[0] * kv[2], online.num_centroids
-        if not tokens >= need:  # a guard: Dynamo recompiles once enough tokens were seen
-            raise Decline(f"no codebook yet: {hint_int(tokens)} tokens seen, learning {need} centroids online needs {need}; the cache stays dense (exact) until then")
         return
     for what, side in codebook.sides().items():
         H, S, _, d = side.centroids.shape
@@ -367,9 +364,10 @@ class _Rewriter:
     def _items(self, call: fx.Node, names, first: int = 0) -> dict[str, fx.Node]:
         return {n: self.graph.call_function(operator.getitem, (call, first + i)) for i, n in enumerate(names)}
 
-    def append(self, side: CacheSide, codebook, tag: str, online: PQSpec | None, seed: int) -> NewCache:
+    def append(self, side: CacheSide, codebook, tag: str, online: PQSpec | None, seed: int, rotate: bool) -> NewCache:
         """The new cache of one side: antkv::append onto a compressed past, antkv::start from a
-        dense one with the layer's codebook, or antkv::learn_start learning it (online)."""
+        dense one with the layer's codebook, or antkv::learn_start with a data-free codebook fitted
+        to the call's tokens (`rotate`: keys, in a random rotation)."""
         with self.graph.inserting_before(side.cat):
             new, past = side.new, side.past
             if side.seq_dim == 1:  # the ops take [B, H, T, D]
@@ -387,7 +385,7 @@ class _Rewriter:
                 settings, dtype = self.settings, _val(side.new).dtype
                 call = self.graph.call_function(
                     torch.ops.antkv.learn_start.default,
-                    (past, new, online.sub_dim, online.code_bits, *settings_args(settings), seed),
+                    (past, new, online.sub_dim, online.code_bits, rotate, *settings_args(settings), seed),
                 )
                 book = self._items(call, BOOK_FIELDS, len(STATE_FIELDS))
             else:
@@ -400,8 +398,8 @@ class _Rewriter:
         return NewCache(nodes, settings, dtype, side.seq_dim)
 
     def rewrite(self, sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, book, layer: int, online: PQSpec | None) -> None:
-        ks = self.append(k, book and book.key, f"_antkv_{layer}_key", online, 2 * layer)
-        vs = self.append(v, book and book.value, f"_antkv_{layer}_value", online, 2 * layer + 1)
+        ks = self.append(k, book and book.key, f"_antkv_{layer}_key", online, 2 * layer, rotate=True)
+        vs = self.append(v, book and book.value, f"_antkv_{layer}_value", online, 2 * layer + 1, rotate=False)
         with self.graph.inserting_before(sdpa):
             call = self.graph.call_function(
                 torch.ops.antkv.attention.default,
@@ -492,8 +490,8 @@ def kv_cache_pass(
     gm: fx.GraphModule, codebooks=None, settings: CacheSettings = CacheSettings(), graph_id: int = 0, online: PQSpec | None = None
 ) -> PassResult:
     """Rewrite every provable cat + SDPA site of `gm` in place; report every SDPA site found.
-    `online`: without a codebook for a layer, learn one of this spec from the layer's own keys and
-    values once the call has enough tokens."""
+    `online`: without a codebook for a layer, fit a data-free one of this spec (quant/datafree.py)
+    to the layer's first call's keys and values."""
     result = PassResult()
     rewriter = _Rewriter(gm, settings, result)
     outputs = {n for n in next(n for n in reversed(gm.graph.nodes) if n.op == "output").all_input_nodes}
@@ -511,7 +509,7 @@ def kv_cache_pass(
             continue
         detail = _describe(args, k, _val(args["query"]).shape[2])
         if book is None and not k.past_is_vq:
-            detail += f", codebook learned online ({online.bits:g} bits) from this call's tokens"
+            detail += f", data-free codebook ({online.bits:g} bits) fitted to this call's tokens"
         rewriter.rewrite(sdpa, args, k, v, book, layer, online)
         result.sites.append(Site(graph_id, sdpa.name, True, detail, layer))
     rewriter.finish_outputs()

@@ -25,11 +25,14 @@ inputs, build the per-position anchor slot maps and pick block sizes.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
-from ...state import Side
+if TYPE_CHECKING:  # annotations only: this module also loads standalone (tests/test_triton_sm90.py)
+    from ...state import Side
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DECODE_QUERIES = 16
