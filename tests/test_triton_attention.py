@@ -194,3 +194,34 @@ def test_rejects_bad_mask_and_too_many_decode_queries():
     q, k, v = _case(L=17)
     with pytest.raises(ValueError, match="vq_prefill_attention"):
         vq_decode_attention(q, k, v)
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    L=st.sampled_from([1, 3, 16, 17, 24]),
+    G=st.sampled_from([1, 3]),
+    key_basis=st.booleans(),
+    mask_kind=st.sampled_from(["none", "padding", "additive"]),
+)
+def test_cuda_kernel_of_the_op(seed, L, G, key_basis, mask_kind):
+    """ops.attention_cuda, what antkv::attention runs on CUDA tensors outside compiled graphs
+    (decode kernel up to 16 queries, prefill kernel above, then the window's Anchor Score), here on
+    CPU tensors in the interpreter: the output and the score against the float64 reference, with
+    the query mapped into the key basis in float64 here."""
+    from antkv_compile import ops
+
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv, T, Tw, A, S, K, d = 2, 2, 90, 7, 4, 8, 64, 4
+    k = random_parts(g, B, Hkv, T, Tw, A, S, K, d, torch.float32, window_err=True)
+    v = random_parts(g, B, Hkv, T, Tw, A, S, K, d, torch.float32, window_err=True)
+    q = torch.randn(B, G * Hkv, L, S * d, generator=g)
+    qb = q.double()
+    if key_basis:
+        a = torch.eye(S * d) + 0.3 * torch.randn(Hkv, S * d, S * d, generator=g) / (S * d) ** 0.5
+        k = k._replace(basis=a, basis_inv=torch.linalg.inv(a))
+        qb = torch.einsum("bhgld,hed->bhgle", qb.view(B, Hkv, G, L, S * d), k.basis_inv.double()).reshape(q.shape)
+    mask = random_mask(g, mask_kind, B, G * Hkv, L, T)
+    out, score = ops.attention_cuda(q, list(k), list(v), mask, False, None)
+    ref_out, _, s0, s1 = attention_from_parts(qb, k, v, mask, None, False)
+    assert_close_scaled(out, ref_out, 1e-4)
+    assert_close_scaled(score, k.window_err.double() * s1 + v.window_err.double() * s0, 1e-3)

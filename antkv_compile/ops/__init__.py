@@ -10,9 +10,9 @@ A cache side crosses every op as one `Tensor[]` argument: the fields of `state.S
     antkv::attention(q, key, value, attn_mask, is_causal, scale) -> (out, window Anchor Score)
     antkv::dequantize(side, dtype)                      -> the dense tensor
 
-Each op's body is the function of state.py (or reference.py) it names; the CPU kernel of
-`attention` is registered from cpu/, and on CUDA the Inductor lowering (inductor/) replaces it in
-compiled graphs. The fake kernels give output shapes without running the quantizer: the window and
+Each op's body is the function of state.py (or reference.py) it names; `attention` has a CPU
+kernel (cpu/) and a CUDA one (the Triton kernels of triton/), and on CUDA the Inductor lowering
+(inductor/) replaces it in compiled decode graphs. The fake kernels give output shapes without running the quantizer: the window and
 anchor lengths after an append follow `state.flush_lengths` when sizes are concrete, and are fresh
 unbacked sizes when they are symbolic, so a traced decode step never specializes on them and a
 growing cache does not recompile it.
@@ -167,6 +167,24 @@ def _(q, key, value, attn_mask, is_causal, scale):
     if not cpu.supported(q, k):
         return attention_reference(q, k, v, attn_mask, is_causal, scale)
     return cpu.attention(query_to_basis(q, k.basis_inv), k, v, attn_mask, is_causal, scale)
+
+
+@attention.register_kernel("cuda")
+def attention_cuda(q, key, value, attn_mask, is_causal, scale):
+    """On CUDA outside compiled graphs (eager, or shapes the Inductor lowering does not take): the
+    standalone Triton kernels of triton/attention.py, decode (<= MAX_DECODE_QUERIES queries) or
+    prefill, then the window's Anchor Score. Checked in the Triton interpreter on CPU tensors
+    (tests/test_triton_attention.py calls this function directly); never run on a GPU here."""
+    from .triton import attention as kernels
+
+    k, v = Side(*key), Side(*value)
+    qb = query_to_basis(q, k.basis_inv)
+    if qb.shape[2] <= kernels.MAX_DECODE_QUERIES:
+        out, lse = kernels.vq_decode_attention(qb, k, v, attn_mask, scale, is_causal)
+        s0, s1 = kernels.vq_window_scores(qb, k, v, out, lse, attn_mask, scale, is_causal)
+    else:
+        out, _, s0, s1 = kernels.vq_prefill_attention(qb, k, v, attn_mask, scale, is_causal)
+    return out, k.window_err * s1 + v.window_err * s0
 
 
 @attention.register_fake
