@@ -9,13 +9,19 @@ Parts (`--parts`, comma list; all by default):
   presets; window 32, anchors 1%). Caches are built directly from random codes, centroids, anchors
   and window (content does not change speed); once per setting the VQ output is checked against
   dense SDPA on the dequantized cache. Median of repeated perf_counter timings after warm-up.
-- e2e: greedy decode tokens/s of SmolLM2-135M-Instruct (fp32) at 4K, 16K, 32K tokens of context.
-  FP: DynamicCache of dense K/V, `torch.compile(model)` (Inductor). Ours: `antkv_compile.patch`
-  (antkv_backend), a DynamicCache whose layers already hold VQTensors (1 bit). The context is
-  synthetic (random K/V, random codes / anchors / window), not prefilled: prefilling 32K tokens on
-  2 CPU cores is too slow and does not change the decode step. Compile time (first calls) is
-  reported apart from the timed steps; a torch.profiler pass over a few steps gives the share of
-  antkv::append (quantize-on-write) and antkv::attention in our decode step.
+- e2e: greedy decode tokens/s of SmolLM2-135M-Instruct (fp32) at 1K, 4K, 16K, 32K tokens of context.
+  FP: DynamicCache of dense K/V, `torch.compile(model)` (Inductor); HF StaticCache (max_cache_len =
+  context + the steps run), `torch.compile(model, dynamic=False)` (Inductor), with GQA inside SDPA
+  (HF's TRANSFORMERS_SDPA_FORCE_GQA; why: the comment opening part 2 below) and, for the record, with HF's
+  default sdpa attention. Ours: `antkv_compile.patch` (antkv_backend), a DynamicCache whose layers
+  already hold VQTensors (1 bit). The baseline at each context is the faster FP cache. The context
+  is synthetic (random K/V, random codes / anchors / window), not prefilled: prefilling 32K tokens
+  on 2 CPU cores is too slow and does not change the decode step. Compile time (first calls) is
+  reported apart from the timed steps; a torch.profiler pass over a few steps gives the top ops and,
+  for ours, the share of antkv::append (quantize-on-write) and antkv::attention in the step.
+- eager: `model.generate` (greedy, the README demo's three prompts, 48 new tokens) with the FP
+  DynamicCache against `ak.AntKVCache` (1 bit, random codebooks) after `ak.use_antkv_attention`:
+  ms per generated token, and the ratio (issue 11's target: ours within 1.5x).
 - memory: cache bytes measured from real allocations (every inner tensor's untyped storage, each
   once) of all 30 layers, fp16 dense DynamicCache against ours (fp16 anchors/window) at 4/2/1/0.5
   bit, and the longest context whose cache fits the budget (8 GiB), found by allocating caches
@@ -30,13 +36,15 @@ Parts (`--parts`, comma list; all by default):
 
     python benchmarks/speed.py                         # full run, writes benchmarks/results/speed.*
     python benchmarks/speed.py --parts attention,gpu   # a subset (--merge keeps the other parts' rows)
-    python benchmarks/speed.py --quick                 # smoke test (small sizes, 2-layer model), temp dir
+    python benchmarks/speed.py --quick                 # smoke test (small sizes, 2-layer model), temp dir; CI runs it
+                                                       # (tests/test_benchmarks.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -78,10 +86,11 @@ GIB = 1 << 30
 FULL = dict(attn_contexts=[1 << e for e in range(10, 18)], e2e_contexts=[1024, 4096, 16384, 32768], e2e_steps=16, e2e_warmup=3,
             e2e_layers=LAYERS, e2e_methods=",".join(E2E_METHODS), profile_steps=3, eager_prompts=3, eager_tokens=48, eager_reps=3,
             eager_layers=LAYERS, mem_probes=[1024, 4096, 16384, 65536], budget_gib=8.0, min_time=1.0,
-            gpu_contexts=[4096, 32768, 131072, 1 << 20], impl_context=65536)
-QUICK = dict(attn_contexts=[1024, 4096], e2e_contexts=[1024], e2e_steps=3, e2e_warmup=1, e2e_layers=2, e2e_methods=",".join(E2E_METHODS),
+            gpu_contexts=[4096, 32768, 131072, 1 << 20], impl_context=65536, impl_bits="1,4", compile_cache="cold")
+QUICK = dict(attn_contexts=[1024, 4096], e2e_contexts=[1024], e2e_steps=3, e2e_warmup=1, e2e_layers=2,
+             e2e_methods="fp-dynamiccache,fp-staticcache,antkv-patch",
              profile_steps=1, eager_prompts=1, eager_tokens=8, eager_reps=1, eager_layers=2, mem_probes=[1024, 4096], budget_gib=0.25,
-             min_time=0.1, gpu_contexts=[4096, 32768], impl_context=4096)
+             min_time=0.1, gpu_contexts=[4096, 32768], impl_context=4096, impl_bits="1", compile_cache="kernels")
 
 
 def _now() -> str:
@@ -102,6 +111,14 @@ def _peak_rss() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children (compile workers)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _free():
@@ -374,12 +391,21 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def load_model(layers: int):
-    """SmolLM2-135M-Instruct (fp32) and its tokenizer; only the first `layers` layers if fewer than
-    30 (--quick)."""
+@functools.cache
+def _loaded():
+    """SmolLM2 as loaded from its GGUF (slow to parse: loaded once per run, copied per part)."""
     from antkv_compile.evaluation import load_smollm2
 
-    model, tokenizer = load_smollm2()
+    return load_smollm2()
+
+
+def load_model(layers: int):
+    """A fresh copy of SmolLM2-135M-Instruct (fp32) and its tokenizer; only the first `layers`
+    layers if fewer than 30 (--quick). Each part gets its own: e2e patches its model in place."""
+    import copy
+
+    loaded, tokenizer = _loaded()
+    model = copy.deepcopy(loaded)
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM), cfg
     assert sum(p.numel() for p in model.parameters()) == PARAMS
@@ -446,6 +472,29 @@ class E2E:
             layer.dtype, layer.device = dtype, k.device
             layer.keys, layer.values, layer.is_initialized = k, v, True
         return cache
+
+
+COMPILE_CACHES = {
+    "cold": "cold (Inductor caches disabled: every compile from scratch)",
+    "kernels": "kernel binaries cached by source (graphs always traced, lowered and generated anew; no FX graph, AOT or PGO cache)",
+    "warm": "warm allowed (every Inductor cache; compile time depends on earlier runs)",
+}
+
+
+def configure_compile_caches(mode: str) -> None:
+    """Cold compiles for the reported compile times (Inductor's on-disk caches would make them depend
+    on earlier runs). --quick only caches compiled C++ kernels by their source: every graph is still
+    traced, lowered and generated by this checkout's code, but a kernel whose source an earlier
+    compile (of this run or another) already built is not rebuilt by the C++ compiler."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.force_disable_caches = mode == "cold"
+    if mode == "kernels":
+        inductor_config.fx_graph_cache = False
+        inductor_config.fx_graph_remote_cache = False
+        functorch_config.enable_autograd_cache = False
+        torch._dynamo.config.automatic_dynamic_local_pgo = False
 
 
 def _clone_cache(cache):
@@ -528,10 +577,6 @@ def _e2e_baselines(records: list) -> None:
 
 
 def run_e2e(args, records: list, progress) -> None:
-    import torch._inductor.config as inductor_config
-
-    # Cold compiles by default: Inductor's on-disk caches would make the compile time depend on earlier runs.
-    inductor_config.force_disable_caches = not args.warm_compile_cache
     e = E2E(args)
     model, kwarg = e.model, cache_kwarg(e.model)
     note = "" if args.e2e_layers == LAYERS else f"quick smoke test: first {args.e2e_layers} of {LAYERS} layers"
@@ -596,7 +641,7 @@ def run_e2e(args, records: list, progress) -> None:
                                    graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before)
                         if compiled_first:
                             rec["compile_s"] = first - med
-                            rec["compile_cache"] = "warm allowed" if args.warm_compile_cache else "cold (Inductor caches disabled)"
+                            rec["compile_cache"] = COMPILE_CACHES[args.compile_cache]
                         if ours:
                             layer0 = cache.layers[0]
                             assert isinstance(layer0.keys, VQTensor), type(layer0.keys)
@@ -849,9 +894,6 @@ def _smollm2_config():
 
 # --- part 4: the CPU implementations compared ---------------------------------------------------
 
-IMPL_BITS = (1.0, 4.0)
-
-
 def run_impl(args, records: list, progress) -> None:
     """Dense fp32 SDPA, then each CPU implementation of antkv::attention on the same caches."""
     from antkv_compile import cpu, ops
@@ -865,8 +907,8 @@ def run_impl(args, records: list, progress) -> None:
         "reference through torch.compile (Inductor)": torch.compile(ops._attention_reference, dynamic=False),
         "C++ kernel (antkv_compile/cpu)": cpu.attention,
     }
-    bar = tqdm(total=len(IMPL_BITS) * (1 + len(impls)), desc="impl", unit="setting")
-    for bits in IMPL_BITS:
+    bar = tqdm(total=len(args.impl_bits) * (1 + len(impls)), desc="impl", unit="setting")
+    for bits in args.impl_bits:
         spec = spec_for_bits(bits)
         S = HEAD_DIM // spec.sub_dim
         K, V = (synthetic_vq(T, torch.randn(KV_HEADS, S, spec.num_centroids, spec.sub_dim, generator=gen),
@@ -1012,7 +1054,7 @@ def write_markdown(path: Path, records: list[dict], header: dict) -> None:
               "torch.compile(model, dynamic=False), GQA inside SDPA; fp-staticcache-hf-sdpa: the same with HF's default "
               "sdpa attention, which copies K and V per query head under torch.compile, see the comment in speed.py); "
               "ratio = tokens/s / baseline's (> 1 is faster). Compile = first call minus the median step, where the first call "
-              "compiled (cold Inductor caches unless the run says --warm-compile-cache; a static cache compiles a graph per "
+              "compiled (Inductor caches as the JSON's compile_cache says: cold in the full run; a static cache compiles a graph per "
               "max_cache_len); graphs = Dynamo graphs compiled during that context. append / attention = share of the profiled "
               "steps' wall time inside antkv::append (quantize-on-write) and antkv::attention (torch.profiler).", "",
               "| method | bits | context | tokens/s | ms / step (q1-q3) | ratio vs baseline | baseline | compile s | graphs | append | attention | notes |",
@@ -1228,14 +1270,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eager-tokens", type=int, help="new tokens per generate call in the eager part (default 48, the demo's)")
     p.add_argument("--eager-reps", type=int, help="timed generate calls per prompt and cache (default 3; median)")
     p.add_argument("--eager-layers", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--warm-compile-cache", action="store_true",
-                   help="let Inductor use its on-disk caches (faster, but compile time then depends on earlier runs)")
+    p.add_argument("--compile-cache", choices=tuple(COMPILE_CACHES),
+                   help="; ".join(f"{k}: {v}" for k, v in COMPILE_CACHES.items()) + " (default: cold; kernels with --quick)")
+    p.add_argument("--warm-compile-cache", dest="compile_cache", action="store_const", const="warm", help=argparse.SUPPRESS)
     p.add_argument("--codebooks", choices=("random", "calibrate"), default="random",
                    help="e2e codebooks: random centroids (default) or ak.calibrate on 512 WikiText-2 tokens")
     p.add_argument("--data", help="path to wiki.test.raw (--codebooks calibrate)")
     p.add_argument("--mem-probes", type=_ints, help="cache lengths allocated and measured (default: 1K,4K,16K,64K)")
     p.add_argument("--budget-gib", type=float, help="cache budget for the longest context (default 8)")
     p.add_argument("--impl-context", type=int, help="cache length of the impl part (default 65536)")
+    p.add_argument("--impl-bits", help="bits per element of the impl part's caches (default 1,4)")
     p.add_argument("--gpu-contexts", type=_ints, help="contexts of the on-paper GPU bound (default: 4K,32K,128K,1M)")
     args = p.parse_args(argv)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
@@ -1252,6 +1296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"--e2e-methods: unknown {', '.join(bad)}; methods: {', '.join(E2E_METHODS)}")
     args.e2e_methods = [m for m in E2E_METHODS if m in methods]  # FP first: ours patches the model in place
+    args.impl_bits = [float(b) for b in args.impl_bits.split(",")]
     if args.quick:
         args.out = args.out or Path(tempfile.gettempdir()) / "antkv-speed-quick"
     args.out = args.out or RESULTS_DIR
@@ -1284,6 +1329,7 @@ def _code_version() -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    configure_compile_caches(args.compile_cache)
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/speed.py", *argv])
     start_date, t_start, code = _now(), time.perf_counter(), _code_version()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -1295,16 +1341,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         (args.out / "speed.partial.json").write_text(json.dumps(records, indent=2) + "\n")
 
     runners = {"attention": run_attention, "e2e": run_e2e, "eager": run_eager, "memory": run_memory, "impl": run_impl, "gpu": run_gpu}
+    cpu_times: dict[str, float] = {}
     for part in args.parts:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         try:
             runners[part](args, records, progress)
         except Exception as exc:  # a crashing part is a result too; the other parts still run
             traceback.print_exc()
             records.append(dict(kind=PART_KIND.get(part, part), metric=None, method=None, bits=None, context=None,
                                 value=None, unit=None, ratio_vs_dense=None, error=f"{type(exc).__name__}: {exc}"))
-        timings[part] = time.perf_counter() - t0
-        print(f"{part}: {timings[part]:.0f} s", flush=True)
+        timings[part], cpu_times[part] = time.perf_counter() - t0, _cpu_seconds() - c0
+        if not {"e2e", "eager"} & set(args.parts[args.parts.index(part) + 1:]):
+            _loaded.cache_clear()  # no later part needs the model
+        print(f"{part}: {timings[part]:.0f} s ({cpu_times[part]:.0f} s CPU)", flush=True)
     machine = f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     for r in records:
         r.update(command=command, date=start_date, machine=machine, threads=torch.get_num_threads(), code=code)
@@ -1324,7 +1373,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "machine": f"{platform.platform()}, {_cpu_name()}, {os.cpu_count()} CPUs, "
                    f"torch {torch.__version__}, transformers {transformers.__version__}, torch threads {torch.get_num_threads()}"
                    + (f", load average (1 min) at start {load[0]:.2f}, at end {os.getloadavg()[0]:.2f}" if load else ""),
-        "wall time of this run": ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {time.perf_counter() - t_start:.0f} s",
+        "compile caches": COMPILE_CACHES[args.compile_cache],
+        "wall time of this run": ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {time.perf_counter() - t_start:.0f} s "
+                                 f"(CPU time, this process and its compile workers: "
+                                 + ", ".join(f"{k} {v:.0f} s" for k, v in cpu_times.items()) + f"; total {_cpu_seconds():.0f} s)",
     }
     if args.quick:
         header["quick"] = f"smoke test: small sizes, e2e and eager on the first {args.e2e_layers} and {args.eager_layers} of 30 layers; not results"
