@@ -63,6 +63,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers.generation.streamers import BaseStreamer
 
 import antkv_compile as ak
 from antkv_compile.cache import CacheSettings, VQTensor
@@ -679,7 +680,7 @@ DEMO_PROMPTS = [  # examples/demo.py
 ]
 
 
-class _Clock:
+class _Clock(BaseStreamer):
     """A generate() streamer that records when each token arrives (the prompt first)."""
 
     def __init__(self):
@@ -698,7 +699,6 @@ def run_eager(args, records: list, progress) -> None:
     token = generate's wall time / new tokens (prefill of the short prompt included); step = median
     interval between consecutive new tokens (decode steps only)."""
     from transformers import DynamicCache
-    from transformers.generation.streamers import BaseStreamer
 
     model, tok = load_model(args.eager_layers)
     kwarg = cache_kwarg(model)
@@ -706,7 +706,6 @@ def run_eager(args, records: list, progress) -> None:
     ak.use_antkv_attention(model)
     methods = {"fp-dynamiccache": lambda: DynamicCache(config=model.config),
                "antkv-cache": lambda: ak.AntKVCache(books, window=args.window, anchor_frac=args.anchor_frac)}
-    clock_cls = type("Clock", (_Clock, BaseStreamer), {})
     note = "" if args.eager_layers == LAYERS else f"quick smoke test: first {args.eager_layers} of {LAYERS} layers"
     prompts = DEMO_PROMPTS[: args.eager_prompts]
     bar = tqdm(total=len(prompts) * len(methods), desc="eager", unit="run")
@@ -729,7 +728,7 @@ def run_eager(args, records: list, progress) -> None:
                     generate()  # warm-up: first-call costs (kernel build / load, allocator) apart
                     totals, steps, firsts = [], [], []
                     for _ in range(args.eager_reps):
-                        clock = clock_cls()
+                        clock = _Clock()
                         t0 = time.perf_counter()
                         out, cache = generate(clock)
                         totals.append(time.perf_counter() - t0)
@@ -747,7 +746,8 @@ def run_eager(args, records: list, progress) -> None:
                                first_token_ms=statistics.median(firsts) * 1e3, final_context=int(cache.get_seq_length()))
                     if method == "antkv-cache":
                         rec["notes"] = "; ".join(x for x in (note, "1-bit random codebooks with a random key basis", f"window {args.window}") if x)
-                    fp = fp if method != "fp-dynamiccache" else rec["value"]
+                    if method == "fp-dynamiccache":
+                        fp = rec["value"]
                     rec["ratio_vs_dense"] = rec["value"] / fp if fp else None
             except Exception as exc:
                 traceback.print_exc()
