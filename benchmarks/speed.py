@@ -648,6 +648,8 @@ def run_e2e(args, records: list, progress) -> None:
                         if ours:
                             layer0 = cache.layers[0]
                             assert isinstance(layer0.keys, VQTensor), type(layer0.keys)
+                            if ci == 0:
+                                rec["synthetic_check"] = check_synthetic(e.books[0], e.settings, model.dtype)
                             rec["sites_rewritten"] = f"{sum(s.rewritten for s in model.antkv_backend.sites)}/{len(model.antkv_backend.sites)}"
                             rec["notes"] = "; ".join(x for x in (note, e.codebooks_note, f"window {args.window}, anchors {args.anchor_frac:.0%}") if x)
                         else:
