@@ -143,12 +143,17 @@ def _calibration(ctx: Context) -> ak.CalibrationData:
     return _CALIBRATION[key]
 
 
+# --quick's k-means: a few iterations on few tokens (a smoke test of the harness, not results).
+QUICK_FIT = {"iters": 2, "kmeans_tokens": 512}
+_FIT_OVERRIDES: dict = {}  # set to QUICK_FIT by --quick
+
+
 def _antkv_row(name: str, bits: float, notes: str, fit: dict | None = None, **cache_settings) -> Row:
     """AnTKV at an average budget of `bits`: codebooks fitted on the calibration slice (K/V split
     chosen by measured attention error unless `fit` says otherwise), cache settings as given."""
 
     def setup(ctx: Context) -> Setup:
-        books = ak.fit_codebooks(_calibration(ctx), bits, **(fit or {}))
+        books = ak.fit_codebooks(_calibration(ctx), bits, **{**(fit or {}), **_FIT_OVERRIDES})
         ak.use_antkv_attention(ctx.model)  # dense caches still run plain sdpa through it
         split = books.settings["chosen"][0]
         errors = ", ".join(f"{k} {v:.4f}" for k, v in books.settings["candidate_errors"].items())
@@ -351,6 +356,11 @@ def write_plot(path: Path, records: list[dict], title: str) -> None:
 
 # --- CLI -----------------------------------------------------------------------------------------
 
+# One row of each kind: FP, a QuantizedCache peer, a calibrated row with its K/V split choice, a
+# data-free row (every row code path, in a minute).
+QUICK_ROWS = "fp,quanto-2bit,antkv-2bit,antkv-datafree-1bit"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", help=f"comma list of row names or globs (default: all of {', '.join(ROWS)})")
@@ -366,11 +376,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-tokens", type=int, default=32768, help="calibration slice [0, N) (default: 32768)")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of an earlier run in --out that this run does not recompute (runs of row subsets, e.g. in parallel)")
-    p.add_argument("--quick", action="store_true", help="smoke test: 1 window of 256 tokens, 2048 calibration tokens")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke test: 1 window of 128 tokens, 1024 calibration tokens, k-means {QUICK_FIT}, rows {QUICK_ROWS} unless --rows")
     args = p.parse_args(argv)
     if args.quick:
-        args.context, args.windows, args.calib_tokens = 256, 1, min(args.calib_tokens, 2048)
+        args.context, args.windows, args.calib_tokens = 128, 1, min(args.calib_tokens, 1024)
+        args.rows = args.rows or QUICK_ROWS
         args.out = args.out or Path(tempfile.gettempdir()) / "antkv-accuracy-quick"
+        _FIT_OVERRIDES.update(QUICK_FIT)
     args.out = args.out or RESULTS_DIR
     if args.calib_tokens > args.eval_offset:
         p.error(f"--calib-tokens {args.calib_tokens} overlaps the evaluation slice starting at --eval-offset {args.eval_offset}")

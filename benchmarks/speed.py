@@ -5,7 +5,7 @@ Parts (`--parts`, comma list; all by default):
 
 - attention: one decode query (B=1, 9 query heads, 3 kv heads, D=64: SmolLM2-135M shapes) against
   a cache of 1K..128K tokens. Dense SDPA (fp32, bf16, enable_gqa=True) against VQ attention through
-  `torch.ops.antkv.attention` (whatever kernel ops.py dispatches to) at 4, 2, 1, 0.5 bits (PQSpec
+  `torch.ops.antkv.attention` (whatever kernel ops/ dispatches to) at 4, 2, 1, 0.5 bits (PQSpec
   presets; window 32, anchors 1%). Caches are built directly from random codes, centroids, anchors
   and window (content does not change speed); once per setting the VQ output is checked against
   dense SDPA on the dequantized cache. Median of repeated perf_counter timings after warm-up.
@@ -29,7 +29,7 @@ Parts (`--parts`, comma list; all by default):
 - impl: why the CPU kernel is C++: at one cache length (65,536 tokens) and 1 and 4 bits, the CPU
   implementations of antkv::attention side by side in one run: the PyTorch reference eager, the
   same reference through torch.compile (Inductor code from the decomposition), and the C++ kernel
-  (antkv_compile/cpu), with dense fp32 SDPA for scale; outputs checked against the reference.
+  (antkv_compile/ops/cpu), with dense fp32 SDPA for scale; outputs checked against the reference.
 - gpu: on paper, not measured: HBM bytes one decode step must read per layer (dense fp16 K/V
   against codes + anchors + window + codebooks) and the time that implies at H100 bandwidth
   (3.35 TB/s): a lower bound, labelled as such.
@@ -68,7 +68,7 @@ from transformers.generation.streamers import BaseStreamer
 import antkv_compile as ak
 from antkv_compile.cache import CacheSettings, VQTensor
 from antkv_compile.evaluation import cache_nbytes, tensors_nbytes
-from antkv_compile.quant.codebook import Codebooks, LayerCodebook, model_fingerprint
+from antkv_compile.quant.codebook import Codebooks, CodebookSide, LayerCodebook, model_fingerprint
 from antkv_compile.quant.pq import spec_for_bits
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -155,10 +155,7 @@ def time_fn(fn: Callable[[], object], min_time: float, min_reps: int = 5, max_re
 # Calibration's default fits a key basis for sub-vectors of up to this many dims (1 bit and up);
 # random codebooks get a random orthogonal one there, so the step pays for the basis map as it
 # does with calibrated codebooks.
-try:
-    from antkv_compile.calibrate import KEY_BASIS_MAX_SUB_DIM
-except ImportError:  # moved by a refactor: the value documented in calibrate.py
-    KEY_BASIS_MAX_SUB_DIM = 8
+from antkv_compile.calibrate import KEY_BASIS_MAX_SUB_DIM  # noqa: E402
 
 
 def random_codebooks(config, bits: float, gen: torch.Generator) -> Codebooks:
@@ -174,9 +171,10 @@ def random_codebooks(config, bits: float, gen: torch.Generator) -> Codebooks:
 
     def layer():
         if spec.sub_dim > KEY_BASIS_MAX_SUB_DIM:
-            return LayerCodebook(side(), side(), spec, spec, torch.ones(H), torch.ones(H))
+            return LayerCodebook(CodebookSide(spec, side(), torch.ones(H)), CodebookSide(spec, side(), torch.ones(H)))
         basis = torch.linalg.qr(torch.randn(H, HEAD_DIM, HEAD_DIM, generator=gen)).Q.contiguous()
-        return LayerCodebook(side(), side(), spec, spec, torch.ones(H), torch.ones(H), basis, basis.transpose(1, 2).contiguous())
+        return LayerCodebook(CodebookSide(spec, side(), torch.ones(H), basis, basis.transpose(1, 2).contiguous()),
+                             CodebookSide(spec, side(), torch.ones(H)))
 
     layers = [layer() for _ in range(config.num_hidden_layers)]
     return Codebooks(layers, model_fingerprint(config), {"bits": bits, "random": True})
@@ -200,14 +198,14 @@ def with_state(empty: VQTensor, **state: torch.Tensor) -> VQTensor:
     return type(empty).__tensor_unflatten__(inner, context, None, None)
 
 
-def synthetic_vq(T: int, centroids: torch.Tensor, expected_err: torch.Tensor, settings: CacheSettings, dtype: torch.dtype,
-                 gen: torch.Generator | None, fill: str = "random", batch: int = 1, basis=None, basis_inv=None) -> VQTensor:
+def synthetic_vq(T: int, codebook: CodebookSide, settings: CacheSettings, dtype: torch.dtype,
+                 gen: torch.Generator | None, fill: str = "random", batch: int = 1) -> VQTensor:
     """A VQTensor of T tokens in the state a decode step leaves (cache.py's flush rule): codes for
     every token, window+1 exact recent tokens, ceil(anchor_frac x encoded tokens) anchors at
     distinct positions. `fill="zeros"` skips the random content (memory measurements). Dtypes are
     those of VQTensor.empty's inner tensors."""
-    empty = VQTensor.empty(batch, centroids, expected_err, settings, dtype=dtype, basis=basis, basis_inv=basis_inv)
-    H, S, K, d = centroids.shape
+    empty = VQTensor.empty(batch, codebook, settings, dtype=dtype)
+    H, S, K, d = codebook.centroids.shape
     D = S * d
     Tw = min(T, window_len(settings.window))
     Tc = T - Tw
@@ -234,9 +232,7 @@ def synthetic_vq(T: int, centroids: torch.Tensor, expected_err: torch.Tensor, se
 
 def synthetic_side(T: int, book: LayerCodebook, side: str, settings: CacheSettings, dtype: torch.dtype, gen, fill: str = "random") -> VQTensor:
     """synthetic_vq for the key or the value side of a layer's codebook (keys with its basis)."""
-    if side == "key":
-        return synthetic_vq(T, book.key_centroids, book.key_error, settings, dtype, gen, fill, basis=book.key_basis, basis_inv=book.key_basis_inv)
-    return synthetic_vq(T, book.value_centroids, book.value_error, settings, dtype, gen, fill)
+    return synthetic_vq(T, getattr(book, side), settings, dtype, gen, fill)
 
 
 def check_synthetic(book: LayerCodebook, settings: CacheSettings, dtype: torch.dtype, T: int = 2048) -> str:
@@ -245,11 +241,8 @@ def check_synthetic(book: LayerCodebook, settings: CacheSettings, dtype: torch.d
     same bytes held. Raises (naming the tensors that differ) otherwise."""
     exclude = book.tensors()
     for side in ("key", "value"):
-        centroids = book.key_centroids if side == "key" else book.value_centroids
-        error = book.key_error if side == "key" else book.value_error
-        basis = dict(basis=book.key_basis, basis_inv=book.key_basis_inv) if side == "key" else {}
-        H, S, _, d = centroids.shape
-        real = VQTensor.empty(1, centroids, error, settings, dtype=dtype, **basis)
+        H, S, _, d = getattr(book, side).centroids.shape
+        real = VQTensor.empty(1, getattr(book, side), settings, dtype=dtype)
         real = real.append(torch.randn(1, H, T - 1, S * d, dtype=dtype)).append(torch.randn(1, H, 1, S * d, dtype=dtype))
         synth = synthetic_side(T, book, side, settings, dtype, torch.Generator().manual_seed(0))
         names = real.__tensor_flatten__()[0]
@@ -267,10 +260,9 @@ def check_synthetic(book: LayerCodebook, settings: CacheSettings, dtype: torch.d
 
 
 def vq_attention_args(q: torch.Tensor, K: VQTensor, V: VQTensor) -> tuple:
-    """The arguments of antkv::attention (and of each of its implementations) for one decode query
-    over the caches K and V (no key basis: q is taken as already in it). The one place the op's
-    signature is spelled in this file."""
-    return (q, *K.parts(), K.window_err, *V.parts(), V.window_err, None, False, None)
+    """The arguments of antkv::attention for one decode query over the caches K and V (each side
+    a list of its state.Side fields; the op maps q into the key basis itself)."""
+    return (q, list(K.side), list(V.side), None, False, None)
 
 
 def vq_attention(q: torch.Tensor, K: VQTensor, V: VQTensor) -> Callable[[], torch.Tensor]:
@@ -282,19 +274,11 @@ def vq_attention(q: torch.Tensor, K: VQTensor, V: VQTensor) -> Callable[[], torc
 
 # --- part 1: decode attention latency ------------------------------------------------------------
 
-def attention_path(q: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor) -> str:
+def attention_path(q: torch.Tensor, K: VQTensor) -> str:
     """Which implementation `torch.ops.antkv.attention` runs for this call on CPU."""
-    try:
-        from antkv_compile import cpu
-    except ImportError:
-        return "PyTorch reference (no CPU kernel in this checkout)"
-    try:
-        import inspect
+    from antkv_compile.ops import cpu
 
-        n = len(inspect.signature(cpu.supported).parameters)  # (q, k_codes[, k_centroids]): it has changed
-        return "C++ CPU kernel" if cpu.supported(*(q, codes, centroids)[:n]) else "PyTorch reference (the CPU kernel declines this call)"
-    except Exception as exc:  # noqa: BLE001 - an unknown kernel interface: say so, do not guess
-        return f"unknown ({type(exc).__name__}: {exc})"
+    return "C++ CPU kernel" if cpu.supported(q, K.side) else "PyTorch reference (the CPU kernel declines this call)"
 
 
 def run_attention(args, records: list, progress) -> None:
@@ -326,8 +310,8 @@ def run_attention(args, records: list, progress) -> None:
                 else:
                     spec = spec_for_bits(bits)
                     S = HEAD_DIM // spec.sub_dim
-                    K, V = (synthetic_vq(T, torch.randn(KV_HEADS, S, spec.num_centroids, spec.sub_dim, generator=gen),
-                                         torch.ones(KV_HEADS), settings, torch.float32, gen) for _ in range(2))
+                    K, V = (synthetic_vq(T, CodebookSide(spec, torch.randn(KV_HEADS, S, spec.num_centroids, spec.sub_dim, generator=gen),
+                                                         torch.ones(KV_HEADS)), settings, torch.float32, gen) for _ in range(2))
                     fn = vq_attention(q32, K, V)
 
                     # Sanity (not timed): VQ attention == dense SDPA on the dequantized cache.
@@ -336,7 +320,7 @@ def run_attention(args, records: list, progress) -> None:
                     err = (out - ref).abs().max().item()
                     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3,
                                                msg=lambda m: f"VQ attention != SDPA(dequantized) at T={T}, {method}: {m}")
-                    rec.update(dtype="float32", check=f"max |vq - sdpa(dequantized)| {err:.2e}", path=attention_path(q32, K.codes, K.centroids),
+                    rec.update(dtype="float32", check=f"max |vq - sdpa(dequantized)| {err:.2e}", path=attention_path(q32, K),
                                anchors=int(K.anchor_pos.shape[2]), window=int(K.window.shape[2]))
                     del ref, out
                 with torch.inference_mode():
@@ -900,24 +884,25 @@ def _smollm2_config():
 
 def run_impl(args, records: list, progress) -> None:
     """Dense fp32 SDPA, then each CPU implementation of antkv::attention on the same caches."""
-    from antkv_compile import cpu, ops
+    from antkv_compile import ops
+    from antkv_compile.ops import cpu
 
     gen = torch.Generator().manual_seed(0)
     settings = CacheSettings(window=args.window, anchor_frac=args.anchor_frac)
     T = args.impl_context
     q = torch.randn(1, Q_HEADS, 1, HEAD_DIM, generator=gen)
     impls = {
-        "reference, eager PyTorch": ops._attention_reference,
-        "reference through torch.compile (Inductor)": torch.compile(ops._attention_reference, dynamic=False),
-        "C++ kernel (antkv_compile/cpu)": cpu.attention,
+        "reference, eager PyTorch": ops.attention_reference,
+        "reference through torch.compile (Inductor)": torch.compile(ops.attention_reference, dynamic=False),
+        "C++ kernel (antkv_compile/ops/cpu)": cpu.attention,
     }
     bar = tqdm(total=len(args.impl_bits) * (1 + len(impls)), desc="impl", unit="setting")
     for bits in args.impl_bits:
         spec = spec_for_bits(bits)
         S = HEAD_DIM // spec.sub_dim
-        K, V = (synthetic_vq(T, torch.randn(KV_HEADS, S, spec.num_centroids, spec.sub_dim, generator=gen),
-                             torch.ones(KV_HEADS), settings, torch.float32, gen) for _ in range(2))
-        op_args = vq_attention_args(q, K, V)
+        K, V = (synthetic_vq(T, CodebookSide(spec, torch.randn(KV_HEADS, S, spec.num_centroids, spec.sub_dim, generator=gen),
+                                             torch.ones(KV_HEADS)), settings, torch.float32, gen) for _ in range(2))
+        op_args = (q, K.side, V.side, None, False, None)  # the implementations take state.Side records
         kd, vd = K.dequantize(), V.dequantize()
         cases = {"dense fp32 SDPA (same tokens, dequantized)": lambda: F.scaled_dot_product_attention(q, kd, vd, enable_gqa=True)}
         cases.update({name: (lambda fn=fn: fn(*op_args)[0]) for name, fn in impls.items()})
