@@ -2,7 +2,7 @@
 
     codebooks = antkv_compile.calibrate(model, token_ids, bits=1.0)
     cache = antkv_compile.AntKVCache(codebooks)
-    model.generate(..., past_key_values=cache)
+    model.generate(..., cache=cache)     # past_key_values=cache before transformers 5 (cache_keyword)
 
     model = torch.compile(model, backend=antkv_compile.antkv_backend, options={"codebooks": codebooks})
     model = antkv_compile.patch(hf_model, codebooks)     # generate() runs compiled
@@ -10,9 +10,9 @@
 
 from .cache import VQTensor, dequantize
 from .calibrate import CalibrationData, calibrate, collect_calibration, fit_codebooks
-from .compile.backend import AntKVBackend, antkv_backend, explain, mark_growing
+from .compile.backend import AntKVBackend, CompressionError, antkv_backend, explain, mark_growing
 from .compile.patch import patch
-from .hf import AntKVCache, use_antkv_attention
+from .hf import AntKVCache, cache_keyword, use_antkv_attention
 from .quant.codebook import Codebooks, CodebookSide, LayerCodebook
 from .quant.pq import PQSpec
 from .settings import CacheSettings
@@ -23,11 +23,13 @@ __all__ = [
     "CacheSettings",
     "CalibrationData",
     "CodebookSide",
+    "CompressionError",
     "Codebooks",
     "LayerCodebook",
     "PQSpec",
     "VQTensor",
     "antkv_backend",
+    "cache_keyword",
     "calibrate",
     "collect_calibration",
     "dequantize",

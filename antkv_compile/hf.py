@@ -1,7 +1,8 @@
 """Hugging Face integration: a `Cache` made of VQTensors, and an attention function that reads it.
 
-`AntKVCache(codebooks)` goes wherever a `DynamicCache` goes (`generate(past_key_values=...)`, a
-manual forward loop): its layers are DynamicLayers whose keys and values are VQTensors, so HF's own
+`AntKVCache(codebooks)` goes wherever a `DynamicCache` goes (`generate(cache=...)`, a manual
+forward loop; `cache_keyword(model)` names the keyword: `cache` on transformers 5.x, which
+deprecates `past_key_values`, `past_key_values` before): its layers are DynamicLayers whose keys and values are VQTensors, so HF's own
 `torch.cat` appends with quantize-on-write, and crop / beam reorder act on the codes.
 
 Transformers' "sdpa" attention repeats K and V per query head (`repeat_kv`) whenever a mask is
@@ -13,6 +14,7 @@ calls SDPA with `enable_gqa=True` instead, so VQ attention reads the codes once 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable
 
 import torch
@@ -27,6 +29,13 @@ from .quant.codebook import Codebooks, LayerCodebook
 from .settings import CacheSettings, resolve
 
 ATTN_IMPLEMENTATION = "antkv"
+
+
+def cache_keyword(model) -> str:
+    """The keyword `model`'s forward and generate() take a cache by: "cache" on the transformers
+    that deprecate "past_key_values" (5.x; its forward has a `cache` parameter), else
+    "past_key_values". Read it once per loop: `model(ids, **{cache_keyword(model): cache})`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class AntKVLayer(DynamicLayer):

@@ -76,10 +76,15 @@ def test_architectures_are_rewritten_and_equal_eager(arch):
 
 def test_sliding_window_cache_is_declined_and_exact():
     """Mistral with a sliding window: the cache writes back a slice of the concatenation, which the
-    compressed cache does not implement; declined, and equal to the uncompiled model."""
+    compressed cache does not implement; declined: an error by default (nothing would be
+    compressed), with on_nothing_compressed="warn" a warning and the uncompiled model's numbers."""
     model, books = _tiny("mistral", sliding_window=4)
-    backend = ak.AntKVBackend(books, inductor=False)
-    got = _steps(model, torch.compile(model.forward, backend=backend), DynamicCache(config=model.config))
+    with pytest.raises(ak.CompressionError, match="not written back as is"):
+        _steps(model, torch.compile(model.forward, backend=ak.AntKVBackend(books, inductor=False)), DynamicCache(config=model.config))
+    torch._dynamo.reset()
+    backend = ak.AntKVBackend(books, inductor=False, on_nothing_compressed="warn")
+    with pytest.warns(UserWarning, match="would run on a dense cache"):
+        got = _steps(model, torch.compile(model.forward, backend=backend), DynamicCache(config=model.config))
     ref = _steps(model, model, DynamicCache(config=model.config))
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r)

@@ -4,9 +4,19 @@ generate() keeps its default `DynamicCache`: the first compiled call concatenate
 tensors with the prompt's keys and values and writes back compressed caches (`VQTensor`s); every
 later call appends to them. Greedy, sampling, left-padded batches and beam search work as with any
 cache (beam search reorders the compressed cache through its batch index_select).
+
+Each patched model compiles its own code object. Dynamo keeps its compiled graphs, its recompile
+count (8 per code object) and what it learned to make dynamic per code object, and every
+transformers model's forward is the same one (the `deprecate_kwarg` wrapper): compiled directly, a
+second model of another head_dim would find the attention scale made symbolic (every site
+declined), and the fifth would hit the recompile limit and run eagerly on a dense cache.
 """
 
 from __future__ import annotations
+
+import functools
+import itertools
+import types
 
 import torch
 
@@ -14,18 +24,34 @@ from ..hf import use_antkv_attention
 from ..quant.codebook import Codebooks
 from .backend import AntKVBackend
 
+_MODEL_IDS = itertools.count()
+
+
+def _own_code(forward, name: str):
+    """A function calling `forward` whose code object is this model's alone (named `name`)."""
+
+    def call(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    fn = types.FunctionType(call.__code__.replace(co_name=name), call.__globals__, name, None, call.__closure__)
+    return functools.wraps(forward, updated=())(fn)  # generate() reads forward's signature (through __wrapped__)
+
 
 def patch(model, codebooks: Codebooks | None = None, **settings):
     """Compile `model.forward` with antkv_backend (in place) and return the model.
 
-    `settings` are the cache settings (window, anchor_frac, error, exact_dtype) and `inductor_config`. The model
-    switches to the "antkv" attention implementation (SDPA with enable_gqa on compressed caches,
-    no repeat_kv); `model.antkv_backend.sites` reports what the pass did.
+    `settings` are the cache settings (window, anchor_frac, error, exact_dtype), `inductor`,
+    `inductor_config` and `on_nothing_compressed` ("error", the default: a graph with a KV cache
+    whose every attention site is declined raises `CompressionError`; "warn": it runs dense with a
+    warning). The model switches to the "antkv" attention implementation (SDPA with enable_gqa on
+    compressed caches, no repeat_kv); `model.antkv_backend.sites` reports what the pass did.
     """
     if codebooks is not None:
         codebooks.check_model(model.config)
     backend = AntKVBackend(codebooks, **settings)
     use_antkv_attention(model)
-    model.forward = torch.compile(model.forward, backend=backend)
-    model.antkv_backend = backend
+    original = getattr(model, "antkv_original_forward", model.forward)  # patching again replaces the first patch
+    forward = _own_code(original, f"antkv_forward_{next(_MODEL_IDS)}_{type(model).__name__}")
+    model.forward = torch.compile(forward, backend=backend)
+    model.antkv_backend, model.antkv_original_forward = backend, original
     return model

@@ -1,0 +1,117 @@
+"""Hardening for real users (issue 12): several patched models in one process each compress, a
+model that compresses nothing says so, changing the batch size, non-finite keys, safe torch.load
+of a cache, no deprecation warnings from the transformers of today."""
+
+import time
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+from helpers import random_codebooks
+from transformers import DynamicCache
+
+import antkv_compile as ak
+from antkv_compile import VQTensor
+from antkv_compile.quant.codebook import model_fingerprint
+
+TINY = dict(vocab_size=64, intermediate_size=32, max_position_embeddings=256, pad_token_id=0)
+# (config, model, hidden, heads, kv heads, extra config): head_dims 16 and 32, GQA and MHA.
+MODELS = [
+    ("LlamaConfig", "LlamaForCausalLM", 64, 4, 2, {}),
+    ("LlamaConfig", "LlamaForCausalLM", 64, 2, 1, {}),
+    ("Qwen2Config", "Qwen2ForCausalLM", 64, 4, 2, {}),
+    ("Qwen2Config", "Qwen2ForCausalLM", 64, 2, 2, {}),
+    ("MistralConfig", "MistralForCausalLM", 32, 2, 1, dict(sliding_window=None)),
+    ("Qwen3Config", "Qwen3ForCausalLM", 32, 2, 1, dict(head_dim=32)),
+    ("Phi3Config", "Phi3ForCausalLM", 64, 4, 4, {}),
+    ("GPTNeoXConfig", "GPTNeoXForCausalLM", 64, 2, 2, {}),
+    ("StableLmConfig", "StableLmForCausalLM", 32, 2, 2, {}),
+    ("OlmoConfig", "OlmoForCausalLM", 64, 4, 2, {}),
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _tiny(config_cls, model_cls, hidden, heads, kv_heads, extra, layers=1, seed=0):
+    torch.manual_seed(seed)
+    kw = {} if config_cls == "GPTNeoXConfig" else dict(num_key_value_heads=kv_heads)
+    config = getattr(tf, config_cls)(**TINY, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, **kw, **extra)
+    model = getattr(tf, model_cls)(config).eval()
+    fp = model_fingerprint(config)
+    books = random_codebooks(layers, fp["num_key_value_heads"], fp["head_dim"], seed=seed)
+    books.fingerprint = fp
+    return model, books
+
+
+def _generate(model, ids, cache, n=4):
+    kw = {ak.cache_keyword(model): cache}
+    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+
+
+def test_ten_patched_models_in_one_process_each_compress_like_eager():
+    """Different archs and head_dims patched one after the other (they share transformers' forward
+    code): each writes back compressed caches and generates the eager AntKVCache tokens. Before
+    patch() gave each model its own code object, the second one's sites were all declined ("scale
+    not a constant") and the fifth ran eagerly past Dynamo's recompile limit, both on dense caches."""
+    ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    for i, spec in enumerate(MODELS):
+        model, books = _tiny(*spec, seed=i)
+        ak.use_antkv_attention(model)
+        ref = _generate(model, ids, ak.AntKVCache(books, window=2, anchor_frac=0.3))
+        ak.patch(model, books, window=2, anchor_frac=0.3, inductor=i in (0, 5))
+        cache = DynamicCache(config=model.config)
+        out = _generate(model, ids, cache)
+        assert torch.equal(out, ref), spec
+        assert all(isinstance(layer.keys, VQTensor) and isinstance(layer.values, VQTensor) for layer in cache.layers), spec
+        assert model.antkv_backend.sites and all(site.rewritten for site in model.antkv_backend.sites), model.antkv_backend.sites
+    print(f"10 models in {time.perf_counter() - start:.1f} s")
+
+
+def test_codebooks_that_do_not_fit_raise_compression_error_or_warn():
+    """Codebooks with the model's fingerprint but 4 kv heads (the model has 2): every site is
+    declined; before, generation then ran silently on a dense cache."""
+    model, _ = _tiny("LlamaConfig", "LlamaForCausalLM", 64, 4, 2, {})
+    books = random_codebooks(1, 4, 16)
+    books.fingerprint = model_fingerprint(model.config)
+    ids = torch.randint(3, 64, (1, 6))
+    ak.patch(model, books, inductor=False)
+    with pytest.raises(ak.CompressionError, match=r"(?s)none of its 1 attention sites.*the key codebook is for 4 kv heads.*on_nothing_compressed"):
+        _generate(model, ids, DynamicCache(config=model.config))
+    torch._dynamo.reset()
+    ak.patch(model, books, inductor=False, on_nothing_compressed="warn")
+    with pytest.warns(UserWarning, match="would run on a dense cache"):
+        out = _generate(model, ids, DynamicCache(config=model.config))
+    assert out.shape == (1, 10)
+    fresh, _ = _tiny("LlamaConfig", "LlamaForCausalLM", 64, 4, 2, {})
+    with torch.no_grad(), pytest.warns(UserWarning, match="would run on a dense cache"):
+        sites = ak.explain(fresh, ids, codebooks=books, use_cache=True)
+    assert sites and not any(s.rewritten for s in sites) and "4 kv heads" in sites[0].detail
+
+
+def test_grad_enabled_call_is_refused_but_a_call_without_cache_is_not():
+    """A forward with grad enabled has a cache it cannot compress: refused with the reason. A
+    forward without a cache (use_cache=False) has nothing to compress and runs."""
+    model, books = _tiny("Qwen2Config", "Qwen2ForCausalLM", 64, 4, 2, {})
+    ak.patch(model, books, inductor=False)
+    ids = torch.randint(3, 64, (1, 6))
+    with pytest.raises(ak.CompressionError, match="grad is enabled"):
+        model(ids, use_cache=True, **{ak.cache_keyword(model): DynamicCache(config=model.config)})
+    with torch.no_grad():
+        ref = model.forward.__wrapped__(ids, use_cache=False).logits
+        torch.testing.assert_close(model(ids, use_cache=False).logits, ref)
+
+
+def test_online_learning_only_warns():
+    """Without codebooks a layer learns its own once a call has enough tokens: a short prompt's
+    graph stays dense with a warning, not an error."""
+    model, _ = _tiny("LlamaConfig", "LlamaForCausalLM", 64, 4, 2, {})
+    ak.patch(model, inductor=False)
+    with pytest.warns(UserWarning, match="no codebook yet"):
+        _generate(model, torch.randint(3, 64, (1, 6)), DynamicCache(config=model.config), n=1)
