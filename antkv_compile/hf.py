@@ -38,6 +38,21 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def check_batch(cache, batch: int) -> None:
+    """Raise a ValueError if `cache` (an HF Cache) holds compressed layers of another batch size."""
+    for layer in getattr(cache, "layers", ()):
+        _check_batch(getattr(layer, "keys", None), batch)
+
+
+def _check_batch(keys, batch: int) -> None:
+    if isinstance(keys, VQTensor) and keys.shape[0] != batch:
+        raise ValueError(
+            f"antkv: this call has {batch} sequences but the compressed cache holds {keys.shape[0]}: a cache "
+            f"belongs to the batch it was started with. Start a new cache (a new AntKVCache or DynamicCache, "
+            f"or a new generate() call) for a batch of {batch}."
+        )
+
+
 class AntKVLayer(DynamicLayer):
     """A DynamicLayer whose keys and values are VQTensors (created on the first update)."""
 
@@ -58,6 +73,11 @@ class AntKVLayer(DynamicLayer):
         batch = key_states.shape[0]
         self.keys, self.values = (VQTensor.empty(batch, side, self.settings, self.dtype, self.device) for side in (self.codebook.key, self.codebook.value))
         self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.is_initialized:
+            _check_batch(self.keys, key_states.shape[0])
+        return super().update(key_states, value_states, *args, **kwargs)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.get_seq_length() > 0:

@@ -115,3 +115,67 @@ def test_online_learning_only_warns():
     ak.patch(model, inductor=False)
     with pytest.warns(UserWarning, match="no codebook yet"):
         _generate(model, torch.randint(3, 64, (1, 6)), DynamicCache(config=model.config), n=1)
+
+
+def test_changing_the_batch_size_gives_the_same_clear_error_eager_and_compiled():
+    """Before: eager said "cannot append (3, 2, 1, 16) to a cache of shape (2, 2, 6, 16)", compiled
+    raised TypeError: 'int' object is not subscriptable from inside transformers."""
+    model, books = _tiny("LlamaConfig", "LlamaForCausalLM", 64, 4, 2, {})
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.randint(3, 64, (2, 6), generator=g), torch.randint(3, 64, (3, 1), generator=g)
+    why = "this call has 3 sequences but the compressed cache holds 2.*Start a new cache"
+    ak.use_antkv_attention(model)
+    keyword = ak.cache_keyword(model)
+    with torch.no_grad():
+        cache = ak.AntKVCache(books)
+        model(first, **{keyword: cache})
+        with pytest.raises(ValueError, match=why):
+            model(second, **{keyword: cache})
+        ak.patch(model, books, inductor=False)
+        cache = DynamicCache(config=model.config)
+        model(first, **{keyword: cache})
+        assert isinstance(cache.layers[0].keys, VQTensor)
+        with pytest.raises(ValueError, match=why):
+            model(second, **{keyword: cache})
+        model(second, **{keyword: DynamicCache(config=model.config)})  # a new cache for the new batch works
+
+
+def _cache_with_window(rows, scores, window=4, anchor_frac=0.5):
+    """A key cache whose window holds `rows` [1, H, n, D] with Anchor Scores `scores` [n], then one
+    more token appended: the flush moves n - window tokens out (anchor budget ceil(anchor_frac x that))."""
+    books = random_codebooks(1, rows.shape[1], rows.shape[3], seed=3)
+    settings = ak.CacheSettings(window=window, anchor_frac=anchor_frac)
+    cache = VQTensor.empty(1, books[0].key, settings).append(rows)
+    cache.window_score.copy_(scores.expand_as(cache.window_score))
+    return cache.append(torch.randn(1, rows.shape[1], 1, rows.shape[3]))
+
+
+def test_nan_scores_never_win_anchor_slots():
+    """One NaN key or value makes the scores of every window token its queries saw NaN; topk ranks
+    NaN first, so such tokens held the anchor slots for ever. Now the best finite scores win."""
+    rows = torch.randn(1, 2, 8, 16, generator=torch.Generator().manual_seed(0))
+    nan = float("nan")
+    cache = _cache_with_window(rows, torch.tensor([nan, 1.0, 3.0, 2.0, nan, nan, nan, nan]))
+    assert cache.anchor_pos.shape[2] == 2
+    assert sorted(cache.anchor_pos[0, 0].tolist()) == [2, 3] and sorted(cache.anchor_pos[0, 1].tolist()) == [2, 3]
+    assert not cache.anchor_score.isnan().any()
+
+
+def test_non_finite_rows_stay_exact_like_the_dense_cache():
+    """Rows with NaN / Inf leaving the window stay exact as anchors (here with the lowest scores),
+    so attention is non-finite where dense attention is; before, they became finite codes."""
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(1, 2, 8, 16, generator=g)
+    rows[0, 0, 1, 5] = float("nan")
+    rows[0, 1, 3, 0] = float("inf")
+    with pytest.warns(UserWarning, match="2 cache rows with NaN / Inf left the exact window"):
+        cache = _cache_with_window(rows, torch.tensor([5.0, 0.0, 4.0, 0.1, 0, 0, 0, 0]))
+    assert 1 in cache.anchor_pos[0, 0].tolist() and 3 in cache.anchor_pos[0, 1].tolist()
+    dense = ak.dequantize(cache)
+    assert torch.equal(~torch.isfinite(dense[:, :, :8]), ~torch.isfinite(rows))
+    value = VQTensor.empty(1, random_codebooks(1, 2, 16, seed=4)[0].value, cache.settings).append(torch.randn(1, 2, 9, 16, generator=g))
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    out = torch.nn.functional.scaled_dot_product_attention(q, cache, value, enable_gqa=True)
+    ref_keys = torch.cat([rows, dense[:, :, 8:]], 2)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, ref_keys, ak.dequantize(value), enable_gqa=True)
+    assert ref.isnan().any() and torch.equal(torch.isfinite(out), torch.isfinite(ref))

@@ -20,7 +20,7 @@ import types
 
 import torch
 
-from ..hf import use_antkv_attention
+from ..hf import check_batch, use_antkv_attention
 from ..quant.codebook import Codebooks
 from .backend import AntKVBackend
 
@@ -52,6 +52,16 @@ def patch(model, codebooks: Codebooks | None = None, **settings):
     use_antkv_attention(model)
     original = getattr(model, "antkv_original_forward", model.forward)  # patching again replaces the first patch
     forward = _own_code(original, f"antkv_forward_{next(_MODEL_IDS)}_{type(model).__name__}")
-    model.forward = torch.compile(forward, backend=backend)
+    compiled = torch.compile(forward, backend=backend)
+
+    @functools.wraps(original, updated=())
+    def checked(*args, **kwargs):  # outside the compiled region: a batch change never reaches Dynamo
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if ids is not None and cache is not None:
+            check_batch(cache, ids.shape[0])
+        return compiled(*args, **kwargs)
+
+    model.forward = checked
     model.antkv_backend, model.antkv_original_forward = backend, original
     return model
