@@ -17,6 +17,11 @@ from .quant.codebook import Codebooks, CodebookSide, LayerCodebook
 from .quant.pq import PQSpec
 from .settings import CacheSettings
 
+import torch as _torch
+
+# A saved cache (torch.save of a VQTensor) loads with torch.load's default weights_only=True.
+_torch.serialization.add_safe_globals([VQTensor, CacheSettings])
+
 __all__ = [
     "AntKVBackend",
     "AntKVCache",

@@ -179,3 +179,20 @@ def test_non_finite_rows_stay_exact_like_the_dense_cache():
     ref_keys = torch.cat([rows, dense[:, :, 8:]], 2)
     ref = torch.nn.functional.scaled_dot_product_attention(q, ref_keys, ak.dequantize(value), enable_gqa=True)
     assert ref.isnan().any() and torch.equal(torch.isfinite(out), torch.isfinite(ref))
+
+
+def test_a_saved_cache_loads_with_torch_load_defaults(tmp_path):
+    """Before: torch.load needed weights_only=False ("Unsupported global: antkv_compile.cache.VQTensor")."""
+    books = random_codebooks(1, 2, 16, key_basis=True, seed=5)
+    cache = ak.AntKVCache(books, window=2, anchor_frac=0.3, exact_dtype=torch.float16)
+    g = torch.Generator().manual_seed(5)
+    for n in (7, 1, 1):
+        cache.update(torch.randn(2, 2, n, 16, generator=g), torch.randn(2, 2, n, 16, generator=g), 0)
+    keys = cache.layers[0].keys
+    assert (keys.anchor_pos >= 0).any()
+    torch.save(keys, tmp_path / "keys.pt")
+    loaded = torch.load(tmp_path / "keys.pt")
+    assert isinstance(loaded, VQTensor) and loaded.settings == keys.settings and loaded.dtype == keys.dtype
+    assert all(torch.equal(a, b) for a, b in zip(loaded.side, keys.side))
+    torch.testing.assert_close(ak.dequantize(loaded), ak.dequantize(keys), rtol=0, atol=0)
+    assert torch.equal(loaded.append(torch.ones(2, 2, 1, 16)).codes, keys.append(torch.ones(2, 2, 1, 16)).codes)
