@@ -196,3 +196,23 @@ def test_a_saved_cache_loads_with_torch_load_defaults(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.side, keys.side))
     torch.testing.assert_close(ak.dequantize(loaded), ak.dequantize(keys), rtol=0, atol=0)
     assert torch.equal(loaded.append(torch.ones(2, 2, 1, 16)).codes, keys.append(torch.ones(2, 2, 1, 16)).codes)
+
+
+def test_no_deprecation_warnings_from_the_transformers_of_today():
+    """transformers 5 deprecates past_key_values= (FutureWarning on every call): the package (and
+    cache_keyword for callers) passes the keyword the installed version wants. Before,
+    decode_faithful_nll warned on every chunk."""
+    from antkv_compile.evaluation import decode_faithful_nll
+
+    model, books = _tiny("Qwen2Config", "Qwen2ForCausalLM", 64, 4, 2, {})
+    ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        ak.use_antkv_attention(model)
+        ref = _generate(model, ids, ak.AntKVCache(books, window=2))
+        nll, n, cache = decode_faithful_nll(model, ids[0], lambda: ak.AntKVCache(books, window=2), chunk=2)
+        assert n == 5 and nll > 0 and isinstance(cache.layers[0].keys, VQTensor)
+        ak.patch(model, books, window=2, inductor=False)
+        assert torch.equal(_generate(model, ids, DynamicCache(config=model.config)), ref)
+        assert torch.equal(model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0), ref)
