@@ -34,8 +34,11 @@ ATTN_IMPLEMENTATION = "antkv"
 def cache_keyword(model) -> str:
     """The keyword `model`'s forward and generate() take a cache by: "cache" on the transformers
     that deprecate "past_key_values" (5.x; its forward has a `cache` parameter), else
-    "past_key_values". Read it once per loop: `model(ids, **{cache_keyword(model): cache})`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    "past_key_values". `model`: a module, or its (compiled) forward. Read it once per loop:
+    `model(ids, **{cache_keyword(model): cache})`."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile(module) wraps it
+    forward = model.forward if isinstance(model, torch.nn.Module) else model
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def check_batch(cache, batch: int) -> None:
@@ -59,8 +62,11 @@ class AntKVLayer(DynamicLayer):
     def __init__(self, codebook: LayerCodebook, settings: CacheSettings):
         super().__init__()
         self.codebook, self.settings = codebook, settings
+        self.is_initialized = False  # transformers < 5 has no such flag (it tests keys is None)
 
-    def lazy_initialization(self, key_states, value_states, *args, **kwargs):
+    def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
+        # transformers < 5 passes the keys only; the values have the keys' shape in every model it runs
+        value_states = key_states if value_states is None else value_states
         self.dtype, self.device = key_states.dtype, key_states.device
         for name, states in (("key", key_states), ("value", value_states)):
             centroids = self.codebook.sides()[name].centroids

@@ -2,6 +2,7 @@
 model that compresses nothing says so, changing the batch size, non-finite keys, safe torch.load
 of a cache, no deprecation warnings from the transformers of today."""
 
+import inspect
 import time
 import warnings
 
@@ -206,9 +207,13 @@ def test_no_deprecation_warnings_from_the_transformers_of_today():
 
     model, books = _tiny("Qwen2Config", "Qwen2ForCausalLM", 64, 4, 2, {})
     ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(6))
+    keyword = ak.cache_keyword(model)
+    assert keyword in ("cache", "past_key_values") and keyword in inspect.signature(type(model).forward).parameters
+    assert ak.cache_keyword(model.forward) == ak.cache_keyword(torch.compile(model)) == ak.cache_keyword(torch.compile(model.forward)) == keyword
     with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
-        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)  # transformers' deprecations are FutureWarnings
+        warnings.filterwarnings("error", category=DeprecationWarning, module="transformers")
+        warnings.filterwarnings("error", message=".*(past_key_values|deprecated).*")
         ak.use_antkv_attention(model)
         ref = _generate(model, ids, ak.AntKVCache(books, window=2))
         nll, n, cache = decode_faithful_nll(model, ids[0], lambda: ak.AntKVCache(books, window=2), chunk=2)
