@@ -157,10 +157,10 @@ class AntKVBackend:
             fn = compile_fx(gm, flat_inputs, config_patches=self.inductor_config or None)
         return _CompiledGraph(fn, vq_inputs, result, num_outputs)
 
-
     def _nothing_compressed(self, gm: fx.GraphModule, result: PassResult, graph_id: int):
-        """If the graph has a KV cache (an SDPA key that is a concatenation, through data movement)
-        and no site was rewritten: warn, or return a callable raising CompressionError."""
+        """If the graph keeps a KV cache (`_has_kv_cache`) and the pass rewrote none of its sites:
+        warn, or return a callable raising CompressionError (raised when called, so the user gets
+        it as is, not wrapped in Dynamo's BackendCompilerFailed). None: compile as usual."""
         if not result.sites or any(site.rewritten for site in result.sites) or not _has_kv_cache(gm):
             return None
         reasons = "\n".join(f"  {site}" for site in result.sites)
