@@ -8,6 +8,8 @@
     model = antkv_compile.patch(hf_model, codebooks)     # generate() runs compiled
 """
 
+import torch as _torch
+
 from .cache import VQTensor, dequantize
 from .calibrate import CalibrationData, calibrate, collect_calibration, fit_codebooks
 from .compile.backend import AntKVBackend, CompressionError, antkv_backend, explain, mark_growing
@@ -16,8 +18,6 @@ from .hf import AntKVCache, cache_keyword, use_antkv_attention
 from .quant.codebook import Codebooks, CodebookSide, LayerCodebook
 from .quant.pq import PQSpec
 from .settings import CacheSettings
-
-import torch as _torch
 
 # A saved cache (torch.save of a VQTensor) loads with torch.load's default weights_only=True.
 _torch.serialization.add_safe_globals([VQTensor, CacheSettings])
@@ -28,8 +28,8 @@ __all__ = [
     "CacheSettings",
     "CalibrationData",
     "CodebookSide",
-    "CompressionError",
     "Codebooks",
+    "CompressionError",
     "LayerCodebook",
     "PQSpec",
     "VQTensor",

@@ -20,8 +20,10 @@ grows (Dynamo guards the strides that follow it, then makes them dynamic): at mo
 from __future__ import annotations
 
 import difflib
+import functools
 import itertools
 import logging
+import types
 import warnings
 
 import torch
@@ -48,6 +50,20 @@ _PENDING = "no codebook yet"
 class CompressionError(RuntimeError):
     """A model asked to compress its KV cache has a graph with a KV cache whose every attention
     site was declined: it would run on a dense cache. The message lists every site's reason."""
+
+
+def own_code(fn, name: str):
+    """A function calling `fn` whose code object is its alone (named `name`). Dynamo keeps its
+    graphs, recompile count (8 per code object) and what it made dynamic per code object, and
+    every transformers model's forward is the same one (the `deprecate_kwarg` wrapper): compiled
+    as is, a second model of another head_dim finds its attention scale symbolic (every site
+    declined), and the fifth hits the recompile limit and runs eagerly."""
+
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    code = call.__code__.replace(co_name=name)
+    return functools.wraps(fn, updated=())(types.FunctionType(code, call.__globals__, name, None, call.__closure__))
 
 
 def mark_growing(cache: VQTensor) -> VQTensor:
@@ -231,7 +247,8 @@ def explain(model, *example_args, codebooks: Codebooks | None = None, **settings
     if "bits" in model_kwargs:
         ours["bits"] = model_kwargs.pop("bits")
     backend = AntKVBackend(codebooks, inductor=False, on_nothing_compressed="warn", **ours)
-    torch.compile(model, backend=backend)(*example_args, **model_kwargs)
+    target = getattr(model, "antkv_original_forward", model)  # a patch()ed model: its own forward
+    torch.compile(own_code(target, f"antkv_explain_{next(_GRAPH_IDS)}"), backend=backend)(*example_args, **model_kwargs)
     for site in backend.sites:
         print(site)
     return backend.sites

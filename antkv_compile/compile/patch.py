@@ -5,36 +5,24 @@ tensors with the prompt's keys and values and writes back compressed caches (`VQ
 later call appends to them. Greedy, sampling, left-padded batches and beam search work as with any
 cache (beam search reorders the compressed cache through its batch index_select).
 
-Each patched model compiles its own code object. Dynamo keeps its compiled graphs, its recompile
-count (8 per code object) and what it learned to make dynamic per code object, and every
-transformers model's forward is the same one (the `deprecate_kwarg` wrapper): compiled directly, a
-second model of another head_dim would find the attention scale made symbolic (every site
-declined), and the fifth would hit the recompile limit and run eagerly on a dense cache.
+Each patched model compiles its own code object (backend.own_code): transformers models all share
+one forward code object, and Dynamo keeps graphs, recompile counts and automatic-dynamic state per
+code object. A change of batch size is caught before the compiled call (a clear error; a cache
+belongs to its batch).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import types
 
 import torch
 
 from ..hf import check_batch, use_antkv_attention
 from ..quant.codebook import Codebooks
-from .backend import AntKVBackend
+from .backend import AntKVBackend, own_code
 
 _MODEL_IDS = itertools.count()
-
-
-def _own_code(forward, name: str):
-    """A function calling `forward` whose code object is this model's alone (named `name`)."""
-
-    def call(*args, **kwargs):
-        return forward(*args, **kwargs)
-
-    fn = types.FunctionType(call.__code__.replace(co_name=name), call.__globals__, name, None, call.__closure__)
-    return functools.wraps(forward, updated=())(fn)  # generate() reads forward's signature (through __wrapped__)
 
 
 def patch(model, codebooks: Codebooks | None = None, **settings):
@@ -51,7 +39,7 @@ def patch(model, codebooks: Codebooks | None = None, **settings):
     backend = AntKVBackend(codebooks, **settings)
     use_antkv_attention(model)
     original = getattr(model, "antkv_original_forward", model.forward)  # patching again replaces the first patch
-    forward = _own_code(original, f"antkv_forward_{next(_MODEL_IDS)}_{type(model).__name__}")
+    forward = own_code(original, f"antkv_forward_{next(_MODEL_IDS)}_{type(model).__name__}")
     compiled = torch.compile(forward, backend=backend)
 
     @functools.wraps(original, updated=())
