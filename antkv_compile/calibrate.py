@@ -241,6 +241,12 @@ def fit_codebooks(
         raise ValueError(f"kv_split must be 'auto', 'equal' or (key_bits, value_bits), got {kv_split!r}")
     for kspec, vspec in cands:
         kspec.num_subspaces(data.keys[0].shape[-1]), vspec.num_subspaces(data.keys[0].shape[-1])
+    bad = [f"layer {i} {what}" for what, xs in (("keys", data.keys), ("values", data.values)) for i, x in enumerate(xs) if not torch.isfinite(x).all()]
+    if bad:
+        raise ValueError(
+            f"calibration data has NaN / Inf in {', '.join(bad)}: the model overflows on these tokens in its dtype "
+            "(calibrate in float32, or with other text)"
+        )
 
     key_norm = data.keys[0].new_tensor([k.norm(dim=-1).mean() for k in data.keys]).mean().item()
     value_norm = data.values[0].new_tensor([v.norm(dim=-1).mean() for v in data.values]).mean().item()
@@ -290,7 +296,7 @@ def fit_codebooks(
         "iters": iters,
         "seed": seed,
     }
-    return Codebooks([books[c][l] for l, c in enumerate(chosen)], dict(data.fingerprint), settings)
+    return Codebooks([books[c][l] for l, c in enumerate(chosen)], dict(data.fingerprint), settings).validate("fit_codebooks")
 
 
 def calibrate(model, texts_or_ids, bits: float = 1.0, tokenizer=None, seq_len=1024, max_tokens=8192, progress=True, **fit_kwargs) -> Codebooks:

@@ -72,13 +72,16 @@ def decode_faithful_nll(model, ids_window: torch.Tensor, make_cache: Callable[[]
     cache. Returns (sum_nll, n_predictions, cache); the cache is returned so its bytes can be
     measured at the end of the window.
     """
+    from .hf import cache_keyword
+
     ids = ids_window.reshape(1, -1).to(model.device)
     n = ids.shape[1]
     cache = make_cache()
+    keyword = cache_keyword(model)
     total = 0.0
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        logits = model(ids[:, start:end], past_key_values=cache, use_cache=True).logits
+        logits = model(ids[:, start:end], **{keyword: cache}, use_cache=True).logits
         # Position p predicts token p + 1; the last position of the window has no target.
         targets = ids[:, start + 1 : end + 1]
         logp = F.log_softmax(logits[:, : targets.shape[1]].float(), dim=-1)

@@ -1,8 +1,11 @@
 """Hugging Face integration: a `Cache` made of VQTensors, and an attention function that reads it.
 
-`AntKVCache(codebooks)` goes wherever a `DynamicCache` goes (`generate(past_key_values=...)`, a
-manual forward loop): its layers are DynamicLayers whose keys and values are VQTensors, so HF's own
-`torch.cat` appends with quantize-on-write, and crop / beam reorder act on the codes.
+`AntKVCache(codebooks)` goes wherever a `DynamicCache` goes (`generate(cache=...)`, a manual
+forward loop; `cache_keyword(model)` names the keyword: `cache` on transformers 5.x, which
+deprecates `past_key_values`, and `past_key_values` before). Its layers are DynamicLayers whose
+keys and values are VQTensors, so HF's own `torch.cat` appends with quantize-on-write, and crop /
+beam reorder act on the codes. Without codebooks, each layer fits a data-free codebook to its
+first update (quant/datafree.py).
 
 Transformers' "sdpa" attention repeats K and V per query head (`repeat_kv`) whenever a mask is
 present, which would decode the whole cache. The "antkv" attention implementation registered here
@@ -13,6 +16,7 @@ calls SDPA with `enable_gqa=True` instead, so VQ attention reads the codes once 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable
 
 import torch
@@ -31,6 +35,31 @@ from .settings import CacheSettings, resolve
 ATTN_IMPLEMENTATION = "antkv"
 
 
+def cache_keyword(model) -> str:
+    """The keyword `model`'s forward and generate() take a cache by: "cache" on the transformers
+    that deprecate "past_key_values" (5.x; its forward has a `cache` parameter), else
+    "past_key_values". `model`: a module, or its (compiled) forward. Read it once per loop:
+    `model(ids, **{cache_keyword(model): cache})`."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile(module) wraps it
+    forward = model.forward if isinstance(model, torch.nn.Module) else model
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def check_batch(cache, batch: int) -> None:
+    """Raise a ValueError if `cache` (an HF Cache) holds compressed layers of another batch size."""
+    for layer in getattr(cache, "layers", ()):
+        _check_batch(getattr(layer, "keys", None), batch)
+
+
+def _check_batch(keys, batch: int) -> None:
+    if isinstance(keys, VQTensor) and keys.shape[0] != batch:
+        raise ValueError(
+            f"antkv: this call has {batch} sequences but the compressed cache holds {keys.shape[0]}: a cache "
+            f"belongs to the batch it was started with. Start a new cache (a new AntKVCache or DynamicCache, "
+            f"or a new generate() call) for a batch of {batch}."
+        )
+
+
 class AntKVLayer(DynamicLayer):
     """A DynamicLayer whose keys and values are VQTensors (created on the first update). Without a
     codebook, it fits a data-free one (quant/datafree.py) of `bits` to the first update's tokens."""
@@ -38,13 +67,12 @@ class AntKVLayer(DynamicLayer):
     def __init__(self, codebook: LayerCodebook | None, settings: CacheSettings, bits: float = 1.0, seed: int = 0):
         super().__init__()
         self.codebook, self.settings, self.bits, self.seed = codebook, settings, bits, seed
+        self.is_initialized = False  # transformers < 5 has no such flag (it tests keys is None)
 
-    def lazy_initialization(self, key_states, value_states, *args, **kwargs):
+    def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
+        # transformers < 5 passes the keys only; the values have the keys' shape in every model it runs
+        value_states = key_states if value_states is None else value_states
         self.dtype, self.device = key_states.dtype, key_states.device
-        if self.codebook is None:
-            spec = spec_for_bits(self.bits)
-            self.codebook = LayerCodebook(datafree.fit_side(key_states, spec, rotate=True, seed=2 * self.seed),
-                                          datafree.fit_side(value_states, spec, rotate=False, seed=2 * self.seed + 1))
         for name, states in (("key", key_states), ("value", value_states)):
             centroids = self.codebook.sides()[name].centroids
             if states.shape[1] != centroids.shape[0] or states.shape[-1] != centroids.shape[1] * centroids.shape[3]:
@@ -56,6 +84,15 @@ class AntKVLayer(DynamicLayer):
         batch = key_states.shape[0]
         self.keys, self.values = (VQTensor.empty(batch, side, self.settings, self.dtype, self.device) for side in (self.codebook.key, self.codebook.value))
         self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.is_initialized:
+            _check_batch(self.keys, key_states.shape[0])
+        elif self.codebook is None:  # data-free: fitted here, where both keys and values are at hand
+            spec = spec_for_bits(self.bits)
+            self.codebook = LayerCodebook(datafree.fit_side(key_states, spec, rotate=True, seed=2 * self.seed),
+                                          datafree.fit_side(value_states, spec, rotate=False, seed=2 * self.seed + 1))
+        return super().update(key_states, value_states, *args, **kwargs)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.get_seq_length() > 0:

@@ -29,6 +29,7 @@ tensors; the ops (ops/) wrap them for graphs, `VQTensor` (cache.py) for eager co
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -131,16 +132,37 @@ def flush_lengths(T, A, Tw, n, window: int, anchor_frac: float) -> tuple:
     return min(math.ceil(anchor_frac * (T - Tw + n_leave)), A + n_leave), window + n
 
 
+def _nan_loses(score: Tensor) -> Tensor:
+    return score.masked_fill(score.isnan(), float("-inf"))
+
+
 def _flush(side: Side, n_leave: int, anchor_frac: float) -> Side:
     """Move the oldest `n_leave` window tokens out; the top scorers among them and the current
-    anchors fill the anchor budget ceil(anchor_frac * encoded tokens)."""
+    anchors fill the anchor budget ceil(anchor_frac * encoded tokens).
+
+    Non-finite input: a NaN score never wins a slot (topk would rank it first, and one NaN key or
+    value makes every score of the queries that saw it NaN: they would hold the slots for ever). A
+    leaving row with a NaN / Inf entry scores +inf instead: it stays exact as an anchor, so attention
+    sees it as the dense cache would (its outputs non-finite), while the anchor budget allows; beyond
+    the budget such rows fall back to their codes, which are finite (a warning says so, outside
+    compiled graphs)."""
     if n_leave <= 0:
         return side
     B, H, T, _ = bhtd(side)
     Tw = side.window.shape[2]
     A, _ = flush_lengths(T, side.anchor_pos.shape[2], Tw, 0, Tw - n_leave, anchor_frac)
     leave_pos = torch.arange(T - Tw, T - Tw + n_leave, dtype=torch.int32, device=side.codes.device)
-    cand_score = torch.cat([side.anchor_score, side.window_score[:, :, :n_leave]], 2)
+    leave_score = _nan_loses(side.window_score[:, :, :n_leave])
+    nonfinite = ~torch.isfinite(side.window[:, :, :n_leave]).all(-1)
+    leave_score = leave_score.masked_fill(nonfinite, float("inf"))
+    if not torch.compiler.is_compiling() and bool(nonfinite.any()):
+        warnings.warn(
+            f"antkv: {int(nonfinite.sum())} cache rows with NaN / Inf left the exact window: they stay exact as anchors "
+            f"(attention output non-finite, as with a dense cache) while the anchor budget ({A} per head) allows, "
+            "beyond it they are encoded to finite codes. Check the model's keys and values (overflow in float16?).",
+            stacklevel=2,
+        )
+    cand_score = torch.cat([_nan_loses(side.anchor_score), leave_score], 2)
     cand_pos = torch.cat([side.anchor_pos, leave_pos.expand(B, H, -1)], 2)
     cand_rows = torch.cat([side.anchor_rows, side.window[:, :, :n_leave]], 2)
     if A == cand_score.shape[2]:  # every candidate stays: nothing to rank

@@ -98,7 +98,7 @@ def check_end_to_end(torch, ak, report):
     kw = dict(max_new_tokens=64, do_sample=False, pad_token_id=tok.eos_token_id)
     ak.use_antkv_attention(model)
     with torch.no_grad():
-        ref = model.generate(**ids, past_key_values=ak.AntKVCache(books), **kw)
+        ref = model.generate(**ids, **{ak.cache_keyword(model): ak.AntKVCache(books)}, **kw)
         ak.patch(model, books)
         t0 = time.perf_counter()
         out = model.generate(**ids, **kw)

@@ -371,13 +371,6 @@ E2E_NOTES = {
 }
 
 
-def cache_kwarg(model) -> str:
-    """The cache argument of forward/generate: transformers 5.x renames past_key_values to cache."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 @functools.cache
 def _loaded():
     """SmolLM2 as loaded from its GGUF (slow to parse: loaded once per run, copied per part)."""
@@ -565,7 +558,7 @@ def _e2e_baselines(records: list) -> None:
 
 def run_e2e(args, records: list, progress) -> None:
     e = E2E(args)
-    model, kwarg = e.model, cache_kwarg(e.model)
+    model, kwarg = e.model, ak.cache_keyword(e.model)
     note = "" if args.e2e_layers == LAYERS else f"quick smoke test: first {args.e2e_layers} of {LAYERS} layers"
     steps_per_context = 1 + max(0, args.e2e_warmup - 1) + args.e2e_steps + args.profile_steps
     bar = tqdm(total=len(args.e2e_methods) * len(args.e2e_contexts), desc="e2e", unit="context")
@@ -689,7 +682,7 @@ def run_eager(args, records: list, progress) -> None:
     from transformers import DynamicCache
 
     model, tok = load_model(args.eager_layers)
-    kwarg = cache_kwarg(model)
+    kwarg = ak.cache_keyword(model)
     books = random_codebooks(model.config, 1.0, torch.Generator().manual_seed(3))
     ak.use_antkv_attention(model)
     methods = {"fp-dynamiccache": lambda: DynamicCache(config=model.config),

@@ -7,6 +7,7 @@ the cache's length.
 Most runs use `AntKVBackend(inductor=False)`: the rewritten graph runs without Inductor, which
 checks the pass in seconds; the tests marked "Inductor" compile for real."""
 
+import contextlib
 import copy
 
 import pytest
@@ -152,10 +153,14 @@ def test_declined_sites_say_why_and_compute_what_eager_computes(case):
     assert all(reason in s.detail for s in sites), [s.detail for s in sites]
     if case == "dropout":
         return  # random
-    backend = AntKVBackend(books)
+    with torch.no_grad(), pytest.raises(ak.CompressionError, match=reason):  # nothing compressed: refused by default
+        torch.compile(model, backend=AntKVBackend(books))(ids, past)
+    torch._dynamo.reset()
+    backend = AntKVBackend(books, on_nothing_compressed="warn")
     with torch.no_grad():
         for n in (5, 1):
-            out, new_past = torch.compile(model, backend=backend)(ids[:, :n], past)
+            with pytest.warns(UserWarning, match="would run on a dense cache") if n == 5 else contextlib.nullcontext():
+                out, new_past = torch.compile(model, backend=backend)(ids[:, :n], past)
             ref, ref_past = model(ids[:, :n], past)
             torch.testing.assert_close(out, ref)
             assert not isinstance(new_past[0][0], VQTensor)

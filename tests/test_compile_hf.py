@@ -27,7 +27,7 @@ def _steps(model, forward, cache, n_decode=1):
     mask[0, :2] = 0
     bounds = [(0, 6)] + [(6 + i, 7 + i) for i in range(n_decode)]
     with torch.no_grad():
-        return [forward(ids[:, s:e], attention_mask=mask[:, :e], past_key_values=cache, use_cache=True).logits for s, e in bounds]
+        return [forward(ids[:, s:e], attention_mask=mask[:, :e], **{ak.cache_keyword(model): cache}, use_cache=True).logits for s, e in bounds]
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -49,10 +49,15 @@ def test_architectures_are_rewritten_and_equal_eager(arch):
 
 def test_sliding_window_cache_is_declined_and_exact():
     """Mistral with a sliding window: the cache writes back a slice of the concatenation, which the
-    compressed cache does not implement; declined, and equal to the uncompiled model."""
+    compressed cache does not implement; declined: an error by default (nothing would be
+    compressed), with on_nothing_compressed="warn" a warning and the uncompiled model's numbers."""
     model, books = tiny_hf_model("mistral", sliding_window=4)
-    backend = ak.AntKVBackend(books, inductor=False)
-    got = _steps(model, torch.compile(model.forward, backend=backend), DynamicCache(config=model.config))
+    with pytest.raises(ak.CompressionError, match="not written back as is"):
+        _steps(model, torch.compile(model.forward, backend=ak.AntKVBackend(books, inductor=False)), DynamicCache(config=model.config))
+    torch._dynamo.reset()
+    backend = ak.AntKVBackend(books, inductor=False, on_nothing_compressed="warn")
+    with pytest.warns(UserWarning, match="would run on a dense cache"):
+        got = _steps(model, torch.compile(model.forward, backend=backend), DynamicCache(config=model.config))
     ref = _steps(model, model, DynamicCache(config=model.config))
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r)
@@ -68,7 +73,7 @@ def test_patch_generates_512_tokens_like_eager_with_at_most_3_graphs():
     mask[1, :3] = 0
     kw = dict(attention_mask=mask, max_new_tokens=512, min_new_tokens=512, do_sample=False, pad_token_id=0)
     ak.use_antkv_attention(model)
-    ref = model.generate(ids, past_key_values=ak.AntKVCache(books, window=8), **kw)
+    ref = model.generate(ids, **{ak.cache_keyword(model): ak.AntKVCache(books, window=8)}, **kw)
     ak.patch(model, books, window=8)
     out = model.generate(ids, **kw)
     assert out.shape == (2, 520)
@@ -84,7 +89,7 @@ def test_patch_sampling_and_beam_search():
     ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(3))
     kw = dict(max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
     ak.use_antkv_attention(model)
-    ref = model.generate(ids, num_beams=3, do_sample=False, past_key_values=ak.AntKVCache(books, window=4), **kw)
+    ref = model.generate(ids, num_beams=3, do_sample=False, **{ak.cache_keyword(model): ak.AntKVCache(books, window=4)}, **kw)
     ak.patch(model, books, window=4, inductor=False)
     beams = model.generate(ids, num_beams=3, do_sample=False, **kw)
     assert torch.equal(beams, ref)

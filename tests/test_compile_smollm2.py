@@ -45,7 +45,7 @@ def test_smollm2_greedy_tokens_identical_compiled_and_eager():
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
     kw = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tok.pad_token_id)
     ak.use_antkv_attention(model)
-    eager = model.generate(**batch, past_key_values=ak.AntKVCache(books, window=8), **kw)
+    eager = model.generate(**batch, **{ak.cache_keyword(model): ak.AntKVCache(books, window=8)}, **kw)
     dense = model.generate(**batch, **kw)  # the FP cache: the compressed one must change something
     ak.patch(model, books, window=8)
     compiled = model.generate(**batch, **kw)

@@ -109,11 +109,11 @@ def test_patch_without_codebooks_compresses_from_the_prompt(arch):
     kw = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
     ak.use_antkv_attention(model)
     with torch.no_grad():
-        ref = model.generate(ids, past_key_values=ak.AntKVCache(bits=1.0), **kw)
+        ref = model.generate(ids, **{ak.cache_keyword(model): ak.AntKVCache(bits=1.0)}, **kw)
     ak.patch(model, inductor=False)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, **kw)
+        out = model.generate(ids, **{ak.cache_keyword(model): cache}, **kw)
     assert all(isinstance(layer.keys, ak.VQTensor) and isinstance(layer.values, ak.VQTensor) for layer in cache.layers)
     assert cache.layers[0].keys.shape[2] == 127 and cache.layers[0].keys.codes.shape[2] == 127
     assert model.antkv_backend.sites and all(site.rewritten for site in model.antkv_backend.sites), model.antkv_backend.sites

@@ -43,9 +43,9 @@ def test_each_step_equals_dense_attention_on_the_dequantized_past(tiny, attn, ex
     for n in (24, 8, 1, 1, 3, 1, 2):  # prefill, a chunk, decode steps, a short chunk
         start = cache.get_seq_length()
         step_ids, step_mask = ids[:, start : start + n], mask[:, : start + n]
-        out = model(step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True).logits
+        out = model(step_ids, attention_mask=step_mask, **{ak.cache_keyword(model): cache}, use_cache=True).logits
         ref_cache = _dense_past(cache, drop_last=n) if start else None
-        ref = model(step_ids, attention_mask=step_mask, past_key_values=ref_cache, use_cache=True).logits
+        ref = model(step_ids, attention_mask=step_mask, **{ak.cache_keyword(model): ref_cache}, use_cache=True).logits
         # The reference attends to the call's own tokens unrounded; the cache holds them in exact_dtype.
         tol = 1e-4 if exact_dtype is None else 2e-3
         torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
@@ -65,13 +65,13 @@ def test_generate_greedy_sampling_beams(tiny):
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     kw = dict(attention_mask=mask, max_new_tokens=40, pad_token_id=0)
-    greedy = model.generate(ids, do_sample=False, past_key_values=ak.AntKVCache(books, window=8), **kw)
+    greedy = model.generate(ids, do_sample=False, **{ak.cache_keyword(model): ak.AntKVCache(books, window=8)}, **kw)
     assert greedy.shape == (2, 52)
     torch.manual_seed(0)
-    sampled = model.generate(ids, do_sample=True, top_k=20, past_key_values=ak.AntKVCache(books), **kw)
+    sampled = model.generate(ids, do_sample=True, top_k=20, **{ak.cache_keyword(model): ak.AntKVCache(books)}, **kw)
     assert sampled.shape[0] == 2
     cache = ak.AntKVCache(books, window=8)
-    beams = model.generate(ids, num_beams=3, do_sample=False, past_key_values=cache, **kw)
+    beams = model.generate(ids, num_beams=3, do_sample=False, **{ak.cache_keyword(model): cache}, **kw)
     assert beams.shape[0] == 2
     assert all(isinstance(layer.keys, VQTensor) for layer in cache.layers)
     assert cache.cache_nbytes() > 0

@@ -160,12 +160,17 @@ class _Config:
     model_type, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, hidden_size = "llama", 2, 6, 2, 32, 192
 
 
+def _basis_pair(H, D):
+    a = torch.eye(D) + 0.3 * torch.randn(H, D, D) / D**0.5  # well conditioned: loading checks the inverse
+    return a, torch.linalg.inv(a)
+
+
 def _books(config=_Config, kspec=PQSpec(8, 8), vspec=PQSpec(16, 6)):
     H, D = config.num_key_value_heads, config.head_dim
     layers = [
         LayerCodebook(
             CodebookSide(kspec, torch.randn(H, D // kspec.sub_dim, kspec.num_centroids, kspec.sub_dim), torch.rand(H),
-                         *((torch.randn(H, D, D), torch.randn(H, D, D)) if i == 0 else (None, None))),  # a key basis on layer 0 only
+                         *(_basis_pair(H, D) if i == 0 else (None, None))),  # a key basis on layer 0 only
             CodebookSide(vspec, torch.randn(H, D // vspec.sub_dim, vspec.num_centroids, vspec.sub_dim), torch.rand(H)),
         )  # fmt: skip
         for i in range(config.num_hidden_layers)

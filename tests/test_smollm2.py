@@ -30,14 +30,14 @@ def test_chunks_equal_dense_attention_on_the_dequantized_past(smollm2):
     cache = ak.AntKVCache(books, config=model.config, window=16)
     for start in range(0, 160, 32):
         chunk = window[:, start : start + 32]
-        out = model(chunk, past_key_values=cache, use_cache=True).logits
+        out = model(chunk, **{ak.cache_keyword(model): cache}, use_cache=True).logits
         ref_past = None
         if start:
             ref_past = DynamicCache()
             for i, layer in enumerate(cache.layers):
                 T = layer.keys.shape[2] - chunk.shape[1]
                 ref_past.update(ak.dequantize(layer.keys)[:, :, :T], ak.dequantize(layer.values)[:, :, :T], i)
-        ref = model(chunk, past_key_values=ref_past, use_cache=True).logits
+        ref = model(chunk, **{ak.cache_keyword(model): ref_past}, use_cache=True).logits
         torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
     assert (cache.layers[3].keys.anchor_pos >= 0).all()  # the flushes picked anchors
     model.set_attn_implementation("sdpa")
@@ -49,7 +49,7 @@ def test_generate_with_the_1bit_cache(smollm2):
     ak.use_antkv_attention(model)
     prompt = tok("The capital of France is", return_tensors="pt").input_ids
     cache = ak.AntKVCache(books, window=8)
-    out = model.generate(prompt, max_new_tokens=24, do_sample=False, past_key_values=cache)
+    out = model.generate(prompt, max_new_tokens=24, do_sample=False, **{ak.cache_keyword(model): cache})
     assert out.shape[1] == prompt.shape[1] + 24
     assert cache.cache_nbytes() == cache_nbytes(cache, exclude=books.tensors())
     model.set_attn_implementation("sdpa")

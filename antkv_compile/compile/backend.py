@@ -20,8 +20,11 @@ grows (Dynamo guards the strides that follow it, then makes them dynamic): at mo
 from __future__ import annotations
 
 import difflib
+import functools
 import itertools
 import logging
+import types
+import warnings
 
 import torch
 import torch.fx as fx
@@ -31,13 +34,33 @@ from ..cache import VQTensor
 from ..quant.codebook import Codebooks
 from ..quant.pq import spec_for_bits
 from ..state import UNBACKED_FIELDS, Side
-from .passes.kv_cache import PassResult, Site, copy_graph_module, kv_cache_pass
+from .passes.kv_cache import SDPA, PassResult, Site, _is_move, _sdpa_args, copy_graph_module, kv_cache_pass
 
 log = logging.getLogger(__name__)
 
 _GRAPH_IDS = itertools.count()
 # Options of ours besides the cache settings (settings.NAMES).
-_OPTIONS = ("codebooks", "bits", "inductor")
+_OPTIONS = ("codebooks", "bits", "inductor", "on_nothing_compressed")
+ON_NOTHING_COMPRESSED = ("error", "warn")
+
+
+class CompressionError(RuntimeError):
+    """A model asked to compress its KV cache has a graph with a KV cache whose every attention
+    site was declined: it would run on a dense cache. The message lists every site's reason."""
+
+
+def own_code(fn, name: str):
+    """A function calling `fn` whose code object is its alone (named `name`). Dynamo keeps its
+    graphs, recompile count (8 per code object) and what it made dynamic per code object, and
+    every transformers model's forward is the same one (the `deprecate_kwarg` wrapper): compiled
+    as is, a second model of another head_dim finds its attention scale symbolic (every site
+    declined), and the fifth hits the recompile limit and runs eagerly."""
+
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    code = call.__code__.replace(co_name=name)
+    return functools.wraps(fn, updated=())(types.FunctionType(code, call.__globals__, name, None, call.__closure__))
 
 
 def mark_growing(cache: VQTensor) -> VQTensor:
@@ -77,16 +100,24 @@ class AntKVBackend:
       Without them each layer fits a data-free codebook of `bits` per element (quant/datafree.py)
       to its first call's keys and values;
     - the cache settings: window, anchor_frac, error (see `CacheSettings`);
-    - inductor: False runs the rewritten graph as is (explain(), fast tests).
+    - inductor: False runs the rewritten graph as is (explain(), fast tests);
+    - on_nothing_compressed: what a graph with a KV cache gets when the pass rewrites none of its
+      attention sites (it would run on a dense cache): "error" (default) raises CompressionError
+      when it is called, "warn" runs it dense with a warning. Sites waiting for enough tokens to
+      learn a codebook (no codebooks given) only warn.
 
     Options of torch.compile(options=...) that are not ours go to Inductor's config.
 
     `sites` keeps the report of every attention site of every graph compiled so far."""
 
     def __init__(
-        self, codebooks: Codebooks | None = None, *, bits: float = 1.0, inductor: bool = True, inductor_config: dict | None = None, **settings
-    ):
+        self, codebooks: Codebooks | None = None, *, bits: float = 1.0, inductor: bool = True, inductor_config: dict | None = None,
+        on_nothing_compressed: str = "error", **settings,
+    ):  # fmt: skip
+        if on_nothing_compressed not in ON_NOTHING_COMPRESSED:
+            raise ValueError(f"on_nothing_compressed must be one of {ON_NOTHING_COMPRESSED}, got {on_nothing_compressed!r}")
         self.codebooks, self.bits, self.given = codebooks, bits, settings
+        self.on_nothing_compressed = on_nothing_compressed
         self.settings = _settings.resolve(codebooks, **settings)
         self.online = None if codebooks is not None else spec_for_bits(bits)
         self.inductor, self.inductor_config = inductor, dict(inductor_config or {})
@@ -99,7 +130,7 @@ class AntKVBackend:
         ours, rest = _settings.split(dict(options))
         extra = {k: rest.pop(k) for k in _OPTIONS if k in rest}
         _check_inductor_options(rest)
-        kwargs = {"codebooks": self.codebooks, "bits": self.bits, "inductor": self.inductor, **extra}
+        kwargs = {"codebooks": self.codebooks, "bits": self.bits, "inductor": self.inductor, "on_nothing_compressed": self.on_nothing_compressed, **extra}
         backend = AntKVBackend(**kwargs, inductor_config={**self.inductor_config, **rest}, **{**self.given, **ours})
         backend.sites = self.sites  # one report across configured copies
         return backend
@@ -121,6 +152,9 @@ class AntKVBackend:
         if leftover:
             log.warning("antkv: graph %d reads compressed caches %s outside a rewritten site: it runs eagerly", graph_id, leftover)
             return original.forward
+        refusal = self._nothing_compressed(gm, result, graph_id)
+        if refusal is not None:
+            return refusal
         flat_inputs = []
         for arg, is_vq in zip(example_inputs, vq_inputs):
             flat_inputs.extend(arg.side) if is_vq else flat_inputs.append(arg)
@@ -135,6 +169,46 @@ class AntKVBackend:
 
             fn = compile_fx(gm, flat_inputs, config_patches=self.inductor_config or None)
         return _CompiledGraph(fn, vq_inputs, result, num_outputs)
+
+    def _nothing_compressed(self, gm: fx.GraphModule, result: PassResult, graph_id: int):
+        """If the graph keeps a KV cache (`_has_kv_cache`) and the pass rewrote none of its sites:
+        warn, or return a callable raising CompressionError (raised when called, so the user gets
+        it as is, not wrapped in Dynamo's BackendCompilerFailed). None: compile as usual."""
+        if not result.sites or any(site.rewritten for site in result.sites) or not _has_kv_cache(gm):
+            return None
+        reasons = "\n".join(f"  {site}" for site in result.sites)
+        message = (
+            f"antkv: graph {graph_id} has a KV cache but none of its {len(result.sites)} attention sites could be "
+            f"compressed, so it would run on a dense cache:\n{reasons}\n"
+            "What to do: fix what the reasons name (codebooks calibrated for this model: antkv_compile.calibrate(model, ids); "
+            "inference under torch.no_grad(); ...); antkv_compile.explain(model, *inputs) lists every site. "
+        )
+        if self.on_nothing_compressed == "warn":
+            warnings.warn(message + 'It runs dense (on_nothing_compressed="warn").', stacklevel=2)
+            return None
+        message += 'To run such graphs dense with a warning instead, pass on_nothing_compressed="warn".'
+
+        def refuse(*args):
+            raise CompressionError(message)
+
+        return refuse
+
+
+def _has_kv_cache(gm: fx.GraphModule) -> bool:
+    """Does `gm` keep a KV cache: an SDPA key that is a concatenation (through data movement), or
+    a concatenation written back (a graph output)? A forward without a cache (use_cache=False)
+    has neither: it has nothing to compress."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    if any(n.op == "call_function" and n.target is torch.cat for n in output.all_input_nodes):
+        return True
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in SDPA:
+            key = _sdpa_args(node)["key"]
+            while isinstance(key, fx.Node) and _is_move(key):
+                key = key.args[0]
+            if isinstance(key, fx.Node) and key.op == "call_function" and key.target is torch.cat:
+                return True
+    return False
 
 
 def _check_inductor_options(options: dict) -> None:
@@ -166,8 +240,9 @@ def explain(model, *example_args, codebooks: Codebooks | None = None, **settings
     ours, model_kwargs = _settings.split(settings)
     if "bits" in model_kwargs:
         ours["bits"] = model_kwargs.pop("bits")
-    backend = AntKVBackend(codebooks, inductor=False, **ours)
-    torch.compile(model, backend=backend)(*example_args, **model_kwargs)
+    backend = AntKVBackend(codebooks, inductor=False, on_nothing_compressed="warn", **ours)
+    target = getattr(model, "antkv_original_forward", model)  # a patch()ed model: its own forward
+    torch.compile(own_code(target, f"antkv_explain_{next(_GRAPH_IDS)}"), backend=backend)(*example_args, **model_kwargs)
     for site in backend.sites:
         print(site)
     return backend.sites

@@ -4,28 +4,52 @@ generate() keeps its default `DynamicCache`: the first compiled call concatenate
 tensors with the prompt's keys and values and writes back compressed caches (`VQTensor`s); every
 later call appends to them. Greedy, sampling, left-padded batches and beam search work as with any
 cache (beam search reorders the compressed cache through its batch index_select).
+
+Each patched model compiles its own code object (backend.own_code): transformers models all share
+one forward code object, and Dynamo keeps graphs, recompile counts and automatic-dynamic state per
+code object. A change of batch size is caught before the compiled call (a clear error; a cache
+belongs to its batch).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 
-from ..hf import use_antkv_attention
+from ..hf import check_batch, use_antkv_attention
 from ..quant.codebook import Codebooks
-from .backend import AntKVBackend
+from .backend import AntKVBackend, own_code
+
+_MODEL_IDS = itertools.count()
 
 
 def patch(model, codebooks: Codebooks | None = None, **settings):
     """Compile `model.forward` with antkv_backend (in place) and return the model.
 
-    `settings` are the cache settings (window, anchor_frac, error, exact_dtype) and `inductor_config`. The model
-    switches to the "antkv" attention implementation (SDPA with enable_gqa on compressed caches,
-    no repeat_kv); `model.antkv_backend.sites` reports what the pass did.
+    `settings` are the cache settings (window, anchor_frac, error, exact_dtype), `inductor`,
+    `inductor_config` and `on_nothing_compressed` ("error", the default: a graph with a KV cache
+    whose every attention site is declined raises `CompressionError`; "warn": it runs dense with a
+    warning). The model switches to the "antkv" attention implementation (SDPA with enable_gqa on
+    compressed caches, no repeat_kv); `model.antkv_backend.sites` reports what the pass did.
     """
     if codebooks is not None:
         codebooks.check_model(model.config)
     backend = AntKVBackend(codebooks, **settings)
     use_antkv_attention(model)
-    model.forward = torch.compile(model.forward, backend=backend)
-    model.antkv_backend = backend
+    original = getattr(model, "antkv_original_forward", model.forward)  # patching again replaces the first patch
+    forward = own_code(original, f"antkv_forward_{next(_MODEL_IDS)}_{type(model).__name__}")
+    compiled = torch.compile(forward, backend=backend)
+
+    @functools.wraps(original, updated=())
+    def checked(*args, **kwargs):  # outside the compiled region: a batch change never reaches Dynamo
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if ids is not None and cache is not None:
+            check_batch(cache, ids.shape[0])
+        return compiled(*args, **kwargs)
+
+    model.forward = checked
+    model.antkv_backend, model.antkv_original_forward = backend, original
     return model
