@@ -15,6 +15,7 @@ calibration token ids themselves, every calibration setting, and the codebook fi
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import warnings
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import calibrate
+from .calibrate import calibrate, fit_codebooks
 from .quant.codebook import FORMAT_VERSION, Codebooks, model_fingerprint
 
 WEIGHT_SAMPLE = 4096  # elements hashed per weight tensor
@@ -58,10 +59,25 @@ def cache_key(model, ids: torch.Tensor, settings: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def calibration_settings(bits: float, **settings) -> dict:
+    """Every setting calibrate() will use, defaults filled in: an argument passed at its default
+    value and one left out give the same key (and a changed default, another)."""
+    defaults = {
+        name: p.default
+        for fn in (calibrate, fit_codebooks)
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty and name not in ("progress", "tokenizer", "bits")
+    }
+    unknown = set(settings) - set(defaults)
+    if unknown:
+        raise TypeError(f"cached_calibrate got unknown calibration settings {sorted(unknown)}; known: {sorted(defaults)}")
+    return {**defaults, **settings, "bits": float(bits)}
+
+
 def cache_path(model, ids, bits: float, **settings) -> Path:
     """Where cached_calibrate keeps the codebooks of these arguments."""
     model_type = model_fingerprint(model.config)["model_type"]
-    return cache_dir() / f"{model_type}-{bits:g}bit-{cache_key(model, ids, {'bits': bits, **settings})}.safetensors"
+    return cache_dir() / f"{model_type}-{bits:g}bit-{cache_key(model, ids, calibration_settings(bits, **settings))}.safetensors"
 
 
 def cached_calibrate(model, ids, bits: float = 1.0, recalibrate: bool = False, progress: bool = True, **settings) -> tuple[Codebooks, Path, bool]:

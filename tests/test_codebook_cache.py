@@ -45,6 +45,11 @@ def test_cached_codebooks_are_reused_only_for_the_same_model_data_and_settings(m
 
     again, path2, hit = cached_calibrate(model, ids, bits=1.0, progress=False, **FIT)
     assert hit and path2 == path and _same(again, books) and again.settings == books.settings
+    # a setting passed at calibrate's default is the same calibration as one left out
+    _, path3, hit = cached_calibrate(model, ids, bits=1, kv_split="auto", anchor_frac=0.01, progress=False, **FIT)
+    assert hit and path3 == path
+    with pytest.raises(TypeError, match="unknown calibration settings.*'itres'"):
+        cached_calibrate(model, ids, itres=3, **FIT)
 
     # anything the codebooks depend on gives another file
     other_ids = ids.clone()
