@@ -60,8 +60,9 @@ def waiting(desc: str):
 
 def token_bar(total: int, desc: str, compiling: bool = False):
     """A generate() stopping criterion that only counts steps into a tqdm bar (never stops).
-    With `compiling`, the bar names the graph being compiled until the decode step has run once,
-    and a ticking thread keeps its elapsed time moving while Inductor works."""
+    A ticking thread keeps its elapsed time moving through long steps (the first use of the C++
+    attention kernel builds it, ~20 s); with `compiling`, the bar names the graph being compiled
+    until the decode step has run once."""
     import torch
     from tqdm.auto import tqdm
     from transformers import StoppingCriteria
@@ -70,8 +71,7 @@ def token_bar(total: int, desc: str, compiling: bool = False):
         def __init__(self):
             self.bar = tqdm(total=total, desc="compiling the prefill graph" if compiling else desc, unit="tok")
             self.steps, self.done = 0, threading.Event()
-            if compiling:
-                threading.Thread(target=self._tick, daemon=True).start()
+            threading.Thread(target=self._tick, daemon=True).start()
 
         def _tick(self):
             while not self.done.wait(0.5):
