@@ -150,7 +150,7 @@ def get_codebooks(args, model, tok, load_file: bool = True):
 
 def describe(books) -> str:
     s = books.settings
-    text = f"{books.average_bits:g} bits, K/V split {s.get('chosen', ['?'])[0]}, {s.get('calibration_tokens', '?')} calibration tokens"
+    text = f"{books.average_bits:g}-bit, K/V split {s.get('chosen', ['?'])[0]}, {s.get('calibration_tokens', '?')} calibration tokens"
     errors = s.get("candidate_errors") or {}
     if len(errors) > 1:  # only when there was a choice
         text += " (attention error per split: " + ", ".join(f"{k} {v:.4f}" for k, v in errors.items()) + ")"
