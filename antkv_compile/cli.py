@@ -69,7 +69,9 @@ def token_bar(total: int, desc: str, compiling: bool = False):
 
     class TokenBar(StoppingCriteria):
         def __init__(self):
-            self.bar = tqdm(total=total, desc="compiling the prefill graph" if compiling else desc, unit="tok")
+            # while compiling, no rate or ETA: a compile step is not a token's time
+            fmt = "{desc}{n_fmt}/{total_fmt} tokens [{elapsed}]" if compiling else None
+            self.bar = tqdm(total=total, desc="compiling the prefill graph" if compiling else desc, unit="tok", bar_format=fmt)
             self.steps, self.done = 0, threading.Event()
             threading.Thread(target=self._tick, daemon=True).start()
 
@@ -80,6 +82,8 @@ def token_bar(total: int, desc: str, compiling: bool = False):
         def __call__(self, input_ids, scores, **kwargs):
             self.steps += 1
             if compiling and self.steps <= 2:
+                if self.steps == 2:
+                    self.bar.bar_format = None
                 self.bar.set_description("compiling the decode step" if self.steps == 1 else desc)
             self.bar.update(1)
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
