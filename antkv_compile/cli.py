@@ -71,8 +71,7 @@ def token_bar(total: int, desc: str, compiling: bool = False):
         def __init__(self):
             # while compiling, no rate or ETA: a compile step is not a token's time
             fmt = "{desc}{n_fmt}/{total_fmt} tokens [{elapsed}]" if compiling else None
-            self.bar = tqdm(total=total, unit="tok", bar_format=fmt)
-            self.bar.set_description("compiling the prefill graph" if compiling else desc)
+            self.bar = tqdm(total=total, unit="tok", bar_format=fmt, desc="compiling the prefill graph: " if compiling else desc)
             self.steps, self.done = 0, threading.Event()
             threading.Thread(target=self._tick, daemon=True).start()
 
