@@ -70,6 +70,16 @@ def test_parsing_imports_nothing_heavy_and_every_option_has_help():
             assert action.help, f"antkv {name} {action.option_strings or action.dest} has no help"
 
 
+def test_the_package_loads_its_names_on_first_use_and_submodules_do_not_hide_them():
+    code = ("import sys; import antkv_compile as ak; assert 'torch' not in sys.modules; "
+            "from antkv_compile.calibrate import fit_codebooks; from antkv_compile.patch import AntKVBackend; "
+            "import inspect; assert inspect.isfunction(ak.calibrate) and inspect.isfunction(ak.patch), (ak.calibrate, ak.patch); "
+            "import torch; assert torch._dynamo.lookup_backend('antkv') is ak.antkv_backend; "
+            "assert sorted(set(ak.__all__) - set(dir(ak))) == []; print('ok')")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_calibrate_writes_the_codebooks_calibrate_gives_and_reuses_the_cache(capsys, monkeypatch, tmp_path, tiny_dir):
     out_file = tmp_path / "books.safetensors"
     out = run_cli(capsys, monkeypatch, tmp_path, "calibrate", *_model_args(tiny_dir), "-o", str(out_file))
