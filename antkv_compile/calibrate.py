@@ -25,7 +25,7 @@ from .quant.anchor_score import anchor_score_terms_blockwise, combine, group_que
 from .quant.basis import fit_key_basis, query_to_basis, to_basis
 from .quant.codebook import Codebooks, CodebookSide, LayerCodebook, model_fingerprint
 from .quant.kmeans import weighted_kmeans
-from .quant.pq import PRESETS, PQSpec, decode, encode, spec_for_bits
+from .quant.pq import PRESETS, SUPPORTED_DTYPES, PQSpec, decode, encode, spec_for_bits
 
 
 @dataclass
@@ -53,12 +53,30 @@ def _as_sequences(texts_or_ids, tokenizer, seq_len: int, max_tokens: int | None)
         ids = tokenizer(text, return_tensors="pt").input_ids.flatten()
     else:
         ids = torch.as_tensor(texts_or_ids).flatten()
+    given = ids.numel()
     if max_tokens is not None:
         ids = ids[:max_tokens]
     n_seq = ids.numel() // seq_len
     if n_seq == 0:
-        raise ValueError(f"calibration needs at least seq_len={seq_len} tokens, got {ids.numel()}")
+        kept = f" (max_tokens={max_tokens} keeps {ids.numel()} of the {given} given)" if ids.numel() < given else ""
+        raise ValueError(
+            f"calibration runs sequences of seq_len={seq_len} tokens and needs at least {seq_len}, got {ids.numel()}{kept}; "
+            f"pass at least {seq_len} tokens{' and a larger max_tokens' if kept else ''}, "
+            f"or a smaller seq_len (e.g. seq_len={max(1, ids.numel())})"
+        )
     return ids[: n_seq * seq_len].view(n_seq, seq_len)
+
+
+def _check_model_dtype(model) -> None:
+    """The cache stores keys and values in the model's dtype and quantizes float32/16/bf16 only, so
+    codebooks calibrated on, say, a float64 model could never be used with that model."""
+    dtype = next(model.parameters()).dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"calibrate got a {dtype} model; antkv caches hold float32, float16 or bfloat16 keys and values, "
+            f"so codebooks calibrated on this model could not be used with it. Cast the model first, "
+            f"e.g. model.to(torch.float32), and calibrate and generate with the same dtype"
+        )
 
 
 @torch.no_grad()
@@ -66,6 +84,7 @@ def collect_calibration(model, texts_or_ids, tokenizer=None, seq_len=1024, max_t
     """Run `model` over the calibration tokens and keep what codebook fitting needs (see module doc)."""
     from .hf import attention_hook
 
+    _check_model_dtype(model)
     seqs = _as_sequences(texts_or_ids, tokenizer, seq_len, max_tokens)
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     per_layer: list[list[tuple]] = [[] for _ in range(n_layers)]

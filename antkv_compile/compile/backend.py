@@ -230,7 +230,7 @@ def _check_inductor_options(options: dict) -> None:
 antkv_backend = AntKVBackend()
 """The backend with default settings; `torch.compile(m, backend=antkv_backend, options={...})`."""
 
-torch._dynamo.register_backend(antkv_backend, name="antkv")
+# Registered as "antkv" by antkv_compile's _load, or by Dynamo from the torch_dynamo_backends entry point.
 
 
 def explain(model, *example_args, codebooks: Codebooks | None = None, **settings) -> list[Site]:

@@ -45,11 +45,15 @@ class PQSpec:
 
     def num_subspaces(self, head_dim: int) -> int:
         if head_dim % self.sub_dim:
+            fits = [f"{b:g}" for b, spec in sorted(PRESETS.items()) if head_dim % spec.sub_dim == 0]
+            choice = (
+                f"pick a bit setting whose sub-vector size divides {head_dim}: {', '.join(fits)}"
+                if fits
+                else f"no bit preset has a sub-vector size dividing {head_dim}: pass PQSpec(sub_dim, code_bits) with a sub_dim that does"
+            )
             raise ValueError(
                 f"head_dim {head_dim} is not divisible by the sub-vector size {self.sub_dim} "
-                f"({self.bits:g} bits per element = {self.code_bits} bits / {self.sub_dim} dims); "
-                f"pick a bit setting whose sub-vector size divides {head_dim} "
-                f"(available: {', '.join(f'{b:g}' for b in sorted(PRESETS))})"
+                f"({self.bits:g} bits per element = {self.code_bits} bits / {self.sub_dim} dims); {choice}"
             )
         return head_dim // self.sub_dim
 

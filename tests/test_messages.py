@@ -1,0 +1,76 @@
+"""Error messages name the problem and what to do (issue 14): each test feeds the bad input and
+checks the message against what actually works."""
+
+import inspect
+import re
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import antkv_compile as ak
+from antkv_compile.quant.pq import PRESETS
+
+# transformers 5.24 renames past_key_values= to cache=
+CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+@given(head_dim=st.integers(1, 160), bits=st.sampled_from(sorted(PRESETS)))
+def test_head_dim_error_lists_only_presets_that_divide_it(head_dim, bits):
+    spec = PRESETS[bits]
+    if head_dim % spec.sub_dim == 0:
+        assert spec.num_subspaces(head_dim) * spec.sub_dim == head_dim
+        return
+    with pytest.raises(ValueError, match=f"head_dim {head_dim} is not divisible by the sub-vector size {spec.sub_dim}") as e:
+        spec.num_subspaces(head_dim)
+    msg = str(e.value)
+    listed = re.search(r"divides \d+: ([\d., ]+)$", msg)
+    # every preset the message offers works for this head_dim, and every one that works is offered
+    offered = {float(b) for b in listed.group(1).split(", ")} if listed else set()
+    works = set()
+    for b, other in PRESETS.items():
+        try:
+            other.num_subspaces(head_dim)
+            works.add(b)
+        except ValueError:
+            pass
+    assert offered == works
+    if not works:
+        assert "PQSpec(sub_dim, code_bits)" in msg
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=128)  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_calibrate_rejects_a_float64_model(tiny_llama):
+    model = tiny_llama.to(torch.float64)
+    try:
+        # what the message says would happen: such a model cannot use a compressed cache at all
+        books = ak.calibrate(model.float(), torch.randint(0, 64, (64,)), seq_len=64, kmeans_tokens=64, iters=1, progress=False)
+        model.double()
+        with pytest.raises(TypeError, match="float32, float16 or bfloat16"), torch.no_grad():
+            model(torch.randint(0, 64, (1, 8)), **{CACHE_KW: ak.AntKVCache(books)})
+        with pytest.raises(TypeError, match=r"calibrate got a torch.float64 model.*model.to\(torch.float32\)"):
+            ak.calibrate(model, torch.randint(0, 64, (64,)), seq_len=64, progress=False)
+    finally:
+        model.float()
+
+
+@pytest.mark.parametrize("n, max_tokens", [(40, None), (200, 48)])
+def test_calibrate_on_too_few_tokens_says_how_many_and_names_seq_len(tiny_llama, n, max_tokens):
+    ids = torch.randint(0, 64, (n,))
+    kept = min(n, max_tokens or n)
+    with pytest.raises(ValueError) as e:
+        ak.calibrate(tiny_llama, ids, seq_len=64, max_tokens=max_tokens, progress=False)
+    msg = str(e.value)
+    assert f"needs at least 64, got {kept}" in msg and f"seq_len={kept}" in msg
+    assert (f"max_tokens={max_tokens} keeps {kept} of the {n} given" in msg) == (max_tokens is not None)
+    # the suggested fix works
+    ak.calibrate(tiny_llama, ids, seq_len=kept, max_tokens=max_tokens, kmeans_tokens=kept, iters=1, progress=False)
