@@ -91,12 +91,11 @@ def book(cb, device=None) -> Book:
             f"[H={H}, D={S * d}]: want [{H}, {S * d}, {S * d}] each"
         )
     f32 = dict(device=device, dtype=torch.float32)
-    return Book(
-        centroids.to(**f32),
-        expected_err.to(**f32),
-        identity(H, device) if basis is None else basis.to(**f32),
-        identity(H, device) if basis_inv is None else basis_inv.to(**f32),
-    )
+    return Book(*(t.to(**f32).contiguous() for t in (
+        centroids, expected_err,
+        identity(H, device) if basis is None else basis,
+        identity(H, device) if basis_inv is None else basis_inv,
+    )))  # fmt: skip
 
 
 def empty(batch: int, bk: Book, dtype: torch.dtype, settings: CacheSettings = CacheSettings()) -> Side:

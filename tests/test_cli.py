@@ -72,7 +72,7 @@ def test_parsing_imports_nothing_heavy_and_every_option_has_help():
 
 def test_the_package_loads_its_names_on_first_use_and_submodules_do_not_hide_them():
     code = ("import sys; import antkv_compile as ak; assert 'torch' not in sys.modules; "
-            "from antkv_compile.calibrate import fit_codebooks; from antkv_compile.patch import AntKVBackend; "
+            "from antkv_compile.calibrate import fit_codebooks; from antkv_compile.compile.patch import AntKVBackend; "
             "import inspect; assert inspect.isfunction(ak.calibrate) and inspect.isfunction(ak.patch), (ak.calibrate, ak.patch); "
             "import torch; assert torch._dynamo.lookup_backend('antkv') is ak.antkv_backend; "
             "assert sorted(set(ak.__all__) - set(dir(ak))) == []; print('ok')")  # fmt: skip

@@ -254,15 +254,16 @@ def test_the_dense_kv_detector_sees_a_dense_cache():
     assert len(_dense_cache_nodes(graph, _seq_symbols(graph))) >= 4  # k_past, v_past, k, v
 
 
-def test_default_backend_learns_codebooks_online():
-    """`backend=antkv_backend` with no settings: each layer learns its codebook (1 bit: 256
-    centroids) from the prompt's own keys and values, then decodes on the compressed cache."""
+def test_default_backend_fits_data_free_codebooks_from_the_first_call():
+    """`backend=antkv_backend` with no settings: each layer fits a data-free codebook (1 bit: 256
+    centroids of 8 dims, keys in a rotation basis) to the prompt's keys and values, then decodes
+    on the compressed cache; compiled == eager on the same compressed cache."""
     torch.manual_seed(0)
     model = NanoGPT().eval()
     compiled = torch.compile(model, backend=ak.antkv_backend)
     past = model.empty_past(2)
     with torch.no_grad():
-        for n in (128, 1, 1):
+        for n in (7, 1, 1):
             ids = torch.randint(0, 64, (2, n))
             ref_past = tuple((copy.deepcopy(k), copy.deepcopy(v)) for k, v in past) if n == 1 else None
             logits, new_past = compiled(ids, past)
@@ -270,30 +271,32 @@ def test_default_backend_learns_codebooks_online():
                 ref, _ = _eager_twin(model)(ids, ref_past)
                 torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
             past = new_past
-    k = past[0][0]
-    assert isinstance(k, VQTensor) and k.centroids.shape == (2, 2, 256, 8) and k.shape[2] == 130
+    k, v = past[0]
+    assert isinstance(k, VQTensor) and k.centroids.shape == (2, 2, 256, 8) and k.shape[2] == 9
+    assert k.basis.shape == (2, 16, 16) and v.basis.shape == (2, 0, 0)  # keys rotated, values not
+    torch.testing.assert_close(k.basis @ k.basis_inv, torch.eye(16).expand(2, 16, 16), atol=1e-5, rtol=0)
     sites = ak.antkv_backend.sites[-4:]
-    assert all(s.rewritten for s in sites) and "learned online" in sites[0].detail
+    assert all(s.rewritten for s in sites) and "data-free codebook" in sites[0].detail
 
 
-def test_online_codebooks_wait_for_enough_tokens():
-    """Until a call has as many tokens as centroids, the cache stays dense and exact."""
+def test_data_free_prefill_equals_the_eager_data_free_cache():
+    """The prefill graph fits the same data-free codebook the eager AntKVLayer fits (same tokens,
+    same seed): the caches it writes back dequantize to the eager ones."""
     torch.manual_seed(0)
-    model = NanoGPT().eval()
-    backend = AntKVBackend(bits=0.25, inductor=False)  # 16 centroids of 16 dims
-    compiled = torch.compile(model, backend=backend)
-    past = model.empty_past(2)
-    kinds = []
+    model = NanoGPT(n_layer=1).eval()
+    backend = AntKVBackend(bits=2.0, window=2, inductor=False)
+    ids = torch.randint(0, 64, (2, 6))
     with torch.no_grad():
-        for n in (5, 1, 1, 1, 1):
-            ids = torch.randint(0, 64, (2, n))
-            logits, new_past = compiled(ids, past)
-            if not isinstance(past[0][0], VQTensor):
-                torch.testing.assert_close(logits, model(ids, past)[0])
-            past = new_past
-            kinds.append(type(past[0][0]).__name__)
-    assert kinds == ["Tensor", "Tensor", "Tensor", "VQTensor", "VQTensor"]  # 2 x 8 tokens >= 16
-    assert "no codebook yet: 10 tokens seen" in backend.sites[0].detail
+        _, past = torch.compile(model, backend=backend)(ids, model.empty_past(2))
+        x = model.emb(ids)
+        _, (k_dense, v_dense) = model.blocks[0].attn(model.blocks[0].ln1(x), model.empty_past(2)[0], None)
+    from antkv_compile.quant import datafree
+
+    spec = ak.PQSpec(4, 8)
+    for got, dense, rotate, seed in ((past[0][0], k_dense, True, 0), (past[0][1], v_dense, False, 1)):
+        want = datafree.fit_side(dense, spec, rotate, seed)
+        torch.testing.assert_close(got.centroids, want.centroids, rtol=1e-5, atol=1e-6)
+        assert got.window.shape[2] == 6  # the call's own tokens stay exact
 
 
 def test_a_cache_in_b_t_h_d_layout():

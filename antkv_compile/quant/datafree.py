@@ -43,7 +43,7 @@ def random_rotation(num_heads: int, dim: int, seed: int) -> torch.Tensor:
     """A random orthogonal matrix [H, D, D] per head (QR of a Gaussian, signs fixed), from `seed`."""
     g = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(num_heads, dim, dim, generator=g, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]).float()
+    return (q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]).float().contiguous()
 
 
 def moments(x: torch.Tensor, shrink: float = SHRINK) -> tuple[torch.Tensor, torch.Tensor]:
