@@ -28,7 +28,8 @@ _MODEL_IDS = itertools.count()
 def patch(model, codebooks: Codebooks | None = None, **settings):
     """Compile `model.forward` with antkv_backend (in place) and return the model.
 
-    `settings` are the cache settings (window, anchor_frac, error, exact_dtype), `inductor`,
+    codebooks: calibrated `Codebooks`, or None: each layer fits a data-free codebook (`bits`, default
+    1.0) to its first call's keys and values (quant/datafree.py). `settings` are the cache settings (window, anchor_frac, error, exact_dtype), `inductor`,
     `inductor_config` and `on_nothing_compressed` ("error", the default: a graph with a KV cache
     whose every attention site is declined raises `CompressionError`; "warn": it runs dense with a
     warning). The model switches to the "antkv" attention implementation (SDPA with enable_gqa on
