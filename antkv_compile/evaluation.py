@@ -158,3 +158,19 @@ def dense_kv_elements(cache, config, batch_size: int = 1) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_token = 2 * batch_size * config.num_key_value_heads * head_dim
     return sum(per_token * layer.get_seq_length() for layer in cache.layers)
+
+
+def code_version() -> str:
+    """Commit of the repository this package runs from and the tracked files modified in its
+    working tree (if any): what a benchmark record names as its code version."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.splitlines()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    dirty = [line[3:] for line in dirty if line.strip()]
+    return f"git {sha}" + (f", modified: {', '.join(dirty)}" if dirty else ", clean")

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,26 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def code_version() -> str:
-    """Commit of the repository and the tracked files modified in the working tree (if any)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
-                               check=True).stdout.splitlines()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    dirty = [line[3:] for line in dirty if line.strip()]
-    return f"git {sha}" + (f", modified: {', '.join(dirty)}" if dirty else ", clean")
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     import torch
     import transformers
 
     import antkv_compile as ak
-    from antkv_compile.evaluation import load_smollm2, load_wikitext_ids
+    from antkv_compile.evaluation import code_version, load_smollm2, load_wikitext_ids
 
     torch.set_num_threads(args.threads)
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/calibration.py", *argv])

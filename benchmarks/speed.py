@@ -67,7 +67,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import antkv_compile as ak
 from antkv_compile.cache import CacheSettings, VQTensor
-from antkv_compile.evaluation import cache_nbytes, tensors_nbytes
+from antkv_compile.evaluation import cache_nbytes, code_version, tensors_nbytes
 from antkv_compile.quant.codebook import Codebooks, CodebookSide, LayerCodebook, model_fingerprint
 from antkv_compile.quant.pq import spec_for_bits
 
@@ -1293,27 +1293,12 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def _code_version() -> str:
-    """Commit of the repository and the tracked files modified in the working tree (if any)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
-                               check=True).stdout.split("\n")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    dirty = [line[3:] for line in dirty if line.strip()]
-    return f"git {sha}" + (f", modified: {', '.join(dirty)}" if dirty else ", clean")
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     configure_compile_caches(args.compile_cache)
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/speed.py", *argv])
-    start_date, t_start, code = _now(), time.perf_counter(), _code_version()
+    start_date, t_start, code = _now(), time.perf_counter(), code_version()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     records: list[dict] = []
     timings: dict[str, float] = {}
