@@ -64,29 +64,46 @@ def load_wikitext_ids(tokenizer, path: str | os.PathLike | None = None) -> torch
 
 
 @torch.no_grad()
-def decode_faithful_nll(model, ids_window: torch.Tensor, make_cache: Callable[[], object], chunk: int = 32):
-    """Sum of next-token NLL over one window, fed through the model `chunk` tokens at a time.
+def decode_nll(model, windows: torch.Tensor, make_cache: Callable[[], object], chunk: int = 1, prompt: int = 0):
+    """Next-token NLL of each of a batch of windows [B, T], decoded as generation does.
 
-    Each chunk attends to the previous ones only through the cache, so every prediction reads the
-    (possibly compressed) past exactly as in generation; a single full forward would bypass the
-    cache. Returns (sum_nll, n_predictions, cache); the cache is returned so its bytes can be
-    measured at the end of the window.
+    The first call feeds the first `prompt` tokens of every window at once (a prompt prefill; 0: none),
+    then `chunk` tokens per call (1: token by token, as generate() runs). Every prediction reads the
+    (possibly compressed) past through the cache only; a single full forward would bypass it. Scored
+    are the predictions a generation makes: of token p for p > max(prompt - 1, 0), i.e. from the
+    prefill's last position on (the prompt's own internal predictions read it exactly in every row,
+    and are left out). The windows share one cache of batch B (every row's cache takes a batch).
+
+    Returns (nll [B] float64 sums per window, predictions per window, cache); the cache is returned
+    so its bytes can be measured at the end.
     """
     from .hf import cache_keyword
 
-    ids = ids_window.reshape(1, -1).to(model.device)
+    ids = windows.reshape(-1, windows.shape[-1]).to(model.device)
     n = ids.shape[1]
+    if not 0 <= prompt < n or chunk < 1:
+        raise ValueError(f"decode_nll: want 0 <= prompt < window length ({n}) and chunk >= 1, got prompt {prompt}, chunk {chunk}")
     cache = make_cache()
     keyword = cache_keyword(model)
-    total = 0.0
-    for start in range(0, n, chunk):
-        end = min(start + chunk, n)
+    total = torch.zeros(ids.shape[0], dtype=torch.float64)
+    first = max(prompt - 1, 0)  # first scored position
+    bounds = ([0, prompt] if prompt else [0]) + list(range(prompt + chunk if prompt else chunk, n, chunk)) + [n]
+    for start, end in zip(bounds[:-1], bounds[1:]):
         logits = model(ids[:, start:end], **{keyword: cache}, use_cache=True).logits
         # Position p predicts token p + 1; the last position of the window has no target.
-        targets = ids[:, start + 1 : end + 1]
-        logp = F.log_softmax(logits[:, : targets.shape[1]].float(), dim=-1)
-        total -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
-    return total, n - 1, cache
+        lo, hi = max(start, first), min(end, n - 1)
+        if lo >= hi:
+            continue
+        logp = F.log_softmax(logits[:, lo - start : hi - start].float(), dim=-1)
+        total -= logp.gather(-1, ids[:, lo + 1 : hi + 1].unsqueeze(-1)).squeeze(-1).sum(-1).double().cpu()
+    return total, n - 1 - first, cache
+
+
+def decode_faithful_nll(model, ids_window: torch.Tensor, make_cache: Callable[[], object], chunk: int = 32):
+    """Sum of next-token NLL over one window, fed `chunk` tokens at a time from its first token
+    (`decode_nll` with no prompt). Returns (sum_nll, n_predictions, cache)."""
+    total, n, cache = decode_nll(model, ids_window.reshape(1, -1), make_cache, chunk)
+    return total.item(), n, cache
 
 
 def perplexity(sum_nll: float, n_predictions: int) -> float:

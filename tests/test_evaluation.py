@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, QuantizedCache
 
-from antkv_compile.evaluation import cache_nbytes, decode_faithful_nll, dense_kv_elements, tensors_nbytes
+from antkv_compile.evaluation import cache_nbytes, decode_faithful_nll, decode_nll, dense_kv_elements, tensors_nbytes
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
 
@@ -56,3 +56,22 @@ def test_quanto_cache_is_smaller_than_dense(model, ids):
     _, _, cache = decode_faithful_nll(model, ids, make_cache, chunk=8)
     nbytes = cache_nbytes(cache)
     assert 0 < nbytes < dense_kv_elements(cache, model.config) * 4
+
+
+@pytest.mark.parametrize("chunk,prompt", [(1, 0), (1, 17), (5, 9), (3, 1)])
+def test_batched_decode_scores_the_generated_predictions(model, chunk, prompt):
+    """A batch of windows, a prompt prefill then `chunk` tokens per call: each window's NLL is the
+    full forward's cross entropy over the positions from the prompt's last one on."""
+    windows = torch.randint(0, 128, (3, 41), generator=torch.Generator().manual_seed(chunk * 100 + prompt))
+    total, n, cache = decode_nll(model, windows, lambda: DynamicCache(config=model.config), chunk=chunk, prompt=prompt)
+    first = max(prompt - 1, 0)
+    with torch.no_grad():
+        logits = model(windows).logits[:, first:-1].double()
+    expected = F.cross_entropy(logits.transpose(1, 2), windows[:, first + 1:], reduction="none").sum(-1)
+    assert n == windows.shape[1] - 1 - first and cache.get_seq_length() == windows.shape[1]
+    torch.testing.assert_close(total, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_batched_decode_rejects_a_prompt_as_long_as_the_window(model):
+    with pytest.raises(ValueError, match="prompt"):
+        decode_nll(model, torch.zeros(1, 8, dtype=torch.long), lambda: DynamicCache(config=model.config), prompt=8)
