@@ -92,6 +92,41 @@ def test_codebooks_that_do_not_fit_raise_compression_error_or_warn():
     assert sites and not any(s.rewritten for s in sites) and "4 kv heads" in sites[0].detail
 
 
+def test_a_static_cache_is_refused_with_its_reason_not_run_dense_silently():
+    """HF StaticCache writes a preallocated buffer in place (index_copy_): the pass does not
+    compress that pattern yet. Before, its graphs had "no KV cache" for the backend, so generate()
+    ran dense without a word; now every site names the pattern and the call raises."""
+    model, books = _tiny("LlamaConfig", "LlamaForCausalLM", 64, 4, 2, {})
+    ids = torch.randint(3, 64, (1, 6))
+    ak.patch(model, books, inductor=False)
+    with pytest.raises(ak.CompressionError, match=r"(?s)preallocated and written in place \(`index_copy_`.*DynamicCache"):
+        _generate(model, ids, tf.StaticCache(config=model.config, max_cache_len=16))
+
+
+class _GptFastAttention(torch.nn.Module):
+    """gpt-fast's KVCache: preallocated buffers written with `k_cache[:, :, input_pos] = k`."""
+
+    def __init__(self, heads=2, max_len=32, dim=16):
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(1, heads, max_len, dim))
+        self.register_buffer("v_cache", torch.zeros(1, heads, max_len, dim))
+
+    def forward(self, q, k, v, input_pos, mask):
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        return torch.nn.functional.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask)
+
+
+def test_a_gpt_fast_cache_is_refused_with_its_reason():
+    torch.manual_seed(0)
+    module = _GptFastAttention()
+    compiled = torch.compile(module, backend=ak.AntKVBackend(random_codebooks(1, 2, 16), inductor=False))
+    q, k, v = (torch.randn(1, 2, 1, 16) for _ in range(3))
+    mask = torch.arange(32)[None, None, None, :] <= 3
+    with torch.no_grad(), pytest.raises(ak.CompressionError, match="preallocated and written in place"):
+        compiled(q, k, v, torch.tensor([3]), mask)
+
+
 def test_grad_enabled_call_is_refused_but_a_call_without_cache_is_not():
     """A forward with grad enabled has a cache it cannot compress: refused with the reason. A
     forward without a cache (use_cache=False) has nothing to compress and runs."""

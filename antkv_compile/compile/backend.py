@@ -34,7 +34,7 @@ from ..cache import VQTensor
 from ..quant.codebook import Codebooks
 from ..quant.pq import spec_for_bits
 from ..state import UNBACKED_FIELDS, Side
-from .passes.kv_cache import SDPA, PassResult, Site, _is_move, _sdpa_args, copy_graph_module, kv_cache_pass
+from .passes.kv_cache import PassResult, Site, copy_graph_module, keeps_kv_cache, kv_cache_pass
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +171,10 @@ class AntKVBackend:
         return _CompiledGraph(fn, vq_inputs, result, num_outputs)
 
     def _nothing_compressed(self, gm: fx.GraphModule, result: PassResult, graph_id: int):
-        """If the graph keeps a KV cache (`_has_kv_cache`) and the pass rewrote none of its sites:
+        """If the graph keeps a KV cache (`keeps_kv_cache`) and the pass rewrote none of its sites:
         warn, or return a callable raising CompressionError (raised when called, so the user gets
         it as is, not wrapped in Dynamo's BackendCompilerFailed). None: compile as usual."""
-        if not result.sites or any(site.rewritten for site in result.sites) or not _has_kv_cache(gm):
+        if not result.sites or any(site.rewritten for site in result.sites) or not keeps_kv_cache(gm):
             return None
         reasons = "\n".join(f"  {site}" for site in result.sites)
         message = (
@@ -192,23 +192,6 @@ class AntKVBackend:
             raise CompressionError(message)
 
         return refuse
-
-
-def _has_kv_cache(gm: fx.GraphModule) -> bool:
-    """Does `gm` keep a KV cache: an SDPA key that is a concatenation (through data movement), or
-    a concatenation written back (a graph output)? A forward without a cache (use_cache=False)
-    has neither: it has nothing to compress."""
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    if any(n.op == "call_function" and n.target is torch.cat for n in output.all_input_nodes):
-        return True
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in SDPA:
-            key = _sdpa_args(node)["key"]
-            while isinstance(key, fx.Node) and _is_move(key):
-                key = key.args[0]
-            if isinstance(key, fx.Node) and key.op == "call_function" and key.target is torch.cat:
-                return True
-    return False
 
 
 def _check_inductor_options(options: dict) -> None:

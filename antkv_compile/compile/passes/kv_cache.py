@@ -223,6 +223,45 @@ def _groups(cat: fx.Node, chain: list[fx.Node], what: str, seq_dim: int) -> int:
     return G
 
 
+# In-place writes into a preallocated cache: HF StaticCache (`keys.index_copy_(2, cache_position, k)`),
+# gpt-fast (`k_cache[:, :, input_pos] = k`, an index_put_ / setitem), a plain copy_ into a slice.
+IN_PLACE_WRITES = frozenset({"index_copy_", "index_put_", "__setitem__", "copy_", "scatter_", "index_fill_", "setitem"})
+
+
+def _in_place_write(operand) -> str | None:
+    """The in-place write op (see IN_PLACE_WRITES) of a preallocated buffer that `operand` reads,
+    through data movement and slicing (the prefill of an empty static cache reads a slice), or None."""
+    node = operand
+    while isinstance(node, fx.Node) and (_is_move(node) or (node.op == "call_function" and node.target is operator.getitem)):
+        node = node.args[0]
+    if not isinstance(node, fx.Node):  # a graph input, or allocated in the graph (StaticCache's lazy init)
+        return None
+    for user in node.users:
+        name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+        if user.op in ("call_method", "call_function") and name in IN_PLACE_WRITES and user.args and user.args[0] is node:
+            return str(name)
+    return None
+
+
+def keeps_kv_cache(gm: fx.GraphModule) -> bool:
+    """Does `gm` keep a KV cache: an SDPA key that is a concatenation (through data movement) or a
+    preallocated buffer written in place, or a concatenation written back (a graph output)? A
+    forward without a cache (use_cache=False) has none of these: it has nothing to compress."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    if any(n.op == "call_function" and n.target is torch.cat for n in output.all_input_nodes):
+        return True
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in SDPA:
+            key = _sdpa_args(node)["key"]
+            if _in_place_write(key):
+                return True
+            while isinstance(key, fx.Node) and _is_move(key):
+                key = key.args[0]
+            if isinstance(key, fx.Node) and key.op == "call_function" and key.target is torch.cat:
+                return True
+    return False
+
+
 def _trace_side(sdpa: fx.Node, operand: fx.Node, what: str, outputs: set) -> CacheSide:
     chain, node = [], operand
     while isinstance(node, fx.Node) and _is_move(node):
@@ -230,6 +269,12 @@ def _trace_side(sdpa: fx.Node, operand: fx.Node, what: str, outputs: set) -> Cac
         node = node.args[0]
     chain.reverse()
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.cat):
+        if write := _in_place_write(operand):
+            raise Decline(
+                f"the {what} cache is preallocated and written in place (`{write}`: HF StaticCache, "
+                "generate(cache_implementation='static'), gpt-fast): only the growing cache (DynamicCache, torch.cat) is "
+                "compressed; use the default DynamicCache (or ak.AntKVCache())"
+            )
         if isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
             name = getattr(node.target, "__name__", node.target)
             raise Decline(f"the {what} reaches SDPA through `{name}` (a score or key modification, or not a cache)")
