@@ -234,3 +234,32 @@ def test_fallback_outside_the_contract(monkeypatch):
     out = torch.ops.antkv.append(list(side), new, *ops.settings_args(settings))
     want = state.append(side, new, settings)
     assert not called and all(torch.equal(a, getattr(want, f)) for f, a in zip(STATE_FIELDS, out))
+
+
+def test_prepared_codebook_follows_the_centroids():
+    """The memoized transposed codebook (cpu.prepared): the transpose and |c|^2 of these very
+    centroids, recomputed after an in-place change, dropped with the tensor."""
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(2, 4, 6, 8, generator=g)  # K = 6: padded to 8
+
+    def want(c):
+        ct = torch.nn.functional.pad(c.transpose(2, 3), (0, 2))
+        return ct, (ct.double() ** 2).sum(2).float()
+
+    ct, csq = cpu.prepared(c)
+    assert torch.equal(ct, want(c)[0]) and torch.allclose(csq, want(c)[1], rtol=1e-6)
+    assert cpu.prepared(c)[0] is ct  # memoized
+    side = _side(g, 1, 2, 10, 6, 2, 32, (8, 3), torch.float32, False, "random", 0.0, False)
+    side = side._replace(centroids=c)
+    new = torch.randn(1, 2, 2, 32, generator=g)
+    settings = CacheSettings(window=4, anchor_frac=0.3)
+    cpu.append(side, new, *ops.settings_args(settings)[:3])
+    c.mul_(-1)  # in place: the next append must use the new centroids
+    got = cpu.append(side, new, *ops.settings_args(settings)[:3])
+    assert torch.equal(cpu.prepared(c)[0], want(c)[0])
+    want_codes = state.append(side, new, settings).codes
+    assert torch.equal(got[0][:, :, :16], want_codes[:, :, :16])
+    _check_codes(got[0][:, :, 16:], want_codes[:, :, 16:], got[4][:, :, -2:], c)
+    key = id(c)
+    del c, side
+    assert key not in cpu._PREPARED

@@ -24,6 +24,7 @@ import functools
 import math
 import os
 import warnings
+import weakref
 
 import torch
 
@@ -143,8 +144,32 @@ def append(side: Side, new: torch.Tensor, window: int, anchor_frac: float, error
     codes = _codes(side.codes)
     out, nonfinite = torch.ops.antkv_cpu.vq_append(
         codes, side.anchor_rows, side.anchor_pos, side.anchor_score, side.window, side.window_err, side.window_score,
-        side.centroids, side.expected_err, side.basis, new, window, anchors, error == "actual",
+        side.centroids, side.expected_err, side.basis, new, *prepared(side.centroids), window, anchors, error == "actual",
     )  # fmt: skip
     if nonfinite:
         state.warn_nonfinite(nonfinite, anchors)
     return tuple(out)
+
+
+# id(centroids) -> (weak reference, version counter, transposed codebook, |c|^2)
+_PREPARED: dict[int, tuple] = {}
+
+
+def prepared(centroids: torch.Tensor) -> tuple:
+    """The codebook as write.cpp's encoder reads it (`vq_prepare`: transposed to [H, S, d, K]
+    padded to a multiple of 8, and |c|^2), memoized per centroids tensor: a codebook does not
+    change while a cache uses it, and transposing it is most of a decode step's append otherwise
+    (measured: ~70% of the kernel's time at SmolLM2's 1-bit shapes). An entry is used only for the
+    very tensor it was made from (weak reference, dropped when the tensor is freed) at the same
+    version counter (an in-place change recomputes it). Inference-mode tensors have no version
+    counter: prepared on every call, not memoized."""
+    key = id(centroids)
+    versioned = not centroids.is_inference()
+    hit = _PREPARED.get(key)
+    if versioned and hit is not None and hit[0]() is centroids and hit[1] == centroids._version:
+        return hit[2], hit[3]
+    ct, csq = torch.ops.antkv_cpu.vq_prepare(centroids)
+    if versioned:
+        ref = weakref.ref(centroids, lambda _, key=key: _PREPARED.pop(key, None))
+        _PREPARED[key] = (ref, centroids._version, ct, csq)
+    return ct, csq

@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -65,18 +66,6 @@ bool finite_row(const void* p, at::ScalarType t, int64_t n, float* buf) {
   return true;
 }
 
-// dist[k] = |c_k|^2 - 2 x . c_k for the K centroids [K, d] of one subspace. DS: d known at compile
-// time (the presets' 2, 4, 8, 16), so the dot product unrolls; 0: any d.
-template <int DS>
-void distances(const float* x, const float* c, const float* csq, int64_t K, int64_t d_rt, float* dist) {
-  const int64_t d = DS > 0 ? DS : d_rt;
-  for (int64_t k = 0; k < K; ++k) {
-    float acc = 0.f;
-    for (int64_t i = 0; i < d; ++i) acc += x[i] * c[k * d + i];
-    dist[k] = csq[k] - 2.f * acc;
-  }
-}
-
 // torch.argmin's choice: the first NaN if any, else the first minimum.
 int64_t argmin(const float* v, int64_t K) {
   int64_t best = 0;
@@ -106,39 +95,78 @@ void topk(std::vector<std::pair<float, int64_t>>& q, int64_t k) {
   }
 }
 
+// 8 floats / int32 as one SIMD value (GCC / Clang vector extensions; AVX with -mavx2, two SSE
+// halves without), unaligned.
+typedef float V8 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t I8 __attribute__((vector_size(32), aligned(4), may_alias));
+inline V8& v8(float* p) { return *reinterpret_cast<V8*>(p); }
+
+// torch.argmin of dist[0 .. K) (K a multiple of 8): per lane the first minimum, then the smallest
+// index among the lanes holding the overall minimum; the first NaN if there is one.
+int64_t argmin8(float* dist, int64_t K) {
+  V8 mn = v8(dist);
+  I8 idx = {0, 1, 2, 3, 4, 5, 6, 7}, at = idx, nan = mn != mn;
+  for (int64_t k = 8; k < K; k += 8) {
+    at += 8;
+    const V8 v = v8(dist + k);
+    const I8 lt = v < mn;
+    mn = lt ? v : mn;
+    idx = lt ? at : idx;
+    nan |= v != v;
+  }
+  bool any_nan = false;
+  for (int j = 0; j < 8; ++j) any_nan |= nan[j] != 0;
+  if (any_nan) return argmin(dist, K);
+  int64_t best = idx[0];
+  float bv = mn[0];
+  for (int j = 1; j < 8; ++j)
+    if (mn[j] < bv || (mn[j] == bv && idx[j] < best)) bv = mn[j], best = idx[j];
+  return best;
+}
+
+// The distances of a row to one subspace's K centroids, from the codebook transposed to [d, Kp]
+// (Kp = K rounded up to 8, padding 0; `vq_prepare`) and |c_k|^2 [Kp]: d vector multiply-adds per
+// 8 centroids. encode's |c|^2 - 2 x . c, then torch.argmin's choice.
+int64_t nearest(const float* x, const float* ct, const float* csq, int64_t K, int64_t Kp, int64_t d, float* dist) {
+  for (int64_t k = 0; k < Kp; k += 8) {
+    V8 dot = {};
+    for (int64_t i = 0; i < d; ++i) dot += x[i] * v8(const_cast<float*>(ct + i * Kp + k));
+    v8(dist + k) = v8(const_cast<float*>(csq + k)) - 2.f * dot;
+  }
+  return K % 8 ? argmin(dist, K) : argmin8(dist, K);
+}
+
+// Codes and errors of the new rows X [B, H, n, D] (float32, exactly as stored). Tasks: (head,
+// chunk of that head's B * n rows); decode is one inline task per head.
 template <typename C>
-void encode_rows(const at::Tensor& x_rows, const float* cent, const float* csq, int64_t H, int64_t S, int64_t K,
-                 int64_t d, int64_t n, C* codes_out, int64_t code_sbh, int64_t code_off, float* err_out, int64_t err_sbh,
-                 int64_t err_off, const float* expected, bool actual, int64_t rows, int64_t grain) {
-  // x_rows: [rows = B * H * n, D] float32, the new rows exactly as stored (rounded to the row dtype).
-  const float* X = x_rows.data_ptr<float>();
-  const int64_t D = S * d;
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<float> dist(K);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t bh = r / n, t = r % n, h = bh % H;
-      const float* x = X + r * D;
-      C* code = codes_out + bh * code_sbh + (code_off + t) * S;
-      float e2 = 0.f;
-      for (int64_t s = 0; s < S; ++s) {
-        const float* c = cent + (h * S + s) * K * d;
-        const float* cs = csq + (h * S + s) * K;
-        switch (d) {
-          case 2: distances<2>(x + s * d, c, cs, K, d, dist.data()); break;
-          case 4: distances<4>(x + s * d, c, cs, K, d, dist.data()); break;
-          case 8: distances<8>(x + s * d, c, cs, K, d, dist.data()); break;
-          case 16: distances<16>(x + s * d, c, cs, K, d, dist.data()); break;
-          default: distances<0>(x + s * d, c, cs, K, d, dist.data());
-        }
-        const int64_t k = argmin(dist.data(), K);
-        code[s] = static_cast<C>(k);
-        if (actual)
-          for (int64_t i = 0; i < d; ++i) {
-            const float diff = x[s * d + i] - c[k * d + i];
-            e2 += diff * diff;
+void encode_rows(const float* X, const float* cent, const float* ct, const float* csq, int64_t B, int64_t H, int64_t n,
+                 int64_t S, int64_t K, int64_t d, C* codes_out, int64_t code_sbh, int64_t code_off, float* err_out,
+                 int64_t err_sbh, int64_t err_off, const float* expected, bool actual) {
+  const int64_t D = S * d, per_head = B * n, Kp = (K + 7) / 8 * 8;
+  const int64_t chunk = std::max<int64_t>(16, (int64_t(1) << 20) / std::max<int64_t>(K * D, 1));
+  const int64_t nchunk = (per_head + chunk - 1) / chunk;
+  at::parallel_for(0, H * nchunk, nchunk > 1 ? 1 : H, [&](int64_t i0, int64_t i1) {
+    std::vector<float> dist(Kp);
+    for (int64_t task = i0; task < i1; ++task) {
+      const int64_t h = task / nchunk, m0 = (task % nchunk) * chunk, m1 = std::min(per_head, m0 + chunk);
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t b = m / n, t = m % n, bh = b * H + h;
+        const float* x = X + (bh * n + t) * D;
+        float e2 = 0.f;
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t hs = h * S + s;
+          const int64_t k = nearest(x + s * d, ct + hs * d * Kp, csq + hs * Kp, K, Kp, d, dist.data());
+          codes_out[bh * code_sbh + (code_off + t) * S + s] = static_cast<C>(k);
+          if (actual) {
+            const float* c = cent + (hs * K + k) * d;
+            for (int64_t i = 0; i < d; ++i) {
+              const float diff = x[s * d + i] - c[i];
+              e2 += diff * diff;
+            }
           }
+        }
+        err_out[bh * err_sbh + err_off + t] = actual ? std::sqrt(e2) : expected[h];
       }
-      err_out[bh * err_sbh + err_off + t] = actual ? std::sqrt(e2) : expected[h];
     }
   });
 }
@@ -156,7 +184,8 @@ std::tuple<std::vector<at::Tensor>, int64_t> vq_append(
     const at::Tensor& codes, const at::Tensor& anchor_rows_in, const at::Tensor& anchor_pos_in,
     const at::Tensor& anchor_score_in, const at::Tensor& window_in, const at::Tensor& window_err_in,
     const at::Tensor& window_score_in, const at::Tensor& centroids_in, const at::Tensor& expected_err_in,
-    const at::Tensor& basis_in, const at::Tensor& new_in, int64_t window, int64_t anchors, bool actual_error) {
+    const at::Tensor& basis_in, const at::Tensor& new_in, const at::Tensor& ct_in, const at::Tensor& csq_in, int64_t window,
+    int64_t anchors, bool actual_error) {
   TORCH_CHECK(codes.dim() == 4 && new_in.dim() == 4 && centroids_in.dim() == 4, "codes, new and centroids must be 4-d");
   const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2), S = codes.size(3);
   const int64_t K = centroids_in.size(2), d = centroids_in.size(3), D = S * d, n = new_in.size(2);
@@ -291,26 +320,43 @@ std::tuple<std::vector<at::Tensor>, int64_t> vq_append(
         store_row(win_o + (bh * Tw_out + stay + t) * row_bytes, et, D, x);
       }
     });
-    // |c|^2 per centroid (encode's c_sq)
-    auto csq_t = at::empty({H, S, K}, f32);
-    const float* cent_p = cent.data_ptr<float>();
-    float* csq = csq_t.data_ptr<float>();
-    for (int64_t i = 0; i < H * S * K; ++i) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < d; ++j) acc += cent_p[i * d + j] * cent_p[i * d + j];
-      csq[i] = acc;
-    }
-    const int64_t grain_enc = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(K * D, 1));
+    const int64_t Kp = (K + 7) / 8 * 8;
+    TORCH_CHECK(ct_in.scalar_type() == at::kFloat && ct_in.is_contiguous() && ct_in.numel() == H * S * d * Kp &&
+                    csq_in.scalar_type() == at::kFloat && csq_in.is_contiguous() && csq_in.numel() == H * S * Kp,
+                "prepared codebook: vq_prepare(centroids)");
+    const float *cent_p = cent.data_ptr<float>(), *ct_p = ct_in.data_ptr<float>(), *csq_p = csq_in.data_ptr<float>();
     if (ct == at::kByte)
-      encode_rows<uint8_t>(x_rows, cent_p, csq, H, S, K, d, n, codes_out.data_ptr<uint8_t>(), (T + n) * S, T, werr_o, Tw_out,
-                           stay, expected.data_ptr<float>(), actual_error, rows, grain_enc);
+      encode_rows<uint8_t>(X, cent_p, ct_p, csq_p, B, H, n, S, K, d, codes_out.data_ptr<uint8_t>(), (T + n) * S, T, werr_o,
+                           Tw_out, stay, expected.data_ptr<float>(), actual_error);
     else
-      encode_rows<int16_t>(x_rows, cent_p, csq, H, S, K, d, n, codes_out.data_ptr<int16_t>(), (T + n) * S, T, werr_o, Tw_out,
-                           stay, expected.data_ptr<float>(), actual_error, rows, grain_enc);
+      encode_rows<int16_t>(X, cent_p, ct_p, csq_p, B, H, n, S, K, d, codes_out.data_ptr<int16_t>(), (T + n) * S, T, werr_o,
+                           Tw_out, stay, expected.data_ptr<float>(), actual_error);
   }
   return {{codes_out, arows_out, apos_out, ascore_out, win_out, werr_out, wscore_out}, nonfinite};
 }
 
-// torch.ops.antkv_cpu.vq_append (antkv::append's CPU kernel calls it); a fragment: attention.cpp
-// defines the library.
-TORCH_LIBRARY_FRAGMENT(antkv_cpu, m) { m.def("vq_append", &vq_append); }
+// The codebook as the encoder reads it: centroids [H, S, K, d] float32 -> (transposed [H, S, d, Kp],
+// zero-padded to Kp = K rounded up to 8; |c_k|^2 [H, S, Kp], padding 0).
+std::tuple<at::Tensor, at::Tensor> vq_prepare(const at::Tensor& centroids_in) {
+  TORCH_CHECK(centroids_in.dim() == 4 && centroids_in.scalar_type() == at::kFloat, "centroids: float32 [H, S, K, d]");
+  const auto cent = centroids_in.contiguous();
+  const int64_t HS = cent.size(0) * cent.size(1), K = cent.size(2), d = cent.size(3), Kp = (K + 7) / 8 * 8;
+  auto ct = at::zeros({cent.size(0), cent.size(1), d, Kp}, cent.options());
+  auto csq = at::zeros({cent.size(0), cent.size(1), Kp}, cent.options());
+  const float* c = cent.data_ptr<float>();
+  float *t = ct.data_ptr<float>(), *q = csq.data_ptr<float>();
+  for (int64_t hs = 0; hs < HS; ++hs) {
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t i = 0; i < d; ++i) t[(hs * d + i) * Kp + k] = c[(hs * K + k) * d + i];
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t k = 0; k < Kp; ++k) q[hs * Kp + k] += t[(hs * d + i) * Kp + k] * t[(hs * d + i) * Kp + k];
+  }
+  return {ct, csq};
+}
+
+// torch.ops.antkv_cpu.vq_append / vq_prepare (antkv::append's CPU kernel calls them); a fragment:
+// attention.cpp defines the library.
+TORCH_LIBRARY_FRAGMENT(antkv_cpu, m) {
+  m.def("vq_append", &vq_append);
+  m.def("vq_prepare", &vq_prepare);
+}
