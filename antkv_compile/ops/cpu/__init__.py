@@ -52,8 +52,10 @@ def extension():
     if wide:
         flags += ["-mavx2", "-mfma"]
     try:
+        # One build cache entry per name: "antkv_cpu_kernels", not the attention-only build's old
+        # "antkv_cpu_attention", so checkouts of either do not rebuild over each other.
         load(
-            name="antkv_cpu_attention" + ("_avx2" if wide else ""),
+            name="antkv_cpu_kernels" + ("_avx2" if wide else ""),
             sources=[os.path.join(os.path.dirname(__file__), f) for f in ("attention.cpp", "write.cpp")],
             extra_cflags=flags,
             is_python_module=False,
