@@ -10,8 +10,9 @@ A cache side crosses every op as one `Tensor[]` argument: the fields of `state.S
     antkv::attention(q, key, value, attn_mask, is_causal, scale) -> (out, window Anchor Score)
     antkv::dequantize(side, dtype)                      -> the dense tensor
 
-Each op's body is the function of state.py (or reference.py) it names; `attention` has a CPU
-kernel (cpu/) and a CUDA one (the Triton kernels of triton/), and on CUDA the Inductor lowering
+Each op's body is the function of state.py (or reference.py) it names; `append` and `start`
+have a CPU kernel (cpu/write.cpp), `attention` a CPU kernel (cpu/attention.cpp) and a CUDA one
+(the Triton kernels of triton/), and on CUDA the Inductor lowering
 (inductor/) replaces it in compiled decode graphs. The fake kernels give output shapes without running the quantizer: the window and
 anchor lengths after an append follow `state.flush_lengths` when sizes are concrete, and are fresh
 unbacked sizes when they are symbolic, so a traced decode step never specializes on them and a

@@ -140,11 +140,12 @@ def append(side: Side, new: torch.Tensor, window: int, anchor_frac: float, error
     """`antkv::append` on CPU tensors: the STATE_FIELDS tensors of `state.append(side, new,
     settings)`, fresh (never views of the inputs), and the same warning for leaving rows with
     NaN / Inf entries. Differences from the reference, all within float32 rounding: write.cpp's top."""
-    B, H, T, _ = side.codes.shape
-    A, Tw = side.anchor_pos.shape[2], side.window.shape[2]
+    if not extension():
+        raise RuntimeError("antkv: the CPU write kernel could not be built (see the warning)")
+    T, A, Tw = side.codes.shape[2], side.anchor_pos.shape[2], side.window.shape[2]
     anchors, _ = state.flush_lengths(T, A, Tw, 0, window, anchor_frac)
     codes = _codes(side.codes)
-    out, nonfinite = torch.ops.antkv_cpu.vq_append(
+    out, nonfinite = torch.ops.antkv_cpu.vq_append.default(
         codes, side.anchor_rows, side.anchor_pos, side.anchor_score, side.window, side.window_err, side.window_score,
         side.centroids, side.expected_err, side.basis, new, *prepared(side.centroids), window, anchors, error == "actual",
     )  # fmt: skip
@@ -170,7 +171,7 @@ def prepared(centroids: torch.Tensor) -> tuple:
     hit = _PREPARED.get(key)
     if versioned and hit is not None and hit[0]() is centroids and hit[1] == centroids._version:
         return hit[2], hit[3]
-    ct, csq = torch.ops.antkv_cpu.vq_prepare(centroids)
+    ct, csq = torch.ops.antkv_cpu.vq_prepare.default(centroids)
     if versioned:
         ref = weakref.ref(centroids, lambda _, key=key: _PREPARED.pop(key, None))
         _PREPARED[key] = (ref, centroids._version, ct, csq)
