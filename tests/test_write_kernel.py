@@ -182,6 +182,22 @@ def test_kernel_equals_state_append(
     assert not any(t.numel() and t.untyped_storage().data_ptr() in inputs for t in op)
 
 
+@pytest.mark.parametrize("leaving, anchor_frac", [(1000, 0.001), (1000, 0.004), (200, 0.1), (40, 0.1)])
+@pytest.mark.parametrize("scores", ["zeros", "ties"])
+def test_ties_resolve_as_torch_topk(leaving, anchor_frac, scores):
+    """Equal scores everywhere: the anchors kept, and their order, are torch.topk's, on both of its
+    paths (partial_sort when k * 64 <= candidates, as in the first two cases; else nth_element)."""
+    g = torch.Generator().manual_seed(leaving)
+    side = _side(g, 2, 3, 300, leaving, 9, 32, (8, 8), torch.float32, False, scores, 0.0, False)
+    new = torch.randn(2, 3, 1, 32, generator=g)
+    settings = CacheSettings(window=0, anchor_frac=anchor_frac)
+    want = state.append(side, new, settings)
+    got = cpu.append(side, new, *ops.settings_args(settings)[:3])
+    assert 0 < want.anchor_pos.shape[2] < side.anchor_pos.shape[2] + leaving  # ranked, not all kept
+    assert torch.equal(got[2], want.anchor_pos)
+    _bits_equal(got[1], want.anchor_rows)
+
+
 @given(
     seed=st.integers(0, 2**31 - 1),
     past_len=st.sampled_from([0, 5, 50]),

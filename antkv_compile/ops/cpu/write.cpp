@@ -12,7 +12,8 @@
 //   new rows: x A (float32, sum over d in ascending order), rounded to the new rows' dtype, then to
 //     the exact-row dtype (the window's): the reference's to_basis(...).to(window.dtype);
 //   codes: argmin over k of |c_k|^2 - 2 x . c_k in float32 (encode's formula), NaN wins and the
-//     first minimum wins as in torch.argmin;
+//     first minimum wins as in torch.argmin; the codebook is read transposed, 8 centroids per
+//     vector operation (`vq_prepare`, memoized by the caller: ops/cpu/__init__.py `prepared`);
 //   error: |x - c_code| ("actual") or the head's expected error; the new window scores are 0.
 // Outputs are fresh tensors (the op contract). Rows are bit-equal to the reference's without a key
 // basis (up to NaN payloads); sums (basis map, distances, error) are float32 in an order of their
