@@ -135,6 +135,17 @@ def _nan_loses(score: Tensor) -> Tensor:
     return score.masked_fill(score.isnan(), float("-inf"))
 
 
+def warn_nonfinite(count: int, anchors: int) -> None:
+    """The warning of a flush that moved `count` rows with NaN / Inf entries out of the window
+    (`_flush`, and the CPU write kernel's wrapper, ops/cpu/)."""
+    warnings.warn(
+        f"antkv: {count} cache rows with NaN / Inf left the exact window: they stay exact as anchors "
+        f"(attention output non-finite, as with a dense cache) while the anchor budget ({anchors} per head) allows, "
+        "beyond it they are encoded to finite codes. Check the model's keys and values (overflow in float16?).",
+        stacklevel=3,
+    )
+
+
 def _flush(side: Side, n_leave: int, anchor_frac: float) -> Side:
     """Move the oldest `n_leave` window tokens out; the top scorers among them and the current
     anchors fill the anchor budget ceil(anchor_frac * encoded tokens).
@@ -155,12 +166,7 @@ def _flush(side: Side, n_leave: int, anchor_frac: float) -> Side:
     nonfinite = ~torch.isfinite(side.window[:, :, :n_leave]).all(-1)
     leave_score = leave_score.masked_fill(nonfinite, float("inf"))
     if not torch.compiler.is_compiling() and bool(nonfinite.any()):
-        warnings.warn(
-            f"antkv: {int(nonfinite.sum())} cache rows with NaN / Inf left the exact window: they stay exact as anchors "
-            f"(attention output non-finite, as with a dense cache) while the anchor budget ({A} per head) allows, "
-            "beyond it they are encoded to finite codes. Check the model's keys and values (overflow in float16?).",
-            stacklevel=2,
-        )
+        warn_nonfinite(int(nonfinite.sum()), A)
     cand_score = torch.cat([_nan_loses(side.anchor_score), leave_score], 2)
     cand_pos = torch.cat([side.anchor_pos, leave_pos.expand(B, H, -1)], 2)
     cand_rows = torch.cat([side.anchor_rows, side.window[:, :, :n_leave]], 2)

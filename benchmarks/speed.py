@@ -30,6 +30,12 @@ Parts (`--parts`, comma list; all by default):
   implementations of antkv::attention side by side in one run: the PyTorch reference eager, the
   same reference through torch.compile (Inductor code from the decomposition), and the C++ kernel
   (antkv_compile/ops/cpu), with dense fp32 SDPA for scale; outputs checked against the reference.
+- write: the quantize-on-write of one decode token (antkv::append: window flush, anchor top-k, basis
+  map, encode, concatenations) per call and cache side at SmolLM2 shapes (B=1, 3 kv heads, D=64,
+  window 32, anchors 1%, 1 bit; keys with a random orthogonal basis) at 4K and 32K tokens: the
+  PyTorch reference (state.append), the C++ kernel (antkv_compile/ops/cpu/write.cpp) called
+  directly and through the op as compiled graphs call it, and the codes `torch.cat` alone (the
+  O(T) copy the op's new-tensor contract costs); the kernel's outputs checked against the reference.
 - gpu: on paper, not measured: HBM bytes one decode step must read per layer (dense fp16 K/V
   against codes + anchors + window + codebooks) and the time that implies at H100 bandwidth
   (3.35 TB/s): a lower bound, labelled as such.
@@ -72,8 +78,8 @@ from antkv_compile.quant.codebook import Codebooks, CodebookSide, LayerCodebook,
 from antkv_compile.quant.pq import spec_for_bits
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PARTS = ("attention", "e2e", "eager", "memory", "impl", "gpu")
-PART_KIND = {"impl": "cpu_impl", "gpu": "gpu_bound"}  # the `kind` of a part's records, where it differs
+PARTS = ("attention", "e2e", "eager", "memory", "impl", "write", "gpu")
+PART_KIND = {"impl": "cpu_impl", "write": "cpu_write", "gpu": "gpu_bound"}  # the `kind` of a part's records, where it differs
 
 # SmolLM2-135M-Instruct (checked against the loaded config in the e2e part).
 LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM = 30, 9, 3, 64
@@ -87,11 +93,13 @@ GIB = 1 << 30
 FULL = dict(attn_contexts=[1 << e for e in range(10, 18)], e2e_contexts=[1024, 4096, 16384, 32768], e2e_steps=16, e2e_warmup=3,
             e2e_layers=LAYERS, e2e_methods=",".join(E2E_METHODS), profile_steps=3, eager_prompts=3, eager_tokens=48, eager_reps=3,
             eager_layers=LAYERS, mem_probes=[1024, 4096, 16384, 65536], budget_gib=8.0, min_time=1.0,
-            gpu_contexts=[4096, 32768, 131072, 1 << 20], impl_context=65536, impl_bits="1,4", compile_cache="cold")
+            gpu_contexts=[4096, 32768, 131072, 1 << 20], impl_context=65536, impl_bits="1,4", compile_cache="cold",
+            write_contexts=[4096, 32768])
 QUICK = dict(attn_contexts=[1024, 4096], e2e_contexts=[1024], e2e_steps=3, e2e_warmup=1, e2e_layers=2,
              e2e_methods="fp-dynamiccache,fp-staticcache,antkv-patch",
              profile_steps=1, eager_prompts=1, eager_tokens=8, eager_reps=1, eager_layers=2, mem_probes=[1024, 4096], budget_gib=0.25,
-             min_time=0.1, gpu_contexts=[4096, 32768], impl_context=4096, impl_bits="1", compile_cache="kernels")
+             min_time=0.1, gpu_contexts=[4096, 32768], impl_context=4096, impl_bits="1", compile_cache="kernels",
+             write_contexts=[4096])
 
 
 def _now() -> str:
@@ -925,6 +933,54 @@ def run_impl(args, records: list, progress) -> None:
     bar.close()
 
 
+# --- part 4b: the write (quantize-on-write) per call ---------------------------------------------
+
+def run_write(args, records: list, progress) -> None:
+    """antkv::append of one decode token onto a synthetic cache: reference, kernel, op, codes cat."""
+    from antkv_compile import ops, state
+    from antkv_compile.ops import cpu
+
+    gen = torch.Generator().manual_seed(0)
+    settings = CacheSettings(window=args.window, anchor_frac=args.anchor_frac)
+    book = random_codebooks(_smollm2_config(), 1.0, gen).layers[0]
+    bar = tqdm(total=len(args.write_contexts) * 2 * 4, desc="write", unit="setting")
+    for T in args.write_contexts:
+        for side_name in ("key", "value"):
+            side = synthetic_side(T, book, side_name, settings, torch.float32, gen).side
+            side = side._replace(window_score=torch.rand(side.window_score.shape, generator=gen))  # as attention leaves them
+            new = torch.randn(1, KV_HEADS, 1, HEAD_DIM, generator=gen)
+            op_args = (list(side), new, *ops.settings_args(settings))
+            cases = {
+                "reference: state.append (eager PyTorch)": lambda: state.append(side, new, settings),
+                "C++ kernel (ops/cpu/write.cpp), direct": lambda: cpu.append(side, new, *ops.settings_args(settings)[:3]),
+                "C++ kernel through torch.ops.antkv.append": lambda: torch.ops.antkv.append(*op_args),
+                "codes torch.cat alone (the O(T) copy)": lambda: torch.cat([side.codes, side.codes[:, :, :1]], 2),
+            }
+            ref = state.append(side, new, settings)
+            for name, fn in cases.items():
+                bar.set_postfix_str(f"{_ctx(T)} {side_name}: {name}")
+                rec = dict(kind="cpu_write", metric="latency", method=name, bits=1.0, context=T, side=side_name, value=None,
+                           unit="us", ratio_vs_dense=None, check=None, error=None)
+                try:
+                    with torch.inference_mode():
+                        out = fn()
+                        if "kernel" in name:  # the same state as the reference (tests/test_write_kernel.py checks it in depth)
+                            got = dict(zip(state.STATE_FIELDS, out))
+                            same = [f for f in state.STATE_FIELDS if torch.equal(got[f], getattr(ref, f))]
+                            rec["check"] = f"equal to the reference: {', '.join(same)}"
+                            if not {"codes", "anchor_pos"} <= set(same):
+                                raise AssertionError(f"kernel state differs from state.append: only {same} equal")
+                        t = time_fn(fn, args.min_time)
+                    rec.update(value=t["median"] * 1e6, q1=t["q1"] * 1e6, q3=t["q3"] * 1e6, reps=t["reps"])
+                except Exception as exc:
+                    traceback.print_exc()
+                    rec["error"] = f"{type(exc).__name__}: {exc}"
+                records.append(rec)
+                progress()
+                bar.update()
+    bar.close()
+
+
 # --- part 5: GPU bandwidth bound (on paper) ------------------------------------------------------
 
 def gpu_bytes_per_layer(method: str, bits: float, T: int, window: int, anchor_frac: float) -> dict:
@@ -1088,6 +1144,20 @@ def write_markdown(path: Path, records: list[dict], header: dict) -> None:
                 L.append(f"| {_fmt(r['bits'], 'g')} | {r['method']} | error: {r['error'][:120]} | | |")
             else:
                 L.append(f"| {r['bits']:g} | {r['method']} | {r['value']:.2f} | {r['ratio_vs_dense']:.2f}x | {r['first_call_s']:.1f} |")
+    write = [r for r in records if r["kind"] == "cpu_write"]
+    if write:
+        L += ["", "## The write: antkv::append per call (measured, CPU)", "",
+              "Quantize-on-write of one decode token onto one cache side (SmolLM2 shapes: B=1, 3 kv heads, D=64; 1 bit; window "
+              "32 + 1, so each call flushes one token; anchors 1%; keys with a random orthogonal basis, values without). Median "
+              "microseconds per call. A decode step of SmolLM2 does 60 of them (30 layers x K and V). The codes cat is the "
+              "O(T) copy every implementation pays while the op returns a new codes tensor.", "",
+              "| context | side | implementation | us / call (q1-q3) | check |", "|---|---|---|---|---|"]
+        for r in write:
+            if r["error"]:
+                L.append(f"| {_ctx(r['context'])} | {r['side']} | {r['method']} | error: {r['error'][:120]} | |")
+            else:
+                L.append(f"| {_ctx(r['context'])} | {r['side']} | {r['method']} | {r['value']:.1f} ({r['q1']:.1f}-{r['q3']:.1f}) "
+                         f"| {r.get('check') or ''} |")
     mem = [r for r in records if r["kind"] == "memory"]
     if mem:
         L += ["", "## 3. Cache memory (measured allocations, all 30 layers, K and V)", "",
@@ -1262,6 +1332,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-gib", type=float, help="cache budget for the longest context (default 8)")
     p.add_argument("--impl-context", type=int, help="cache length of the impl part (default 65536)")
     p.add_argument("--impl-bits", help="bits per element of the impl part's caches (default 1,4)")
+    p.add_argument("--write-contexts", type=_ints, help="cache lengths of the write part (default: 4K,32K)")
     p.add_argument("--gpu-contexts", type=_ints, help="contexts of the on-paper GPU bound (default: 4K,32K,128K,1M)")
     args = p.parse_args(argv)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
@@ -1307,7 +1378,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def progress():  # results so far, in case a later part crashes or is interrupted
         (args.out / "speed.partial.json").write_text(json.dumps(records, indent=2) + "\n")
 
-    runners = {"attention": run_attention, "e2e": run_e2e, "eager": run_eager, "memory": run_memory, "impl": run_impl, "gpu": run_gpu}
+    runners = {"attention": run_attention, "e2e": run_e2e, "eager": run_eager, "memory": run_memory, "impl": run_impl,
+               "write": run_write, "gpu": run_gpu}
     cpu_times: dict[str, float] = {}
     for part in args.parts:
         t0, c0 = time.perf_counter(), _cpu_seconds()
@@ -1328,7 +1400,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     kinds_run = {PART_KIND.get(p, p) for p in args.parts}
     if args.merge and (args.out / "speed.json").exists():
         kept = [r for r in json.loads((args.out / "speed.json").read_text()) if r["kind"] not in kinds_run]
-        order = ["attention", "e2e", "eager", "memory", "cpu_impl", "gpu_bound"]
+        order = ["attention", "e2e", "eager", "memory", "cpu_impl", "cpu_write", "gpu_bound"]
         records = sorted(kept + records, key=lambda r: order.index(r["kind"]) if r["kind"] in order else len(order))
     runs: dict[str, str] = {}  # command -> date and code version of the run (merged parts keep theirs)
     for r in records:

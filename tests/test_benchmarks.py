@@ -63,7 +63,7 @@ def test_speed_quick(tmp_path):
     records = json.loads((tmp_path / "speed.json").read_text())
     assert not _errors(records), "\n".join(_errors(records))
     kinds = {r["kind"] for r in records}
-    assert kinds == {"attention", "e2e", "eager", "memory", "cpu_impl", "gpu_bound"}, kinds
+    assert kinds == {"attention", "e2e", "eager", "memory", "cpu_impl", "cpu_write", "gpu_bound"}, kinds
     assert all(r["value"] is not None and math.isfinite(r["value"]) for r in records), [r for r in records if r["value"] is None]
     # Every e2e method ran at every context, and ours is compared with the faster FP cache there.
     e2e = [r for r in records if r["kind"] == "e2e"]

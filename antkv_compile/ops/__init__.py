@@ -10,8 +10,9 @@ A cache side crosses every op as one `Tensor[]` argument: the fields of `state.S
     antkv::attention(q, key, value, attn_mask, is_causal, scale) -> (out, window Anchor Score)
     antkv::dequantize(side, dtype)                      -> the dense tensor
 
-Each op's body is the function of state.py (or reference.py) it names; `attention` has a CPU
-kernel (cpu/) and a CUDA one (the Triton kernels of triton/), and on CUDA the Inductor lowering
+Each op's body is the function of state.py (or reference.py) it names; `append` and `start`
+have a CPU kernel (cpu/write.cpp), `attention` a CPU kernel (cpu/attention.cpp) and a CUDA one
+(the Triton kernels of triton/), and on CUDA the Inductor lowering
 (inductor/) replaces it in compiled decode graphs. The fake kernels give output shapes without running the quantizer: the window and
 anchor lengths after an append follow `state.flush_lengths` when sizes are concrete, and are fresh
 unbacked sizes when they are symbolic, so a traced decode step never specializes on them and a
@@ -90,6 +91,19 @@ def _(side, new, window, anchor_frac, error, exact_dtype):
     return _append_fake(Side(*side), new, window, anchor_frac)
 
 
+@append.register_kernel("cpu")
+def append_cpu(side, new, window, anchor_frac, error, exact_dtype):
+    """On CPU: the C++ write kernel (cpu/write.cpp), one call for the whole of `state.append`. The
+    reference (the op's body) runs instead when the extension cannot be built here, or for a side
+    outside the Side contract's dtypes (`cpu.append_supported`: e.g. int64 anchor positions)."""
+    from . import cpu
+
+    s = Side(*side)
+    if not cpu.append_supported(s, new):
+        return _state(state.append(s, new, CacheSettings(window, anchor_frac, error, exact_dtype)), s)
+    return cpu.append(s, new, window, anchor_frac, error)
+
+
 @torch.library.custom_op("antkv::start", mutates_args=(), schema=f"(Tensor past, Tensor new, Tensor[] book, {_SETTINGS}) -> {_STATE}")
 def start(past, new, book, window, anchor_frac, error, exact_dtype):
     """`state.start`: a side from a dense `past` (empty, or [B, H, Tp, D]) and the call's `new`."""
@@ -108,6 +122,17 @@ def _start_fake(past, new, bk: Book, window, anchor_frac, exact_dtype) -> tuple:
 @start.register_fake
 def _(past, new, book, window, anchor_frac, error, exact_dtype):
     return _start_fake(past, new, Book(*book), window, anchor_frac, exact_dtype)
+
+
+@start.register_kernel("cpu")
+def _(past, new, book, window, anchor_frac, error, exact_dtype):
+    """On CPU: `state.start` with each of its two appends (past, then new) by the write kernel
+    (`append_cpu`, which falls back to the reference itself)."""
+    side = state.empty(new.shape[0], Book(*book), new.dtype, CacheSettings(window, anchor_frac, error, exact_dtype))
+    fields = lambda st: [*st, *book]  # noqa: E731 - the state, then the codebook: a Side's fields in order
+    if past.numel():
+        side = Side(*fields(append_cpu(list(side), past.to(new.dtype), window, anchor_frac, error, exact_dtype)))
+    return _state(Side(*fields(append_cpu(list(side), new, window, anchor_frac, error, exact_dtype))), (past, new, *book))
 
 
 _LEARNED = "(" + ", ".join("Tensor" for _ in STATE_FIELDS + Book._fields) + ")"

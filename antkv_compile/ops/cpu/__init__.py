@@ -1,4 +1,5 @@
-"""The CPU kernel of `antkv::attention`: a C++ loop over the codes (attention.cpp).
+"""The CPU kernels of `antkv::attention` (attention.cpp: a C++ loop over the codes) and of
+`antkv::append` / `antkv::start` (write.cpp: the quantize-on-write of `state.append` in one call).
 
 Why C++ and not Inductor: the decode step is a gather of one look-up-table entry per (token,
 subspace) summed into a score, then a scatter of each token's weight into a per-centroid
@@ -8,8 +9,13 @@ cache and reads each code once per block of query rows. The three side by side (
 shapes, 65,536 tokens): `python benchmarks/speed.py --parts impl`, results in
 benchmarks/results/speed.md (1 thread: 1 bit 34 / 23 / 2.9 ms, dense fp32 SDPA 19 ms).
 
-Built on first use with torch.utils.cpp_extension (ninja; ~20 s), cached in torch's extension
-directory; without a compiler the op keeps running the PyTorch reference (with a warning).
+The write kernel: a decode step's append is ~25 small PyTorch ops per layer and side (flush, anchor
+top-k, basis map, encode, error, concatenations), each a few microseconds of dispatch for a few
+hundred floats of work; write.cpp does the same in one pass over the side (`append` below).
+
+Both are built on first use into one extension with torch.utils.cpp_extension (ninja; ~30 s),
+cached in torch's extension directory; without a compiler the ops keep running the PyTorch
+reference (with a warning).
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ import functools
 import math
 import os
 import warnings
+import weakref
 
 import torch
 
+from ... import state
 from ...state import Side
 
 # Query rows per kv head (G * L) the kernel takes. Measured (1 thread, CPU time, G = 3, 4096
@@ -34,8 +42,8 @@ CHUNK_TOKENS = 2048
 
 @functools.cache
 def extension():
-    """Build / load the kernel (registers torch.ops.antkv_cpu.vq_attention); False if it cannot be
-    built here."""
+    """Build / load the kernels (registers torch.ops.antkv_cpu.vq_attention and vq_append); False
+    if they cannot be built here."""
     from torch.utils.cpp_extension import load
 
     flags = ["-O3"]
@@ -44,15 +52,17 @@ def extension():
     if wide:
         flags += ["-mavx2", "-mfma"]
     try:
+        # One build cache entry per name: "antkv_cpu_kernels", not the attention-only build's old
+        # "antkv_cpu_attention", so checkouts of either do not rebuild over each other.
         load(
-            name="antkv_cpu_attention" + ("_avx2" if wide else ""),
-            sources=[os.path.join(os.path.dirname(__file__), "attention.cpp")],
+            name="antkv_cpu_kernels" + ("_avx2" if wide else ""),
+            sources=[os.path.join(os.path.dirname(__file__), f) for f in ("attention.cpp", "write.cpp")],
             extra_cflags=flags,
             is_python_module=False,
         )
         return True
     except Exception as e:  # noqa: BLE001 - no compiler / ninja: the reference still works
-        warnings.warn(f"antkv: CPU attention kernel not built ({e}); using the PyTorch reference", stacklevel=2)
+        warnings.warn(f"antkv: CPU kernels (attention, write) not built ({e}); using the PyTorch reference", stacklevel=2)
         return False
 
 
@@ -103,3 +113,66 @@ def _codes(codes: torch.Tensor) -> torch.Tensor:
     if (codes.stride(3) != 1 and S > 1) or (codes.stride(2) != S and T > 1):
         codes = codes.contiguous()
     return codes
+
+
+# --- the write kernel (write.cpp) ---------------------------------------------------------------
+
+_ROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def append_supported(side: Side, new: torch.Tensor) -> bool:
+    """Whether write.cpp takes this append: the Side contract's dtypes (exact rows and new rows
+    float32 / float16 / bfloat16, anchor positions int32, codes uint8 for up to 256 centroids,
+    int16 above; the float32 rest is checked by the kernel) and a buildable extension. Anything
+    else (e.g. a side built by hand with int64 positions) runs `state.append`."""
+    K = side.centroids.shape[2]
+    return (
+        side.codes.dtype == (torch.uint8 if K <= 256 else torch.int16)
+        and side.window.dtype in _ROW_DTYPES
+        and side.anchor_rows.dtype == side.window.dtype
+        and new.dtype in _ROW_DTYPES
+        and side.anchor_pos.dtype == torch.int32
+        and extension()
+    )
+
+
+def append(side: Side, new: torch.Tensor, window: int, anchor_frac: float, error: str) -> tuple:
+    """`antkv::append` on CPU tensors: the STATE_FIELDS tensors of `state.append(side, new,
+    settings)`, fresh (never views of the inputs), and the same warning for leaving rows with
+    NaN / Inf entries. Differences from the reference, all within float32 rounding: write.cpp's top."""
+    if not extension():
+        raise RuntimeError("antkv: the CPU write kernel could not be built (see the warning)")
+    T, A, Tw = side.codes.shape[2], side.anchor_pos.shape[2], side.window.shape[2]
+    anchors, _ = state.flush_lengths(T, A, Tw, 0, window, anchor_frac)
+    codes = _codes(side.codes)
+    out, nonfinite = torch.ops.antkv_cpu.vq_append.default(
+        codes, side.anchor_rows, side.anchor_pos, side.anchor_score, side.window, side.window_err, side.window_score,
+        side.centroids, side.expected_err, side.basis, new, *prepared(side.centroids), window, anchors, error == "actual",
+    )  # fmt: skip
+    if nonfinite:
+        state.warn_nonfinite(nonfinite, anchors)
+    return tuple(out)
+
+
+# id(centroids) -> (weak reference, version counter, transposed codebook, |c|^2)
+_PREPARED: dict[int, tuple] = {}
+
+
+def prepared(centroids: torch.Tensor) -> tuple:
+    """The codebook as write.cpp's encoder reads it (`vq_prepare`: transposed to [H, S, d, K]
+    padded to a multiple of 8, and |c|^2), memoized per centroids tensor: a codebook does not
+    change while a cache uses it, and transposing it is most of a decode step's append otherwise
+    (measured: ~70% of the kernel's time at SmolLM2's 1-bit shapes). An entry is used only for the
+    very tensor it was made from (weak reference, dropped when the tensor is freed) at the same
+    version counter (an in-place change recomputes it). Inference-mode tensors have no version
+    counter: prepared on every call, not memoized."""
+    key = id(centroids)
+    versioned = not centroids.is_inference()
+    hit = _PREPARED.get(key)
+    if versioned and hit is not None and hit[0]() is centroids and hit[1] == centroids._version:
+        return hit[2], hit[3]
+    ct, csq = torch.ops.antkv_cpu.vq_prepare.default(centroids)
+    if versioned:
+        ref = weakref.ref(centroids, lambda _, key=key: _PREPARED.pop(key, None))
+        _PREPARED[key] = (ref, centroids._version, ct, csq)
+    return ct, csq

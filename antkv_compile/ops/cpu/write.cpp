@@ -1,0 +1,363 @@
+// Quantize-on-write of one cache side on CPU: what `state.append` computes (window flush, anchor
+// selection by Anchor Score, basis map, nearest centroid per subspace, quantization error, the
+// concatenations) in one call instead of ~25 small PyTorch ops.
+//
+// Per (batch, kv head), in the order of state.append:
+//   flush: the oldest n_leave = Tw - window window tokens leave; candidates = current anchors, then
+//     the leavers; a NaN score loses (-inf), a leaver whose row has a NaN / Inf entry scores +inf;
+//     if the budget A_new (state.flush_lengths, computed by the caller) holds every candidate they
+//     stay in order, else the top A_new by torch.topk's own algorithm (ATen's TopKImpl.h: the same
+//     std::partial_sort / nth_element + sort with the same comparator over (score, index) pairs),
+//     so ties pick what torch.topk picks;
+//   new rows: x A (float32, sum over d in ascending order), rounded to the new rows' dtype, then to
+//     the exact-row dtype (the window's): the reference's to_basis(...).to(window.dtype);
+//   codes: argmin over k of |c_k|^2 - 2 x . c_k in float32 (encode's formula), NaN wins and the
+//     first minimum wins as in torch.argmin; the codebook is read transposed, 8 centroids per
+//     vector operation (`vq_prepare`, memoized by the caller: ops/cpu/__init__.py `prepared`);
+//   error: |x - c_code| ("actual") or the head's expected error; the new window scores are 0.
+// Outputs are fresh tensors (the op contract). Rows are bit-equal to the reference's without a key
+// basis (up to NaN payloads); sums (basis map, distances, error) are float32 in an order of their
+// own, so with a basis a row may differ from the reference's (a BLAS matmul) by one rounding, a
+// code where two centroids are equidistant within float32 rounding, an error by float32 rounding.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Rows of the three float dtypes as float32 and back (c10's conversions: round to nearest even).
+void load_row(const void* p, at::ScalarType t, int64_t n, float* out) {
+  if (t == at::kFloat) std::memcpy(out, p, n * sizeof(float));
+  else if (t == at::kHalf) for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+  else for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+}
+
+void store_row(void* p, at::ScalarType t, int64_t n, const float* in) {
+  if (t == at::kFloat) std::memcpy(p, in, n * sizeof(float));
+  else if (t == at::kHalf) for (int64_t i = 0; i < n; ++i) static_cast<c10::Half*>(p)[i] = c10::Half(in[i]);
+  else for (int64_t i = 0; i < n; ++i) static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(in[i]);
+}
+
+// x rounded to dtype t's precision, in place (what `.to(t)` then `.float()` gives).
+void round_row(float* x, at::ScalarType t, int64_t n) {
+  if (t == at::kHalf) for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(c10::Half(x[i]));
+  else if (t == at::kBFloat16) for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(c10::BFloat16(x[i]));
+}
+
+bool finite_row(const void* p, at::ScalarType t, int64_t n, float* buf) {
+  load_row(p, t, n, buf);
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(buf[i])) return false;
+  return true;
+}
+
+// torch.argmin's choice: the first NaN if any, else the first minimum.
+int64_t argmin(const float* v, int64_t K) {
+  int64_t best = 0;
+  float bv = v[0];
+  if (std::isnan(bv)) return 0;
+  for (int64_t k = 1; k < K; ++k) {
+    if (std::isnan(v[k])) return k;
+    if (v[k] < bv) bv = v[k], best = k;
+  }
+  return best;
+}
+
+// torch.topk(largest=True, sorted=True) on one row, exactly as ATen's topk_impl_loop (TopKImpl.h)
+// does it, so equal scores resolve the same way: the first k entries of q are the result.
+void topk(std::vector<std::pair<float, int64_t>>& q, int64_t k) {
+  using elem_t = std::pair<float, int64_t>;
+  if (k == 0) return;
+  auto gt = [](const elem_t& x, const elem_t& y) -> bool {
+    return (std::isnan(x.first) && !std::isnan(y.first)) || (x.first > y.first);
+  };
+  const int64_t n = static_cast<int64_t>(q.size());
+  if (k * 64 <= n) {
+    std::partial_sort(q.begin(), q.begin() + k, q.end(), gt);
+  } else {
+    std::nth_element(q.begin(), q.begin() + k - 1, q.end(), gt);
+    std::sort(q.begin(), q.begin() + k - 1, gt);
+  }
+}
+
+// 8 floats / int32 as one SIMD value (GCC / Clang vector extensions; AVX with -mavx2, two SSE
+// halves without), unaligned.
+typedef float V8 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t I8 __attribute__((vector_size(32), aligned(4), may_alias));
+inline V8& v8(float* p) { return *reinterpret_cast<V8*>(p); }
+
+// torch.argmin of dist[0 .. K) (K a multiple of 8): per lane the first minimum, then the smallest
+// index among the lanes holding the overall minimum; the first NaN if there is one.
+int64_t argmin8(float* dist, int64_t K) {
+  V8 mn = v8(dist);
+  I8 idx = {0, 1, 2, 3, 4, 5, 6, 7}, at = idx, nan = mn != mn;
+  for (int64_t k = 8; k < K; k += 8) {
+    at += 8;
+    const V8 v = v8(dist + k);
+    const I8 lt = v < mn;
+    mn = lt ? v : mn;
+    idx = lt ? at : idx;
+    nan |= v != v;
+  }
+  bool any_nan = false;
+  for (int j = 0; j < 8; ++j) any_nan |= nan[j] != 0;
+  if (any_nan) return argmin(dist, K);
+  int64_t best = idx[0];
+  float bv = mn[0];
+  for (int j = 1; j < 8; ++j)
+    if (mn[j] < bv || (mn[j] == bv && idx[j] < best)) bv = mn[j], best = idx[j];
+  return best;
+}
+
+// The distances of a row to one subspace's K centroids, from the codebook transposed to [d, Kp]
+// (Kp = K rounded up to 8, padding 0; `vq_prepare`) and |c_k|^2 [Kp]: d vector multiply-adds per
+// 8 centroids. encode's |c|^2 - 2 x . c, then torch.argmin's choice.
+int64_t nearest(const float* x, const float* ct, const float* csq, int64_t K, int64_t Kp, int64_t d, float* dist) {
+  for (int64_t k = 0; k < Kp; k += 8) {
+    V8 dot = {};
+    for (int64_t i = 0; i < d; ++i) dot += x[i] * v8(const_cast<float*>(ct + i * Kp + k));
+    v8(dist + k) = v8(const_cast<float*>(csq + k)) - 2.f * dot;
+  }
+  return K % 8 ? argmin(dist, K) : argmin8(dist, K);
+}
+
+// Codes and errors of the new rows X [B, H, n, D] (float32, exactly as stored). Tasks: (head,
+// chunk of that head's B * n rows); decode is one inline task per head.
+template <typename C>
+void encode_rows(const float* X, const float* cent, const float* ct, const float* csq, int64_t B, int64_t H, int64_t n,
+                 int64_t S, int64_t K, int64_t d, C* codes_out, int64_t code_sbh, int64_t code_off, float* err_out,
+                 int64_t err_sbh, int64_t err_off, const float* expected, bool actual) {
+  const int64_t D = S * d, per_head = B * n, Kp = (K + 7) / 8 * 8;
+  const int64_t chunk = std::max<int64_t>(16, (int64_t(1) << 20) / std::max<int64_t>(K * D, 1));
+  const int64_t nchunk = (per_head + chunk - 1) / chunk;
+  at::parallel_for(0, H * nchunk, nchunk > 1 ? 1 : H, [&](int64_t i0, int64_t i1) {
+    std::vector<float> dist(Kp);
+    for (int64_t task = i0; task < i1; ++task) {
+      const int64_t h = task / nchunk, m0 = (task % nchunk) * chunk, m1 = std::min(per_head, m0 + chunk);
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t b = m / n, t = m % n, bh = b * H + h;
+        const float* x = X + (bh * n + t) * D;
+        float e2 = 0.f;
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t hs = h * S + s;
+          const int64_t k = nearest(x + s * d, ct + hs * d * Kp, csq + hs * Kp, K, Kp, d, dist.data());
+          codes_out[bh * code_sbh + (code_off + t) * S + s] = static_cast<C>(k);
+          if (actual) {
+            const float* c = cent + (hs * K + k) * d;
+            for (int64_t i = 0; i < d; ++i) {
+              const float diff = x[s * d + i] - c[i];
+              e2 += diff * diff;
+            }
+          }
+        }
+        err_out[bh * err_sbh + err_off + t] = actual ? std::sqrt(e2) : expected[h];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// The state after state.append(side, new, settings) on CPU tensors (see the top of this file).
+// codes [B, H, T, S] uint8 / int16 with unit subspace stride and token stride S; anchor rows
+// [B, H, A, D] and window [B, H, Tw, D] in one float dtype; anchor_pos int32 [B, H, A]; scores and
+// errors float32; centroids [H, S, K, d], expected_err [H], basis [H, D, D] or [H, 0, 0] float32;
+// new [B, H, n, D] float32 / float16 / bfloat16. `window` is settings.window, `anchors` the anchor
+// count after the flush (state.flush_lengths; unused without a flush). Returns the seven state
+// tensors (state.STATE_FIELDS order) and the number of leaving rows with a NaN / Inf entry.
+std::tuple<std::vector<at::Tensor>, int64_t> vq_append(
+    const at::Tensor& codes, const at::Tensor& anchor_rows_in, const at::Tensor& anchor_pos_in,
+    const at::Tensor& anchor_score_in, const at::Tensor& window_in, const at::Tensor& window_err_in,
+    const at::Tensor& window_score_in, const at::Tensor& centroids_in, const at::Tensor& expected_err_in,
+    const at::Tensor& basis_in, const at::Tensor& new_in, const at::Tensor& ct_in, const at::Tensor& csq_in, int64_t window,
+    int64_t anchors, bool actual_error) {
+  TORCH_CHECK(codes.dim() == 4 && new_in.dim() == 4 && centroids_in.dim() == 4, "codes, new and centroids must be 4-d");
+  const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2), S = codes.size(3);
+  const int64_t K = centroids_in.size(2), d = centroids_in.size(3), D = S * d, n = new_in.size(2);
+  const int64_t A = anchor_pos_in.size(2), Tw = window_in.size(2);
+  const at::ScalarType ct = codes.scalar_type(), et = window_in.scalar_type(), nt = new_in.scalar_type();
+  auto is_float = [](at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; };
+  TORCH_CHECK((ct == at::kByte && K <= 256) || (ct == at::kShort && K > 256 && K <= 32768),
+              "codes must be uint8 for up to 256 centroids, int16 above");
+  TORCH_CHECK(codes.stride(3) == 1 || S <= 1, "codes: subspace stride 1");
+  TORCH_CHECK(codes.stride(2) == S || T <= 1, "codes: token stride S");
+  TORCH_CHECK(is_float(et) && anchor_rows_in.scalar_type() == et && is_float(nt),
+              "anchor rows and window in one of float32 / float16 / bfloat16, new rows too");
+  TORCH_CHECK(anchor_pos_in.scalar_type() == at::kInt, "anchor positions must be int32");
+  for (const auto* t : {&anchor_score_in, &window_err_in, &window_score_in, &centroids_in, &expected_err_in, &basis_in})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "scores, errors, centroids and basis must be float32");
+  TORCH_CHECK(centroids_in.size(0) == H && centroids_in.size(1) == S && new_in.size(0) == B && new_in.size(1) == H &&
+                  new_in.size(3) == D && window_in.size(3) == D && anchor_rows_in.size(3) == D &&
+                  anchor_rows_in.size(2) == A && anchor_score_in.size(2) == A && window_err_in.size(2) == Tw &&
+                  window_score_in.size(2) == Tw && Tw <= T && expected_err_in.numel() == H,
+              "inconsistent cache shapes");
+  const bool has_basis = basis_in.size(-1) != 0;
+  TORCH_CHECK(!has_basis || (basis_in.dim() == 3 && basis_in.size(0) == H && basis_in.size(1) == D && basis_in.size(2) == D),
+              "basis must be [H, D, D] or [H, 0, 0]");
+
+  const auto arows = anchor_rows_in.contiguous(), apos = anchor_pos_in.contiguous(), ascore = anchor_score_in.contiguous();
+  const auto win = window_in.contiguous(), werr = window_err_in.contiguous(), wscore = window_score_in.contiguous();
+  const auto cent = centroids_in.contiguous(), expected = expected_err_in.contiguous(), newc = new_in.contiguous();
+  const auto basis = has_basis ? basis_in.contiguous() : basis_in;
+
+  const int64_t n_leave = std::max<int64_t>(Tw - window, 0);
+  const int64_t A_out = n_leave > 0 ? anchors : A, Tw_out = Tw - n_leave + n, C = A + n_leave;
+  TORCH_CHECK(A_out >= 0 && A_out <= C, "anchor count after the flush out of range");
+  const int64_t es = win.element_size(), row_bytes = D * es;
+
+  auto f32 = codes.options().dtype(at::kFloat);
+  auto codes_out = at::empty({B, H, T + n, S}, codes.options());
+  auto arows_out = at::empty({B, H, A_out, D}, win.options());
+  auto apos_out = at::empty({B, H, A_out}, apos.options());
+  auto ascore_out = at::empty({B, H, A_out}, f32);
+  auto win_out = at::empty({B, H, Tw_out, D}, win.options());
+  auto werr_out = at::empty({B, H, Tw_out}, f32);
+  auto wscore_out = at::empty({B, H, Tw_out}, f32);
+
+  // 1. Per (batch, head): old codes, the flush, what stays in the window.
+  const int64_t cs = codes.element_size();
+  const char* codes_p = static_cast<const char*>(codes.data_ptr());
+  char* codes_o = static_cast<char*>(codes_out.data_ptr());
+  const char* arows_p = static_cast<const char*>(arows.data_ptr());
+  const char* win_p = static_cast<const char*>(win.data_ptr());
+  char* arows_o = static_cast<char*>(arows_out.data_ptr());
+  char* win_o = static_cast<char*>(win_out.data_ptr());
+  const int32_t* apos_p = apos.data_ptr<int32_t>();
+  int32_t* apos_o = apos_out.data_ptr<int32_t>();
+  const float *ascore_p = ascore.data_ptr<float>(), *werr_p = werr.data_ptr<float>(), *wscore_p = wscore.data_ptr<float>();
+  float *ascore_o = ascore_out.data_ptr<float>(), *werr_o = werr_out.data_ptr<float>(), *wscore_o = wscore_out.data_ptr<float>();
+  int64_t nonfinite = 0;
+  std::vector<std::pair<float, int64_t>> q(C);
+  std::vector<float> buf(D);
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const int64_t b = bh / H, h = bh % H;
+    if (T > 0) {
+      const char* src = codes_p + (b * codes.stride(0) + h * codes.stride(1)) * cs;
+      std::memcpy(codes_o + bh * (T + n) * S * cs, src, T * S * cs);
+    }
+    const char* wrows = win_p + bh * Tw * row_bytes;
+    if (n_leave == 0) {
+      std::memcpy(arows_o + bh * A * row_bytes, arows_p + bh * A * row_bytes, A * row_bytes);
+      std::memcpy(apos_o + bh * A, apos_p + bh * A, A * sizeof(int32_t));
+      std::memcpy(ascore_o + bh * A, ascore_p + bh * A, A * sizeof(float));
+    } else {
+      for (int64_t j = 0; j < A; ++j) {
+        const float s = ascore_p[bh * A + j];
+        q[j] = {std::isnan(s) ? -kInf : s, j};
+      }
+      for (int64_t j = 0; j < n_leave; ++j) {
+        float s = wscore_p[bh * Tw + j];
+        s = std::isnan(s) ? -kInf : s;
+        if (!finite_row(wrows + j * row_bytes, et, D, buf.data())) s = kInf, ++nonfinite;
+        q[A + j] = {s, A + j};
+      }
+      if (A_out != C) topk(q, A_out);
+      for (int64_t i = 0; i < A_out; ++i) {
+        const int64_t src = q[i].second;
+        const int64_t o = bh * A_out + i;
+        if (src < A) {
+          std::memcpy(arows_o + o * row_bytes, arows_p + (bh * A + src) * row_bytes, row_bytes);
+          apos_o[o] = apos_p[bh * A + src];
+        } else {
+          std::memcpy(arows_o + o * row_bytes, wrows + (src - A) * row_bytes, row_bytes);
+          apos_o[o] = static_cast<int32_t>(T - Tw + src - A);
+        }
+        ascore_o[o] = q[i].first;
+      }
+    }
+    const int64_t stay = Tw - n_leave;
+    std::memcpy(win_o + bh * Tw_out * row_bytes, wrows + n_leave * row_bytes, stay * row_bytes);
+    std::memcpy(werr_o + bh * Tw_out, werr_p + bh * Tw + n_leave, stay * sizeof(float));
+    std::memcpy(wscore_o + bh * Tw_out, wscore_p + bh * Tw + n_leave, stay * sizeof(float));
+    std::fill(wscore_o + bh * Tw_out + stay, wscore_o + (bh + 1) * Tw_out, 0.f);
+  }
+
+  // 2. The new rows: basis map and rounding (stored to the window), then codes and errors.
+  const int64_t rows = B * H * n;
+  if (rows > 0) {
+    const int64_t stay = Tw - n_leave;
+    auto x_rows = at::empty({rows, D}, f32);
+    float* X = x_rows.data_ptr<float>();
+    const char* new_p = static_cast<const char*>(newc.data_ptr());
+    const int64_t ns = newc.element_size();
+    const float* basis_p = has_basis ? basis.data_ptr<float>() : nullptr;
+    // Enough work per task to pay for waking a thread (decode runs inline on the caller).
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(K * D + (has_basis ? D * D : 0), 1));
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      std::vector<float> in(D);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t bh = r / n, t = r % n, h = bh % H;
+        float* x = X + r * D;
+        if (has_basis) {
+          load_row(new_p + r * D * ns, nt, D, in.data());
+          const float* Ab = basis_p + h * D * D;
+          std::fill(x, x + D, 0.f);
+          for (int64_t i = 0; i < D; ++i) {
+            const float xi = in[i];
+            const float* arow = Ab + i * D;
+            for (int64_t e = 0; e < D; ++e) x[e] += xi * arow[e];
+          }
+          round_row(x, nt, D);
+        } else {
+          load_row(new_p + r * D * ns, nt, D, x);
+        }
+        round_row(x, et, D);
+        store_row(win_o + (bh * Tw_out + stay + t) * row_bytes, et, D, x);
+      }
+    });
+    const int64_t Kp = (K + 7) / 8 * 8;
+    TORCH_CHECK(ct_in.scalar_type() == at::kFloat && ct_in.is_contiguous() && ct_in.numel() == H * S * d * Kp &&
+                    csq_in.scalar_type() == at::kFloat && csq_in.is_contiguous() && csq_in.numel() == H * S * Kp,
+                "prepared codebook: vq_prepare(centroids)");
+    const float *cent_p = cent.data_ptr<float>(), *ct_p = ct_in.data_ptr<float>(), *csq_p = csq_in.data_ptr<float>();
+    if (ct == at::kByte)
+      encode_rows<uint8_t>(X, cent_p, ct_p, csq_p, B, H, n, S, K, d, codes_out.data_ptr<uint8_t>(), (T + n) * S, T, werr_o,
+                           Tw_out, stay, expected.data_ptr<float>(), actual_error);
+    else
+      encode_rows<int16_t>(X, cent_p, ct_p, csq_p, B, H, n, S, K, d, codes_out.data_ptr<int16_t>(), (T + n) * S, T, werr_o,
+                           Tw_out, stay, expected.data_ptr<float>(), actual_error);
+  }
+  return {{codes_out, arows_out, apos_out, ascore_out, win_out, werr_out, wscore_out}, nonfinite};
+}
+
+// The codebook as the encoder reads it: centroids [H, S, K, d] float32 -> (transposed [H, S, d, Kp],
+// zero-padded to Kp = K rounded up to 8; |c_k|^2 [H, S, Kp], padding 0).
+std::tuple<at::Tensor, at::Tensor> vq_prepare(const at::Tensor& centroids_in) {
+  TORCH_CHECK(centroids_in.dim() == 4 && centroids_in.scalar_type() == at::kFloat, "centroids: float32 [H, S, K, d]");
+  const auto cent = centroids_in.contiguous();
+  const int64_t HS = cent.size(0) * cent.size(1), K = cent.size(2), d = cent.size(3), Kp = (K + 7) / 8 * 8;
+  auto ct = at::zeros({cent.size(0), cent.size(1), d, Kp}, cent.options());
+  auto csq = at::zeros({cent.size(0), cent.size(1), Kp}, cent.options());
+  const float* c = cent.data_ptr<float>();
+  float *t = ct.data_ptr<float>(), *q = csq.data_ptr<float>();
+  for (int64_t hs = 0; hs < HS; ++hs) {
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t i = 0; i < d; ++i) t[(hs * d + i) * Kp + k] = c[(hs * K + k) * d + i];
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t k = 0; k < Kp; ++k) q[hs * Kp + k] += t[(hs * d + i) * Kp + k] * t[(hs * d + i) * Kp + k];
+  }
+  return {ct, csq};
+}
+
+// torch.ops.antkv_cpu.vq_append / vq_prepare (antkv::append's CPU kernel calls them); a fragment:
+// attention.cpp defines the library.
+TORCH_LIBRARY_FRAGMENT(antkv_cpu, m) {
+  m.def("vq_append", &vq_append);
+  m.def("vq_prepare", &vq_prepare);
+}
