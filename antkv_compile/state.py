@@ -188,16 +188,22 @@ def _flush(side: Side, n_leave: int, anchor_frac: float) -> Side:
     )
 
 
-def append(side: Side, new: Tensor, settings: CacheSettings) -> Side:
+def encode_with_error(x: Tensor, centroids: Tensor, with_error: bool) -> tuple[Tensor, Tensor | None]:
+    """The nearest-centroid codes of x [B, H, n, D] (quant/pq.py) and, if asked, each token's actual
+    error ||x - decode(codes)||: the encoder `append` uses unless a device kernel passes its own."""
+    codes = encode(x, centroids)
+    return codes, (x.float() - decode(codes, centroids)).norm(dim=-1) if with_error else None
+
+
+def append(side: Side, new: Tensor, settings: CacheSettings, encoder=encode_with_error) -> Side:
     """Quantize-on-write of `new` [B, H, n, D] (the model's coordinates): mapped to the side's
     basis, rounded to the exact-row dtype (the one place new rows are), flush, encode, join the
-    window."""
+    window. `encoder(x, centroids, with_error) -> (codes, error or None)`: the nearest-centroid
+    search (`encode_with_error`; the CUDA kernel passes the Triton one, ops/triton/encode.py)."""
     s = _flush(side, side.window.shape[2] - settings.window, settings.anchor_frac)
     new = to_basis(new, s.basis).to(s.window.dtype)
-    codes = encode(new, s.centroids)
-    if settings.error == "actual":
-        err = (new.float() - decode(codes, s.centroids)).norm(dim=-1)
-    else:
+    codes, err = encoder(new, s.centroids, settings.error == "actual")
+    if settings.error != "actual":
         err = s.expected_err[None, :, None].expand(new.shape[0], -1, new.shape[2])
     return s._replace(
         codes=torch.cat([s.codes, codes], 2),
@@ -207,12 +213,12 @@ def append(side: Side, new: Tensor, settings: CacheSettings) -> Side:
     )
 
 
-def start(past: Tensor, new: Tensor, bk: Book, settings: CacheSettings) -> Side:
+def start(past: Tensor, new: Tensor, bk: Book, settings: CacheSettings, encoder=encode_with_error) -> Side:
     """A side from a dense `past` (empty, or [B, H, Tp, D]) and the call's `new` tokens."""
     side = empty(new.shape[0], bk, new.dtype, settings)
     if past.numel():
-        side = append(side, past.to(new.dtype), settings)
-    return append(side, new, settings)
+        side = append(side, past.to(new.dtype), settings, encoder)
+    return append(side, new, settings, encoder)
 
 
 def dequantize(side: Side, dtype: torch.dtype) -> Tensor:

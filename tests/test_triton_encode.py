@@ -6,7 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import given, strategies as st  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from antkv_compile.ops.triton.encode import vq_encode  # noqa: E402
 
@@ -94,3 +94,39 @@ def test_encode_rejects_bad_inputs(x_shape, c_shape, dtype, match):
     x = torch.zeros(x_shape, dtype=dtype)
     with pytest.raises((ValueError, TypeError), match=match):
         vq_encode(x, torch.zeros(c_shape))
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from(["actual", "expected"]), st.booleans(), st.sampled_from([torch.float32, torch.float16]))
+@settings(max_examples=12, deadline=None)
+def test_cuda_write_kernels_equal_the_reference_in_the_interpreter(seed, error, basis, dtype):
+    """antkv::start / antkv::append's CUDA kernels (state's functions with the Triton encoder),
+    called on CPU tensors in the interpreter: the same state as the reference (state.start /
+    state.append with quant.pq's encoder), codes optimal, errors the codes' actual error."""
+    from antkv_compile import state
+    from antkv_compile.ops import append_cuda, settings_args, start_cuda
+    from antkv_compile.settings import CacheSettings
+    from antkv_compile.state import STATE_FIELDS, Book, Side
+
+    g = torch.Generator().manual_seed(seed)
+    H, D, d, K = 2, 16, 4, 16
+    a = torch.randn(H, D, D, generator=g) / 4 + torch.eye(D) if basis else torch.zeros(H, 0, 0)
+    bk = Book(torch.randn(H, D // d, K, d, generator=g), torch.rand(H, generator=g), a, torch.linalg.inv(a) if basis else a)
+    s = CacheSettings(window=3, anchor_frac=0.2, error=error, exact_dtype=dtype)
+    past, new, step = (torch.randn(2, H, n, D, generator=g) for n in (9, 2, 1))
+    ref = state.start(past, new, bk, s)
+    got = Side(*start_cuda(past, new, list(bk), *settings_args(s)), *bk)
+    ref2 = state.append(ref, step, s)
+    got2 = Side(*append_cuda(list(got), step, *settings_args(s)), *bk)
+    for r, k in ((ref, got), (ref2, got2)):
+        for f in STATE_FIELDS:
+            if f in ("codes", "window_err"):
+                continue
+            torch.testing.assert_close(getattr(k, f), getattr(r, f), rtol=0, atol=0, msg=f)
+        Tc = k.codes.shape[2] - k.window.shape[2]
+        window = k.window.float()  # the window's rows are the encoded rows, in the basis
+        dist = reference_distances(window, k.centroids)
+        chosen = dist.gather(-1, k.codes[:, :, Tc:].long().unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(chosen, dist.min(-1).values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(k.codes[:, :, :Tc], r.codes[:, :, :Tc]) if Tc else None
+        want = chosen.sum(-1).sqrt().float() if error == "actual" else r.window_err
+        torch.testing.assert_close(k.window_err, want, atol=1e-5, rtol=1e-5)

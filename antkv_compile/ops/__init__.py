@@ -104,6 +104,21 @@ def append_cpu(side, new, window, anchor_frac, error, exact_dtype):
     return cpu.append(s, new, window, anchor_frac, error)
 
 
+def _triton_encoder(x, centroids, with_error):
+    from .triton.encode import vq_encode  # Triton is imported only where a CUDA kernel runs
+
+    return vq_encode(x.contiguous(), centroids)
+
+
+@append.register_kernel("cuda")
+def append_cuda(side, new, window, anchor_frac, error, exact_dtype):
+    """On CUDA: `state.append` with its nearest-centroid search (and actual error) by the Triton
+    kernel (triton/encode.py); the flush and concatenations stay PyTorch ops on the device. Tested
+    in the Triton interpreter on CPU tensors (tests/test_triton_encode.py); not run on a GPU here."""
+    s = Side(*side)
+    return _state(state.append(s, new, CacheSettings(window, anchor_frac, error, exact_dtype), _triton_encoder), s)
+
+
 @torch.library.custom_op("antkv::start", mutates_args=(), schema=f"(Tensor past, Tensor new, Tensor[] book, {_SETTINGS}) -> {_STATE}")
 def start(past, new, book, window, anchor_frac, error, exact_dtype):
     """`state.start`: a side from a dense `past` (empty, or [B, H, Tp, D]) and the call's `new`."""
@@ -133,6 +148,13 @@ def _(past, new, book, window, anchor_frac, error, exact_dtype):
     if past.numel():
         side = Side(*fields(append_cpu(list(side), past.to(new.dtype), window, anchor_frac, error, exact_dtype)))
     return _state(Side(*fields(append_cpu(list(side), new, window, anchor_frac, error, exact_dtype))), (past, new, *book))
+
+
+@start.register_kernel("cuda")
+def start_cuda(past, new, book, window, anchor_frac, error, exact_dtype):
+    """On CUDA: `state.start` with the Triton encoder, as `append_cuda`."""
+    side = state.start(past, new, Book(*book), CacheSettings(window, anchor_frac, error, exact_dtype), _triton_encoder)
+    return _state(side, (past, new, *book))
 
 
 _LEARNED = "(" + ", ".join("Tensor" for _ in STATE_FIELDS + Book._fields) + ")"
