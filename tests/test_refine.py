@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from helpers import random_codebooks
+from helpers import ARCHS, random_codebooks, tiny_hf_model
 from reference import dense_from_parts, nearest_centroid_distances
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import antkv_compile as ak
+from antkv_compile.hf import RefiningLayer
 from antkv_compile.quant import datafree
 from antkv_compile.quant.pq import PRESETS
 
@@ -255,3 +256,32 @@ def test_generate_beams_across_the_switch(tiny):
     assert out.shape == (2, 40)
     assert all(layer.sample_keys is None and isinstance(layer.keys, ak.VQTensor) for layer in cache.layers)
     assert cache.layers[0].keys.shape[0] == 6 and math.isfinite(cache.cache_nbytes())
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_patch_refines_between_compiled_calls(arch, fresh_dynamo):
+    """patch(model) without codebooks: a 64-token prompt and 64 greedy tokens with refine=100 (the
+    switch by a one-token decode call). Every layer of generate()'s cache collects its sample
+    between compiled calls, refines, drops it, and the tokens are the eager AntKVCache's with the
+    same setting; the switch does not recompile (prefill and decode graphs only)."""
+    model, _ = tiny_hf_model(arch)
+    ids = torch.randint(3, 96, (1, 64), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
+    ak.use_antkv_attention(model)
+    with torch.no_grad():
+        ref = model.generate(ids, **{ak.cache_keyword(model): ak.AntKVCache(bits=1.0, refine=100)}, **kw)
+    ak.patch(model, inductor=False, refine=100)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model.generate(ids, **{ak.cache_keyword(model): cache}, **kw)
+    assert all(isinstance(layer, RefiningLayer) and layer.sample_keys is None and not layer.refining for layer in cache.layers)
+    assert cache.layers[0].keys.codes.shape[2] == 127 and cache.layers[0].keys.basis.shape[-1] == cache.layers[0].keys.shape[-1]  # still rotated
+    assert len(model.antkv_backend.sites) == 2 * len(cache.layers) and all(site.rewritten for site in model.antkv_backend.sites)
+    assert torch.equal(out, ref)

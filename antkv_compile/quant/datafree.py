@@ -75,17 +75,11 @@ def fit_side(x: torch.Tensor, spec: PQSpec, rotate: bool, seed: int) -> Codebook
     return CodebookSide(spec, centroids, error, basis, basis_inv)
 
 
-def refine(x: torch.Tensor, centroids: torch.Tensor, iters: int, prior: float = 0.0) -> torch.Tensor:
+def refine(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
     """Centroids [H, S, K, d] refined on tokens x [B, H, T, D] (in the codebook's basis): `iters`
-    Lloyd iterations per (head, subspace) from `centroids`. With `prior` > 0 each starting centroid
-    also counts as that many tokens at its place, so a centroid few tokens pull on stays near the
-    data-free one."""
+    Lloyd iterations per (head, subspace), unweighted, starting from `centroids` (online refinement
+    of a data-free codebook: a centroid no token is nearest to stays where it was)."""
     B, H, T, D = x.shape
     _, S, K, d = centroids.shape
     points = x.float().reshape(B, H, T, S, d).permute(1, 3, 0, 2, 4).reshape(H * S, B * T, d)
-    init = centroids.float().reshape(H * S, K, d)
-    weights = None
-    if prior > 0:
-        points = torch.cat([points, init], 1)
-        weights = torch.cat([points.new_ones(H * S, B * T), points.new_full((H * S, K), prior)], 1)
-    return weighted_kmeans(points, K, weights, iters=iters, init=init).reshape(H, S, K, d)
+    return weighted_kmeans(points, K, iters=iters, init=centroids.float().reshape(H * S, K, d)).reshape(H, S, K, d)
