@@ -285,3 +285,18 @@ def test_patch_refines_between_compiled_calls(arch, fresh_dynamo):
     assert cache.layers[0].keys.codes.shape[2] == 127 and cache.layers[0].keys.basis.shape[-1] == cache.layers[0].keys.shape[-1]  # still rotated
     assert len(model.antkv_backend.sites) == 2 * len(cache.layers) and all(site.rewritten for site in model.antkv_backend.sites)
     assert torch.equal(out, ref)
+
+
+def test_nonfinite_rows_do_not_poison_the_refined_codebook():
+    """NaN / Inf rows arriving after the first call (an overflowing float16 model) stay out of the
+    refinement fit: the refined centroids are finite, and the finite rows still moved them."""
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(1, 2, 30, 32, generator=g), torch.randn(1, 2, 30, 32, generator=g) * 3 + 1
+    v[0, 1, 12, 3], v[0, 0, 20, :] = float("nan"), float("inf")
+    cache = ak.AntKVCache(bits=2.0, refine=30, window=0, anchor_frac=0.0)
+    cache.update(k[:, :, :10], v[:, :, :10], 0)
+    datafree_centroids = cache.layers[0].values.centroids
+    cache.update(k[:, :, 10:], v[:, :, 10:], 0)  # the bad rows are this call's: in the window, exact
+    refined = cache.layers[0].values
+    assert cache.layers[0].sample_values is None
+    assert torch.isfinite(refined.centroids).all() and not torch.equal(refined.centroids, datafree_centroids)
