@@ -252,7 +252,9 @@ class AntKVCache(Cache):
     every token held with the refined codebook and drops the sample; later tokens are written with
     it. The contract holds throughout: attention on the cache equals SDPA on its dequantized tensor
     (before the switch under the data-free codebook, after it under the refined one). While it
-    exists the sample counts in `cache_nbytes()`: [B, H, T, D] rows per side, as a dense cache.
+    exists the sample counts in `cache_nbytes()`: [B, H, T, D] rows per side, as a dense cache, so
+    until the switch the cache holds a little more than a dense one would (codes and window too).
+    The same keywords work for `patch(model)` without codebooks.
     Settings: `settings=CacheSettings(...)` or keyword arguments (window, anchor_frac, error,
     exact_dtype); unset ones come from what the codebooks were calibrated with (settings.resolve)."""
 
