@@ -65,9 +65,10 @@ def _check_batch(keys, batch: int) -> None:
 # development windows (WikiText-2 from token 50000, 2 windows of 2048 tokens, 32 per call:
 # `python benchmarks/refine_sweep.py --eval-offset 50000 --windows 2 --chunk 32 --rows ...`),
 # ppl / FP of SmolLM2-135M. 1 bit: data-free 1.513; refined after 256 / 512 / 1024 tokens with 3
-# Lloyd iterations 1.265 / 1.262 / 1.326, after 512 with 10 iterations 1.251. 2 bit: data-free
-# 1.190; after 256 / 512 / 1024 with 3 iterations 1.121 / 1.107 / 1.118. Later is not better:
-# the tokens before the switch are predicted from data-free codes.
+# Lloyd iterations 1.265 / 1.262 / 1.326, after 512 with 10 / 20 iterations 1.251 / 1.251. 2 bit:
+# data-free 1.190; after 256 / 512 / 1024 with 3 iterations 1.121 / 1.107 / 1.118, after 512 with
+# 10 / 20 iterations 1.105 / 1.104. Later is not better: the tokens before the switch are
+# predicted from data-free codes.
 REFINE_TOKENS = 512
 REFINE_ITERS = 10
 _DEFAULT = object()
