@@ -5,7 +5,7 @@ forward loop; `cache_keyword(model)` names the keyword: `cache` on transformers 
 deprecates `past_key_values`, and `past_key_values` before). Its layers are DynamicLayers whose
 keys and values are VQTensors, so HF's own `torch.cat` appends with quantize-on-write, and crop /
 beam reorder act on the codes. Without codebooks, each layer fits a data-free codebook to its
-first update (quant/datafree.py).
+first update (quant/datafree.py) and refines it online once enough tokens have arrived.
 
 Transformers' "sdpa" attention repeats K and V per query head (`repeat_kv`) whenever a mask is
 present, which would decode the whole cache. The "antkv" attention implementation registered here
@@ -26,9 +26,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import state
 from .cache import VQTensor
 from .quant import datafree
-from .quant.codebook import Codebooks, LayerCodebook
+from .quant.codebook import CodebookSide, Codebooks, LayerCodebook
 from .quant.pq import spec_for_bits
 from .settings import CacheSettings, resolve
 
@@ -60,13 +61,150 @@ def _check_batch(keys, batch: int) -> None:
         )
 
 
-class AntKVLayer(DynamicLayer):
-    """A DynamicLayer whose keys and values are VQTensors (created on the first update). Without a
-    codebook, it fits a data-free one (quant/datafree.py) of `bits` to the first update's tokens."""
+# Online refinement defaults (AntKVCache / patch: refine=..., refine_iters=...), chosen on
+# development windows (WikiText-2 from token 50000, 2 windows of 2048 tokens, 32 per call:
+# `python benchmarks/refine_sweep.py --eval-offset 50000 --windows 2 --chunk 32 --rows ...`),
+# ppl / FP of SmolLM2-135M. 1 bit: data-free 1.513; refined after 256 / 512 / 1024 tokens with 3
+# Lloyd iterations 1.265 / 1.262 / 1.326, after 512 with 10 / 20 iterations 1.251 / 1.251. 2 bit:
+# data-free 1.190; after 256 / 512 / 1024 with 3 iterations 1.121 / 1.107 / 1.118, after 512 with
+# 10 / 20 iterations 1.105 / 1.104. Later is not better: the tokens before the switch are
+# predicted from data-free codes. One token per call with no prompt (1 window, --chunk 1) is far
+# harder, the data-free codebook being fitted to one token: 2 bit 4.51x data-free -> 1.44x refined,
+# 1 bit 14.7x -> 1.86x; the first 512 tokens pay for the one-token codebook.
+REFINE_TOKENS = 512
+REFINE_ITERS = 10
+_DEFAULT = object()
 
-    def __init__(self, codebook: LayerCodebook | None, settings: CacheSettings, bits: float = 1.0, seed: int = 0):
+
+def refine_setting(codebooks, refine, refine_iters: int) -> int | None:
+    """The refinement threshold `refine` stands for (None: off), validated: the default
+    (REFINE_TOKENS) without codebooks, off with them (calibrated codebooks are used as they are;
+    asking for refinement with them raises)."""
+    if codebooks is not None:
+        if refine is not _DEFAULT and refine:
+            raise ValueError(
+                f"refine={refine!r} refines data-free codebooks online; calibrated codebooks are used as they are. "
+                "Pass refine only without codebooks (AntKVCache(bits=..., refine=...), patch(model, refine=...))."
+            )
+        return None
+    refine = REFINE_TOKENS if refine is _DEFAULT else refine
+    if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
+        raise ValueError(f"refine must be a number of tokens >= 1 (or None / 0: no refinement), got {refine!r}")
+    if isinstance(refine_iters, bool) or not isinstance(refine_iters, int) or refine_iters < 0:
+        raise ValueError(f"refine_iters must be an int >= 0 (Lloyd iterations), got {refine_iters!r}")
+    return refine or None
+
+
+class RefiningLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are VQTensors, with online refinement: with `refine`
+    tokens set (`start_refining`), it keeps the stored rows of every token it holds in a sample
+    (`sample_keys`, `sample_values`, [B, H, T, D]: keys in the side's basis, the exact-row dtype,
+    what quantize-on-write encoded), and once `refine` tokens have arrived re-writes both sides
+    with a codebook refined on them (state.refine) and drops the sample. Crop, batch select, beam
+    reorder and reset carry the sample along. `AntKVLayer` is one; the compiled path (`patch`)
+    turns the DynamicLayers of a generate() cache into one after the call that compressed them."""
+
+    refine: int | None = None
+    refine_iters: int = REFINE_ITERS
+    # Plain attributes, so that everything measuring the layer's tensors counts the sample.
+    sample_keys: torch.Tensor | None = None
+    sample_values: torch.Tensor | None = None
+    refining = False  # a sample is being collected
+
+    def start_refining(self, refine: int | None, refine_iters: int) -> None:
+        self.refine, self.refine_iters = refine or None, refine_iters
+        self.sample_keys = self.sample_values = None
+        self.refining = self.refine is not None
+
+    def collect(self, n: int) -> bool:
+        """Add the last call's n tokens to the sample (the last n window rows: a call's tokens
+        join the window whole); refine once it holds `refine` tokens. True if it refined."""
+        if not self.refining or n <= 0:
+            return False
+        new_k, new_v = self.keys.window[:, :, -n:], self.values.window[:, :, -n:]
+        if self.sample_keys is None:
+            self.sample_keys, self.sample_values = new_k.clone(), new_v.clone()
+        else:
+            self.sample_keys, self.sample_values = torch.cat([self.sample_keys, new_k], 2), torch.cat([self.sample_values, new_v], 2)
+        if self.sample_keys.shape[2] < self.refine:
+            return False
+        self.refine_now()
+        return True
+
+    def refine_now(self) -> None:
+        """Refine the codebook on the sample, re-encode every token held with it (state.refine),
+        drop the sample; later tokens are written with the refined codebook."""
+        self.keys, self.values = (cache._with(state.refine(cache.side, rows, cache.settings, self.refine_iters))
+                                  for cache, rows in ((self.keys, self.sample_keys), (self.values, self.sample_values)))  # fmt: skip
+        self.sample_keys = self.sample_values = None
+        self.refining = False
+
+    def sample_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.sample_keys, self.sample_values) if t is not None)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.sample_keys is not None:
+            end = self.get_seq_length()
+            self.sample_keys, self.sample_values = self.sample_keys[:, :, :end], self.sample_values[:, :, :end]
+
+    def _select_sample(self, index: torch.Tensor) -> None:
+        if self.sample_keys is not None:
+            index = torch.as_tensor(index).long().to(self.sample_keys.device)
+            self.sample_keys, self.sample_values = self.sample_keys.index_select(0, index), self.sample_values.index_select(0, index)
+
+    def reset(self) -> None:
+        super().reset()
+        if self.refining:  # not refined yet: collect again from the next update
+            self.sample_keys = self.sample_values = None
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            index = torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats)
+            self.keys, self.values = self.keys.select_batch(index), self.values.select_batch(index)
+            self._select_sample(index)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self.keys, self.values = self.keys.select_batch(indices), self.values.select_batch(indices)
+            self._select_sample(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            self.keys, self.values = self.keys.select_batch(beam_idx), self.values.select_batch(beam_idx)
+            self._select_sample(beam_idx)
+
+
+def collect_after_call(cache, lengths_before: list[int], refine: int, refine_iters: int) -> list[RefiningLayer]:
+    """Online refinement for a cache compressed by compiled code (`patch`), called after each
+    call with each layer's length before it: a DynamicLayer the call compressed from empty becomes
+    a RefiningLayer (its class swapped in place: generate() made the cache, the layer's tensors are
+    the compiled graph's), and every RefiningLayer collects the call's tokens. Returns the layers
+    that refined in this call (their keys and values are new VQTensors)."""
+    refined = []
+    for layer, before in zip(getattr(cache, "layers", ()), lengths_before):
+        if not (isinstance(layer.keys, VQTensor) and isinstance(layer.values, VQTensor)):
+            continue
+        if type(layer) is DynamicLayer:
+            if before:  # compressed from a dense past: its rows are in codes now, the sample would miss them
+                continue
+            layer.__class__ = RefiningLayer
+            layer.start_refining(refine, refine_iters)
+        if isinstance(layer, RefiningLayer) and layer.collect(layer.get_seq_length() - before):
+            refined.append(layer)
+    return refined
+
+
+class AntKVLayer(RefiningLayer):
+    """A DynamicLayer whose keys and values are VQTensors (created on the first update). Without a
+    codebook, it fits a data-free one (quant/datafree.py) of `bits` to the first update's tokens
+    and, with `refine` tokens, refines it once that many have arrived (see AntKVCache)."""
+
+    def __init__(self, codebook: LayerCodebook | None, settings: CacheSettings, bits: float = 1.0, seed: int = 0,
+                 refine: int | None = None, refine_iters: int = REFINE_ITERS):  # fmt: skip
         super().__init__()
         self.codebook, self.settings, self.bits, self.seed = codebook, settings, bits, seed
+        self.refine_setting = (refine, refine_iters)
         self.is_initialized = False  # transformers < 5 has no such flag (it tests keys is None)
 
     def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
@@ -92,41 +230,55 @@ class AntKVLayer(DynamicLayer):
             spec = spec_for_bits(self.bits)
             self.codebook = LayerCodebook(datafree.fit_side(key_states, spec, rotate=True, seed=2 * self.seed),
                                           datafree.fit_side(value_states, spec, rotate=False, seed=2 * self.seed + 1))
-        return super().update(key_states, value_states, *args, **kwargs)
+            self.start_refining(*self.refine_setting)
+        super().update(key_states, value_states, *args, **kwargs)
+        self.collect(key_states.shape[-2])
+        return self.keys, self.values
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.get_seq_length() > 0:
-            index = torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats)
-            self.keys, self.values = self.keys.select_batch(index), self.values.select_batch(index)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0:
-            self.keys, self.values = self.keys.select_batch(indices), self.values.select_batch(indices)
+    def refine_now(self) -> None:
+        super().refine_now()
+        old = self.codebook  # the refined tensors are the caches' own (shared storage: one copy)
+        self.codebook = LayerCodebook(*(CodebookSide(o.spec, c.centroids, c.expected_err, o.basis, o.basis_inv)
+                                        for o, c in ((old.key, self.keys), (old.value, self.values))))  # fmt: skip
 
 
 class AntKVCache(Cache):
     """An HF cache that stores every layer's K and V vector-quantized (see cache.py).
 
     codebooks: calibrated `Codebooks` (ak.calibrate), or None: each layer fits a data-free codebook
-    of `bits` per element to its first update's tokens (the prompt), no calibration needed.
+    of `bits` per element to its first update's tokens (the prompt), no calibration needed, and
+    compresses from the first token.
+    refine (no codebooks only; default REFINE_TOKENS, None or 0: off): online refinement. Each
+    layer keeps the stored rows of the tokens it holds in a sample until `refine` tokens have
+    arrived (over any number of calls), then runs `refine_iters` Lloyd iterations per (kv head,
+    subspace) from its data-free centroids on them (keys in the same rotated basis), re-encodes
+    every token held with the refined codebook and drops the sample; later tokens are written with
+    it. The contract holds throughout: attention on the cache equals SDPA on its dequantized tensor
+    (before the switch under the data-free codebook, after it under the refined one). While it
+    exists the sample counts in `cache_nbytes()`: [B, H, T, D] rows per side, as a dense cache, so
+    until the switch the cache holds a little more than a dense one would (codes and window too).
+    The same keywords work for `patch(model)` without codebooks.
     Settings: `settings=CacheSettings(...)` or keyword arguments (window, anchor_frac, error,
     exact_dtype); unset ones come from what the codebooks were calibrated with (settings.resolve)."""
 
     def __init__(self, codebooks: Codebooks | None = None, settings: CacheSettings | None = None, config=None, bits: float = 1.0,
-                 **setting_kwargs):  # fmt: skip
+                 refine: int | None = _DEFAULT, refine_iters: int = REFINE_ITERS, **setting_kwargs):  # fmt: skip
         self.settings = resolve(codebooks, settings, **setting_kwargs)
+        refine = refine_setting(codebooks, refine, refine_iters)
         if codebooks is None:
             spec_for_bits(bits)  # a bad budget fails here, not at the first update
             count = iter(range(1 << 30))
-            super().__init__(layer_class_to_replicate=lambda: AntKVLayer(None, self.settings, bits, seed=next(count)))
+            super().__init__(layer_class_to_replicate=lambda: AntKVLayer(None, self.settings, bits, next(count), refine, refine_iters))
             return
         if config is not None:
             codebooks.check_model(config)
         super().__init__(layers=[AntKVLayer(book, self.settings) for book in codebooks.layers])
 
     def cache_nbytes(self) -> int:
-        """Bytes held by the compressed K and V of all layers (codebooks not included)."""
-        return sum(t.cache_nbytes() for layer in self.layers if layer.is_initialized for t in (layer.keys, layer.values))
+        """Bytes held by the compressed K and V of all layers, and the refinement samples while
+        they exist (codebooks not included)."""
+        return sum(t.cache_nbytes() for layer in self.layers if layer.is_initialized for t in (layer.keys, layer.values)) + \
+            sum(layer.sample_nbytes() for layer in self.layers)
 
 
 def antkv_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):

@@ -9,7 +9,7 @@ Inductor lowering (inductor/) and the arguments of the CPU kernel (ops/cpu/).
 A side holds
 
 - `codes` [B, H, T, S]: the product-VQ code of every token, written once when the token arrives
-  (quantize-on-write) and never re-encoded;
+  (quantize-on-write), re-encoded only when online refinement switches codebooks (`refine`);
 - anchors: exact rows [B, H, A, D] of the tokens with the highest Anchor Score, their positions
   [B, H, A] (int32, -1 = empty slot) and scores;
 - the window: the most recent tokens [B, H, Tw, D], exact, with their actual quantization error
@@ -259,3 +259,28 @@ def learn_book(x: Tensor, sub_dim: int, code_bits: int, rotate: bool, seed: int)
     """A data-free codebook for tokens like x [B, H, T, D] (quant/datafree.py: a fixed Gaussian
     codebook placed and scaled by x's moments; keys rotated by a random orthogonal basis)."""
     return book(datafree.fit_side(x, PQSpec(sub_dim, code_bits), rotate, seed))
+
+
+def refine(side: Side, rows: Tensor, settings: CacheSettings, iters: int) -> Side:
+    """The side re-written with a codebook refined on its own tokens (online refinement).
+
+    rows [B, H, T, D]: the stored row of each of the side's T tokens, in its basis and exact-row
+    dtype: what `append` encoded (the window keeps the newest of them). The key basis stays; the
+    centroids are `iters` Lloyd iterations on these rows from the side's own (quant/datafree.refine).
+    Every token's code is re-encoded from its row, the window's errors and the per-head expected
+    error recomputed: the side then stands for the same tokens under the new codebook, as if it had
+    been written with it from the start (anchor and window rows, positions, scores stay as they are)."""
+    if tuple(rows.shape) != tuple(bhtd(side)):
+        raise ValueError(f"refine needs one row per token of the side {tuple(bhtd(side))}, got {tuple(rows.shape)}")
+    centroids = side.centroids
+    if iters > 0:
+        centroids = datafree.refine(rows, centroids, iters).to(side.centroids.dtype).contiguous()
+    codes = encode(rows, centroids)
+    err = (rows.float() - decode(codes, centroids)).norm(dim=-1)  # [B, H, T]
+    expected = err.mean((0, 2))
+    Tw = side.window.shape[2]
+    if settings.error == "actual":
+        window_err = err[:, :, err.shape[2] - Tw :]
+    else:
+        window_err = expected[None, :, None].expand(err.shape[0], -1, Tw)
+    return side._replace(codes=codes, window_err=window_err.contiguous(), centroids=centroids, expected_err=expected)

@@ -87,3 +87,15 @@ def attention_from_parts(q, k, v, mask, scale, is_causal):
     dist = (out[..., :, None, :] - vg[:, :, None, T - Tw:, :]).norm(dim=-1)
     w1 = a * (scale * q64.norm(dim=-1))[..., None] * dist
     return out, lse, a.unflatten(1, (Hkv, G)).sum((2, 3)), w1.unflatten(1, (Hkv, G)).sum((2, 3))
+
+
+def nearest_centroid_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Squared distance of every sub-vector to every centroid of its (head, subspace), float64:
+    x [B, H, T, S*d], centroids [H, S, K, d] -> [B, H, T, S, K] (subspace by subspace, a loop)."""
+    H, S, K, d = centroids.shape
+    x64, c64 = x.double(), centroids.double()
+    out = []
+    for s in range(S):
+        sub = x64[..., s * d : (s + 1) * d]  # [B, H, T, d]
+        out.append(((sub[..., None, :] - c64[None, :, None, s]) ** 2).sum(-1))  # [B, H, T, K]
+    return torch.stack(out, 3)

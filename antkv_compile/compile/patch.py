@@ -18,18 +18,22 @@ import itertools
 
 import torch
 
-from ..hf import check_batch, use_antkv_attention
+from ..hf import _DEFAULT, REFINE_ITERS, check_batch, collect_after_call, refine_setting, use_antkv_attention
 from ..quant.codebook import Codebooks
-from .backend import AntKVBackend, own_code
+from .backend import AntKVBackend, mark_growing, own_code
 
 _MODEL_IDS = itertools.count()
 
 
-def patch(model, codebooks: Codebooks | None = None, **settings):
+def patch(model, codebooks: Codebooks | None = None, *, refine: int | None = _DEFAULT, refine_iters: int = REFINE_ITERS, **settings):
     """Compile `model.forward` with antkv_backend (in place) and return the model.
 
     codebooks: calibrated `Codebooks`, or None: each layer fits a data-free codebook (`bits`, default
-    1.0) to its first call's keys and values (quant/datafree.py). `settings` are the cache settings (window, anchor_frac, error, exact_dtype), `inductor`,
+    1.0) to its first call's keys and values (quant/datafree.py) and, with `refine` (default
+    hf.REFINE_TOKENS; None or 0: off), refines it online as AntKVCache does: between calls, this
+    wrapper keeps the stored rows of each compressed layer's tokens (the newest window rows) in a
+    sample on the cache layer and switches its caches to the refined codebook once `refine` tokens
+    have arrived. `settings` are the cache settings (window, anchor_frac, error, exact_dtype), `inductor`,
     `inductor_config` and `on_nothing_compressed` ("error", the default: a graph with a KV cache
     whose every attention site is declined raises `CompressionError`; "warn": it runs dense with a
     warning). The model switches to the "antkv" attention implementation (SDPA with enable_gqa on
@@ -37,6 +41,7 @@ def patch(model, codebooks: Codebooks | None = None, **settings):
     """
     if codebooks is not None:
         codebooks.check_model(model.config)
+    refine = refine_setting(codebooks, refine, refine_iters)
     backend = AntKVBackend(codebooks, **settings)
     use_antkv_attention(model)
     original = getattr(model, "antkv_original_forward", model.forward)  # patching again replaces the first patch
@@ -49,7 +54,13 @@ def patch(model, codebooks: Codebooks | None = None, **settings):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if ids is not None and cache is not None:
             check_batch(cache, ids.shape[0])
-        return compiled(*args, **kwargs)
+        if refine is None or cache is None:
+            return compiled(*args, **kwargs)
+        before = [layer.get_seq_length() for layer in getattr(cache, "layers", ())]
+        out = compiled(*args, **kwargs)
+        for layer in collect_after_call(cache, before, refine, refine_iters):  # re-encoded: new caches
+            layer.keys, layer.values = mark_growing(layer.keys), mark_growing(layer.values)
+        return out
 
     model.forward = checked
     model.antkv_backend, model.antkv_original_forward = backend, original

@@ -73,3 +73,17 @@ def fit_side(x: torch.Tensor, spec: PQSpec, rotate: bool, seed: int) -> Codebook
     centroids = mean.view(H, S, 1, spec.sub_dim) + std.view(H, S, 1, spec.sub_dim) * g  # [H, S, K, d]
     error = (x - decode(encode(x, centroids), centroids)).norm(dim=-1).mean((0, 2))
     return CodebookSide(spec, centroids, error, basis, basis_inv)
+
+
+def refine(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
+    """Centroids [H, S, K, d] refined on tokens x [B, H, T, D] (in the codebook's basis): `iters`
+    Lloyd iterations per (head, subspace), unweighted, starting from `centroids` (online refinement
+    of a data-free codebook: a centroid no token is nearest to stays where it was). A sub-vector
+    with a NaN / Inf entry does not pull on any centroid."""
+    B, H, T, D = x.shape
+    _, S, K, d = centroids.shape
+    points = x.float().reshape(B, H, T, S, d).permute(1, 3, 0, 2, 4).reshape(H * S, B * T, d)
+    finite = torch.isfinite(points).all(-1)
+    points = points.masked_fill(~finite[..., None], 0.0)
+    init = centroids.float().reshape(H * S, K, d)
+    return weighted_kmeans(points, K, finite.float(), iters=iters, init=init).reshape(H, S, K, d)

@@ -47,18 +47,24 @@ def weighted_kmeans(
     weights: torch.Tensor | None = None,
     iters: int = 20,
     seed: int = 0,
+    init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Centroids [G, k, d] minimizing sum_i w_i ||x_i - c(x_i)||^2 per group. x [G, N, d], weights [G, N].
 
-    Empty clusters keep their previous centroid. Runs in float32 on x's device.
+    Lloyd iterations from `init` [G, k, d] if given (e.g. a data-free codebook being refined), else
+    from k-means++ seeds. Empty clusters keep their previous centroid. Runs in float32 on x's device.
     """
     x = x.float()
     G, N, d = x.shape
     w = torch.ones(G, N, device=x.device) if weights is None else weights.float().expand(G, N)
     if (w < 0).any() or not torch.isfinite(w).all():
         raise ValueError("k-means weights must be finite and non-negative")
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    c = kmeans_pp_init(x, w, k, gen)
+    if init is not None:
+        if tuple(init.shape) != (G, k, d):
+            raise ValueError(f"k-means init of shape {tuple(init.shape)} does not match [groups={G}, k={k}, d={d}]")
+        c = init.float().to(x.device)
+    else:
+        c = kmeans_pp_init(x, w, k, torch.Generator(device=x.device).manual_seed(seed))
     for _ in range(iters):
         assign = _assign(x, c)  # [G, N]
         mass = torch.zeros(G, k, device=x.device).scatter_add_(1, assign, w)
