@@ -459,10 +459,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ctx = Context(model, tokenizer, ids[: args.calib_tokens])
 
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/accuracy.py", *argv])
+    version = code_version()  # of the code that runs, read before the (long) run
     records = [evaluate_row(row, ctx, windows, args.chunk, args.prompt, args.batch) for row in rows]
     for r in records:
         r.update(context=args.context, windows=args.windows, chunk=args.chunk, prompt=args.prompt, eval_offset=args.eval_offset,
-                 command=command, code_version=code_version(), date=datetime.now().astimezone().isoformat(timespec="seconds"))
+                 command=command, code_version=version, date=datetime.now().astimezone().isoformat(timespec="seconds"))
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / args.name
