@@ -198,3 +198,13 @@ def tiny_hf_model(arch, **overrides):
     books = random_codebooks(config.num_hidden_layers, kv_heads, 16)
     books.fingerprint = model_fingerprint(config)
     return model, books
+
+
+def tiny_llama():
+    """A tiny random Llama (2 layers, 6 query heads on 2 kv heads, head_dim 32, vocab 96), seed 0."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=96, hidden_size=192, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )  # fmt: skip
+    return tf.LlamaForCausalLM(cfg).eval()

@@ -3,7 +3,8 @@ and every decode step equals the same model run on a DynamicCache holding the de
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
+from transformers import DynamicCache, LlamaConfig
 
 import antkv_compile as ak
 from antkv_compile.cache import VQTensor
@@ -11,12 +12,7 @@ from antkv_compile.cache import VQTensor
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=96, hidden_size=192, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-    )  # fmt: skip
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama()
     books = ak.calibrate(model, torch.randint(3, 96, (512,)), bits=1.0, seq_len=128, max_tokens=512, kmeans_tokens=256, iters=4, progress=False)
     return model, books
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from helpers import ARCHS, random_codebooks, tiny_hf_model
+from helpers import ARCHS, random_codebooks, tiny_hf_model, tiny_llama
 from reference import dense_from_parts, nearest_centroid_distances
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 import antkv_compile as ak
 from antkv_compile.hf import RefiningLayer
@@ -215,12 +215,7 @@ def test_bad_refine_settings_are_refused():
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=96, hidden_size=192, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama()
 
 
 @torch.no_grad()
