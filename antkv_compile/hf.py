@@ -148,10 +148,13 @@ class RefiningLayer(DynamicLayer):
             end = self.get_seq_length()
             self.sample_keys, self.sample_values = self.sample_keys[:, :, :end], self.sample_values[:, :, :end]
 
-    def _select_sample(self, index: torch.Tensor) -> None:
-        if self.sample_keys is not None:
-            index = torch.as_tensor(index).long().to(self.sample_keys.device)
-            self.sample_keys, self.sample_values = self.sample_keys.index_select(0, index), self.sample_values.index_select(0, index)
+    def _select(self, index: torch.Tensor) -> None:
+        """Pick / reorder sequences: keys, values and the sample alike (batch select, beam reorder)."""
+        if self.get_seq_length() > 0:
+            self.keys, self.values = self.keys.select_batch(index), self.values.select_batch(index)
+            if self.sample_keys is not None:
+                index = torch.as_tensor(index).long().to(self.sample_keys.device)
+                self.sample_keys, self.sample_values = self.sample_keys.index_select(0, index), self.sample_values.index_select(0, index)
 
     def reset(self) -> None:
         super().reset()
@@ -160,19 +163,13 @@ class RefiningLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.get_seq_length() > 0:
-            index = torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats)
-            self.keys, self.values = self.keys.select_batch(index), self.values.select_batch(index)
-            self._select_sample(index)
+            self._select(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0:
-            self.keys, self.values = self.keys.select_batch(indices), self.values.select_batch(indices)
-            self._select_sample(indices)
+        self._select(indices)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.get_seq_length() > 0:
-            self.keys, self.values = self.keys.select_batch(beam_idx), self.values.select_batch(beam_idx)
-            self._select_sample(beam_idx)
+        self._select(beam_idx)
 
 
 def collect_after_call(cache, lengths_before: list[int], refine: int, refine_iters: int) -> list[RefiningLayer]:

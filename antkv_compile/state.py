@@ -213,12 +213,13 @@ def append(side: Side, new: Tensor, settings: CacheSettings, encoder=encode_with
     )
 
 
-def start(past: Tensor, new: Tensor, bk: Book, settings: CacheSettings, encoder=encode_with_error) -> Side:
-    """A side from a dense `past` (empty, or [B, H, Tp, D]) and the call's `new` tokens."""
+def start(past: Tensor, new: Tensor, bk: Book, settings: CacheSettings, write=append) -> Side:
+    """A side from a dense `past` (empty, or [B, H, Tp, D]) and the call's `new` tokens.
+    `write(side, x, settings) -> Side`: the append (`append`; a device kernel passes its own)."""
     side = empty(new.shape[0], bk, new.dtype, settings)
     if past.numel():
-        side = append(side, past.to(new.dtype), settings, encoder)
-    return append(side, new, settings, encoder)
+        side = write(side, past.to(new.dtype), settings)
+    return write(side, new, settings)
 
 
 def dequantize(side: Side, dtype: torch.dtype) -> Tensor:
@@ -275,8 +276,7 @@ def refine(side: Side, rows: Tensor, settings: CacheSettings, iters: int) -> Sid
     centroids = side.centroids
     if iters > 0:
         centroids = datafree.refine(rows, centroids, iters).to(side.centroids.dtype).contiguous()
-    codes = encode(rows, centroids)
-    err = (rows.float() - decode(codes, centroids)).norm(dim=-1)  # [B, H, T]
+    codes, err = encode_with_error(rows, centroids, True)  # err [B, H, T]
     expected = err.mean((0, 2))
     Tw = side.window.shape[2]
     if settings.error == "actual":

@@ -24,6 +24,8 @@ in place of `cat` + `scaled_dot_product_attention` in a compiled model.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch._library.fake_impl import allocate_size
 
@@ -139,21 +141,25 @@ def _(past, new, book, window, anchor_frac, error, exact_dtype):
     return _start_fake(past, new, Book(*book), window, anchor_frac, exact_dtype)
 
 
+def _write_cpu(side: Side, new, settings: CacheSettings) -> Side:
+    """`state.append` by the write kernel (`append_cpu`), as the `write` of `state.start`."""
+    out = append_cpu(list(side), new, *settings_args(settings))
+    return Side(*out, *(getattr(side, f) for f in Book._fields))
+
+
 @start.register_kernel("cpu")
 def _(past, new, book, window, anchor_frac, error, exact_dtype):
     """On CPU: `state.start` with each of its two appends (past, then new) by the write kernel
     (`append_cpu`, which falls back to the reference itself)."""
-    side = state.empty(new.shape[0], Book(*book), new.dtype, CacheSettings(window, anchor_frac, error, exact_dtype))
-    fields = lambda st: [*st, *book]  # noqa: E731 - the state, then the codebook: a Side's fields in order
-    if past.numel():
-        side = Side(*fields(append_cpu(list(side), past.to(new.dtype), window, anchor_frac, error, exact_dtype)))
-    return _state(Side(*fields(append_cpu(list(side), new, window, anchor_frac, error, exact_dtype))), (past, new, *book))
+    side = state.start(past, new, Book(*book), CacheSettings(window, anchor_frac, error, exact_dtype), _write_cpu)
+    return _state(side, (past, new, *book))
 
 
 @start.register_kernel("cuda")
 def start_cuda(past, new, book, window, anchor_frac, error, exact_dtype):
     """On CUDA: `state.start` with the Triton encoder, as `append_cuda`."""
-    side = state.start(past, new, Book(*book), CacheSettings(window, anchor_frac, error, exact_dtype), _triton_encoder)
+    write = functools.partial(state.append, encoder=_triton_encoder)
+    side = state.start(past, new, Book(*book), CacheSettings(window, anchor_frac, error, exact_dtype), write)
     return _state(side, (past, new, *book))
 
 

@@ -248,27 +248,32 @@ def keeps_kv_cache(gm: fx.GraphModule) -> bool:
     preallocated buffer written in place, or a concatenation written back (a graph output)? A
     forward without a cache (use_cache=False) has none of these: it has nothing to compress."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    if any(n.op == "call_function" and n.target is torch.cat for n in output.all_input_nodes):
+    if any(_is_cat(n) for n in output.all_input_nodes):
         return True
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in SDPA:
             key = _sdpa_args(node)["key"]
-            if _in_place_write(key):
-                return True
-            while isinstance(key, fx.Node) and _is_move(key):
-                key = key.args[0]
-            if isinstance(key, fx.Node) and key.op == "call_function" and key.target is torch.cat:
+            if _in_place_write(key) or _is_cat(_through_moves(key)[1]):
                 return True
     return False
 
 
-def _trace_side(sdpa: fx.Node, operand: fx.Node, what: str, outputs: set) -> CacheSide:
+def _through_moves(operand) -> tuple[list, object]:
+    """(the data-movement nodes from `operand` back to its source, first to last; the source)."""
     chain, node = [], operand
     while isinstance(node, fx.Node) and _is_move(node):
         chain.append(node)
         node = node.args[0]
-    chain.reverse()
-    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.cat):
+    return chain[::-1], node
+
+
+def _is_cat(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.cat
+
+
+def _trace_side(sdpa: fx.Node, operand: fx.Node, what: str, outputs: set) -> CacheSide:
+    chain, node = _through_moves(operand)
+    if not _is_cat(node):
         if write := _in_place_write(operand):
             raise Decline(
                 f"the {what} cache is preallocated and written in place (`{write}`: HF StaticCache, "
