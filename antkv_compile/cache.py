@@ -9,9 +9,20 @@ Semantics: every op equals the same op on `dequantize(x)`. `cat` along the seque
 (quantize-on-write, state.append), SDPA runs VQ attention (ops.attention), batch `index_select`
 and sequence crops act on the codes directly, and any other op falls back to dequantize-then-run,
 so nothing is ever silently wrong.
+
+Preallocation (eager appends): the codes and anchor slots live in capacity buffers (`Buffers`),
+the side's fields are views of their filled prefixes, and an append writes the new tokens' codes
+and the anchor slots the flush changes in place (ops.append_, one kernel call): no decode step
+copies the codes. Capacity: `capacity` tokens if the cache was made with one (AntKVCache's
+max_cache_len), else grown by an eighth (at least 256 tokens) when full, one copy then. As with
+HF's StaticCache, an append reuses the buffers of the state it appends to: that state is
+superseded, and reading it afterwards raises instead of returning what the later append wrote
+(`clone()` a state to keep it). Traced code (torch.compile) appends functionally (ops.append).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +33,40 @@ from . import ops, state
 from .quant.basis import is_identity
 from .quant.pq import check_dtype
 from .settings import CacheSettings
-from .state import STATE_FIELDS, Side
+from .state import BUFFER_FIELDS, STATE_FIELDS, WINDOW_FIELDS, Side
 
 aten = torch.ops.aten
+GROWTH_TOKENS = 256  # least growth of a full codes buffer (tokens); it grows by an eighth otherwise
+
+
+class Buffers:
+    """The capacity buffers of a chain of eager appends: the BUFFER_FIELDS of a side, each
+    [B, H, capacity, ...], the side's filled prefix copied in, empty anchor slots -1 / -inf; and
+    `owner`, the token of the one state that is current (may be read and appended to in place)."""
+
+    def __init__(self, side: Side, tokens: int, anchors: int):
+        def grown(t: torch.Tensor, n: int, fill) -> torch.Tensor:
+            out = t.new_full((*t.shape[:2], n, *t.shape[3:]), fill)
+            out[:, :, : t.shape[2]] = t
+            return out
+
+        fills = {"codes": 0, "anchor_rows": 0, "anchor_pos": -1, "anchor_score": float("-inf")}
+        self.tensors = {f: grown(getattr(side, f), tokens if f == "codes" else anchors, fills[f]) for f in BUFFER_FIELDS}
+        self.owner = None
+
+    def fits(self, tokens: int, anchors: int) -> bool:
+        return self.tensors["codes"].shape[2] >= tokens and self.tensors["anchor_pos"].shape[2] >= anchors
+
+    def prefix(self, tokens: int, anchors: int) -> dict:
+        """The BUFFER_FIELDS of a state holding `tokens` tokens and `anchors` anchor slots: views."""
+        return {f: t[:, :, : tokens if f == "codes" else anchors] for f, t in self.tensors.items()}
+
+
+_SUPERSEDED = (
+    "antkv: this compressed cache state was superseded: a later append wrote its buffers in place (as HF's "
+    "StaticCache does), so it no longer holds what it held. Use the tensor the append returned, or clone() a "
+    "state before appending to it to keep both."
+)
 
 
 class VQTensor(torch.Tensor):
@@ -32,6 +74,10 @@ class VQTensor(torch.Tensor):
 
     settings: CacheSettings
     seq_dim: int
+    capacity: int | None = None  # preallocate codes for this many tokens (eager appends); None: grow
+    _buffers: Buffers | None = None  # eager states only: the buffers its BUFFER_FIELDS are views of
+    _token: object = None  # the buffers' owner token when this state was made
+    _writable = False  # made by an append (not derived by a crop / alias): may append in place
 
     @staticmethod
     def __new__(cls, side: Side, settings: CacheSettings = CacheSettings(), dtype: torch.dtype | None = None, seq_dim: int = 2):
@@ -51,20 +97,32 @@ class VQTensor(torch.Tensor):
     # --- construction -------------------------------------------------------------------------
 
     @classmethod
-    def empty(cls, batch: int, codebook, settings: CacheSettings = CacheSettings(), dtype=torch.float32, device=None, seq_dim: int = 2) -> "VQTensor":
+    def empty(cls, batch: int, codebook, settings: CacheSettings = CacheSettings(), dtype=torch.float32, device=None, seq_dim: int = 2,
+              capacity: int | None = None) -> "VQTensor":  # fmt: skip
         """A cache of 0 tokens for `batch` sequences, ready to be appended to; `codebook` a
-        `CodebookSide` (quant/codebook.py) or a `state.Book`."""
+        `CodebookSide` (quant/codebook.py) or a `state.Book`; `capacity`: tokens to preallocate
+        at the first eager append (None: grow as needed)."""
         bk = codebook if isinstance(codebook, state.Book) else state.book(codebook)
         if device is not None:
             bk = state.Book(*(t.to(device) for t in bk))
-        return cls(state.empty(batch, bk, dtype, settings), settings, dtype, seq_dim)
+        out = cls(state.empty(batch, bk, dtype, settings), settings, dtype, seq_dim)
+        out.capacity = capacity
+        return out
 
     @property
     def side(self) -> Side:
+        if self._buffers is not None and self._buffers.owner is not self._token:
+            raise RuntimeError(_SUPERSEDED)
         return Side(*(getattr(self, f) for f in Side._fields))
 
-    def _with(self, side: Side) -> "VQTensor":
-        return VQTensor(side, self.settings, self.dtype, self.seq_dim)
+    def _with(self, side: Side, view: bool = False) -> "VQTensor":
+        """A cache of `side`, same settings; `view`: its tensors may be views of this one's buffers
+        (a crop, an alias), so it is superseded with this state (and appends by copying first)."""
+        out = VQTensor(side, self.settings, self.dtype, self.seq_dim)
+        out.capacity = self.capacity
+        if view:
+            out._buffers, out._token = self._buffers, self._token
+        return out
 
     # --- tensor-subclass protocol -------------------------------------------------------------
 
@@ -75,6 +133,14 @@ class VQTensor(torch.Tensor):
     def __tensor_unflatten__(inner, context, outer_size, outer_stride):
         settings, dtype, seq_dim = context
         return VQTensor(Side(**inner), settings, dtype, seq_dim)
+
+    def __getstate__(self):
+        """What pickling (torch.save) keeps: the state itself, compact (a view of capacity buffers
+        is saved as its own copy, not the buffers'), without the in-place bookkeeping."""
+        st = {k: v for k, v in self.__dict__.items() if k not in ("_buffers", "_token", "_writable")}
+        if self._buffers is not None:
+            st.update({f: getattr(self, f).clone() for f in BUFFER_FIELDS})
+        return st
 
     def __repr__(self):
         return (
@@ -120,8 +186,12 @@ class VQTensor(torch.Tensor):
         return dense if self.seq_dim == 2 else dense.transpose(1, 2)
 
     def cache_nbytes(self) -> int:
-        """Bytes this cache holds (every per-sequence inner tensor; the codebook is shared)."""
-        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in STATE_FIELDS)
+        """Bytes this cache holds (every per-sequence inner tensor, its capacity buffers whole; the
+        codebook is shared)."""
+        held = {f: getattr(self, f) for f in STATE_FIELDS}
+        if self._buffers is not None:
+            held.update(self._buffers.tensors)
+        return sum(t.numel() * t.element_size() for t in held.values())
 
     # --- direct ops ---------------------------------------------------------------------------
 
@@ -133,12 +203,30 @@ class VQTensor(torch.Tensor):
             new = new.transpose(1, 2)
         if new.dim() != 4 or new.shape[:2] != self.bhtd[:2] or new.shape[3] != self.bhtd[3]:
             raise ValueError(f"cannot append {tuple(new.shape)} to a cache of shape {tuple(self.shape)}")
-        new_state = ops.append(list(self.side), new.to(self.dtype), *ops.settings_args(self.settings))
-        return self._with(self.side._replace(**dict(zip(STATE_FIELDS, new_state))))
+        new = new.to(self.dtype)
+        if torch.compiler.is_compiling():  # traced: the functional op (the graph owns the buffers)
+            new_state = ops.append(list(self.side), new, *ops.settings_args(self.settings))
+            return self._with(self.side._replace(**dict(zip(STATE_FIELDS, new_state))))
+        return self._append_in_place(new)
 
+    def _append_in_place(self, new: torch.Tensor) -> "VQTensor":
+        """Eager append into this state's capacity buffers (see the module doc); new ones, with
+        this state copied in, when it has none, is not the owner of its buffers or they are full."""
+        side, s = self.side, self.settings
+        T, A, Tw, n = side.codes.shape[2], side.anchor_pos.shape[2], side.window.shape[2], new.shape[2]
+        A_out, _ = state.flush_lengths(T, A, Tw, n, s.window, s.anchor_frac)
+        buf = self._buffers
+        if buf is None or not self._writable or not buf.fits(T + n, max(A, A_out)):
+            tokens = self.capacity if self.capacity and self.capacity >= T + n else T + n + max(GROWTH_TOKENS, (T + n) // 8)
+            buf = Buffers(side, tokens, max(A, A_out, math.ceil(s.anchor_frac * tokens)))
+        window = ops.append_(*ops.split_buffers(side._replace(**buf.tensors)), T, A, new, *ops.settings_args(s))
+        out = self._with(side._replace(**buf.prefix(T + n, A_out), **dict(zip(WINDOW_FIELDS, window))))
+        out._buffers, out._token, out._writable = buf, object(), True
+        buf.owner = out._token
+        return out
     def crop(self, end: int) -> "VQTensor":
         """The first `end` tokens (HF's cache crop)."""
-        return self._with(state.crop(self.side, end))
+        return self._with(state.crop(self.side, end), view=True)
 
     def select_batch(self, index: torch.Tensor) -> "VQTensor":
         """Reorder / pick sequences (beam search)."""
@@ -184,7 +272,7 @@ def _index(x, indices):
 
 
 def _same(x, *args, **kwargs):
-    return x._with(Side(*(t.detach() for t in x.side)))
+    return x._with(Side(*(t.detach() for t in x.side)), view=True)
 
 
 def _clone(x, **kwargs):

@@ -134,7 +134,7 @@ class RefiningLayer(DynamicLayer):
     def refine_now(self) -> None:
         """Refine the codebook on the sample, re-encode every token held with it (state.refine),
         drop the sample; later tokens are written with the refined codebook."""
-        self.keys, self.values = (cache._with(state.refine(cache.side, rows, cache.settings, self.refine_iters))
+        self.keys, self.values = (cache._with(state.refine(cache.side, rows, cache.settings, self.refine_iters), view=True)
                                   for cache, rows in ((self.keys, self.sample_keys), (self.values, self.sample_values)))  # fmt: skip
         self.sample_keys = self.sample_values = None
         self.refining = False
@@ -198,9 +198,10 @@ class AntKVLayer(RefiningLayer):
     and, with `refine` tokens, refines it once that many have arrived (see AntKVCache)."""
 
     def __init__(self, codebook: LayerCodebook | None, settings: CacheSettings, bits: float = 1.0, seed: int = 0,
-                 refine: int | None = None, refine_iters: int = REFINE_ITERS):  # fmt: skip
+                 refine: int | None = None, refine_iters: int = REFINE_ITERS, max_cache_len: int | None = None):  # fmt: skip
         super().__init__()
         self.codebook, self.settings, self.bits, self.seed = codebook, settings, bits, seed
+        self.max_cache_len = max_cache_len
         self.refine_setting = (refine, refine_iters)
         self.is_initialized = False  # transformers < 5 has no such flag (it tests keys is None)
 
@@ -217,7 +218,8 @@ class AntKVLayer(RefiningLayer):
                     f"these codebooks were calibrated for another model"
                 )
         batch = key_states.shape[0]
-        self.keys, self.values = (VQTensor.empty(batch, side, self.settings, self.dtype, self.device) for side in (self.codebook.key, self.codebook.value))
+        self.keys, self.values = (VQTensor.empty(batch, side, self.settings, self.dtype, self.device, capacity=self.max_cache_len)
+                                  for side in (self.codebook.key, self.codebook.value))  # fmt: skip
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -255,21 +257,29 @@ class AntKVCache(Cache):
     exists the sample counts in `cache_nbytes()`: [B, H, T, D] rows per side, as a dense cache, so
     until the switch the cache holds a little more than a dense one would (codes and window too).
     The same keywords work for `patch(model)` without codebooks.
+    max_cache_len: tokens to preallocate the codes and anchor slots for (prompt + new tokens, as
+    HF's StaticCache); appends then write in place and never copy the codes (cache.py). None: the
+    buffers grow by an eighth when full (one copy each time), so a decode step copies no codes
+    either, but up to an eighth of the codes' bytes is unused capacity (counted in cache_nbytes).
     Settings: `settings=CacheSettings(...)` or keyword arguments (window, anchor_frac, error,
     exact_dtype); unset ones come from what the codebooks were calibrated with (settings.resolve)."""
 
     def __init__(self, codebooks: Codebooks | None = None, settings: CacheSettings | None = None, config=None, bits: float = 1.0,
-                 refine: int | None = _DEFAULT, refine_iters: int = REFINE_ITERS, **setting_kwargs):  # fmt: skip
+                 refine: int | None = _DEFAULT, refine_iters: int = REFINE_ITERS, max_cache_len: int | None = None,
+                 **setting_kwargs):  # fmt: skip
         self.settings = resolve(codebooks, settings, **setting_kwargs)
+        if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1):
+            raise ValueError(f"max_cache_len must be a number of tokens >= 1 (or None: grow as needed), got {max_cache_len!r}")
         refine = refine_setting(codebooks, refine, refine_iters)
         if codebooks is None:
             spec_for_bits(bits)  # a bad budget fails here, not at the first update
             count = iter(range(1 << 30))
-            super().__init__(layer_class_to_replicate=lambda: AntKVLayer(None, self.settings, bits, next(count), refine, refine_iters))
+            super().__init__(layer_class_to_replicate=lambda: AntKVLayer(None, self.settings, bits, next(count), refine, refine_iters,
+                                                                         max_cache_len))  # fmt: skip
             return
         if config is not None:
             codebooks.check_model(config)
-        super().__init__(layers=[AntKVLayer(book, self.settings) for book in codebooks.layers])
+        super().__init__(layers=[AntKVLayer(book, self.settings, max_cache_len=max_cache_len) for book in codebooks.layers])
 
     def cache_nbytes(self) -> int:
         """Bytes held by the compressed K and V of all layers, and the refinement samples while

@@ -60,6 +60,10 @@ class Side(NamedTuple):
 BOOK_FIELDS = ("centroids", "expected_err", "basis", "basis_inv")
 # Per-sequence state, in `Side` order: what an append returns (the codebook never changes).
 STATE_FIELDS = tuple(f for f in Side._fields if f not in BOOK_FIELDS)
+# What a preallocated cache keeps in capacity buffers written in place (`append_into`): the codes
+# (one row per token) and the anchor slots; the window (O(settings.window)) is written fresh.
+BUFFER_FIELDS = ("codes", "anchor_rows", "anchor_pos", "anchor_score")
+WINDOW_FIELDS = tuple(f for f in STATE_FIELDS if f not in BUFFER_FIELDS)
 # Their dim 2 is a length: the tokens (codes: grows by every call), the anchors or the window
 # (change with the flush, so traced graphs take them as unbacked sizes).
 UNBACKED_FIELDS = tuple(f for f in STATE_FIELDS if f != "codes")
@@ -211,6 +215,27 @@ def append(side: Side, new: Tensor, settings: CacheSettings, encoder=encode_with
         window_err=torch.cat([s.window_err, err], 2),
         window_score=torch.cat([s.window_score, err.new_zeros(err.shape)], 2),
     )
+
+
+def append_into(buffers: Side, length: int, anchors: int, new: Tensor, settings: CacheSettings, encoder=encode_with_error) -> Side:
+    """`append` written in place into capacity buffers: `buffers` is a side whose BUFFER_FIELDS
+    have room for more tokens / anchor slots than they hold (codes [B, H, Tc, S] holding `length`
+    tokens, anchor slots [B, H, Ac, ...] holding `anchors`), its window fields the side's own. Writes
+    the new codes at [length, length + n) and the anchor slots [0, A') of the flushed state; returns
+    the state as views of the buffers ([:length + n], [:A']) with the new window (fresh tensors).
+    The reference of the CPU kernel (ops/cpu/write.cpp), which keeps a kept anchor in its slot
+    where this one writes the anchors in score order: the same set of anchors."""
+    n = new.shape[2]
+    Tc, Ac = buffers.codes.shape[2], buffers.anchor_pos.shape[2]
+    A_out, _ = flush_lengths(length, anchors, buffers.window.shape[2], n, settings.window, settings.anchor_frac)
+    if length + n > Tc or max(anchors, A_out) > Ac:
+        raise ValueError(f"capacity buffers too small: {length} + {n} tokens in {Tc}, {A_out} anchors in {Ac} slots")
+    side = buffers._replace(**{f: getattr(buffers, f)[:, :, : length if f == "codes" else anchors] for f in BUFFER_FIELDS})
+    out = append(side, new, settings, encoder)
+    buffers.codes[:, :, length : length + n] = out.codes[:, :, length:]
+    for f in BUFFER_FIELDS[1:]:
+        getattr(buffers, f)[:, :, :A_out] = getattr(out, f)
+    return out._replace(**{f: getattr(buffers, f)[:, :, : length + n if f == "codes" else A_out] for f in BUFFER_FIELDS})
 
 
 def start(past: Tensor, new: Tensor, bk: Book, settings: CacheSettings, write=append) -> Side:

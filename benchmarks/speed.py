@@ -936,24 +936,30 @@ def run_impl(args, records: list, progress) -> None:
 # --- part 4b: the write (quantize-on-write) per call ---------------------------------------------
 
 def run_write(args, records: list, progress) -> None:
-    """antkv::append of one decode token onto a synthetic cache: reference, kernel, op, codes cat."""
+    """antkv::append of one decode token onto a synthetic cache: reference, kernel, op, codes cat,
+    and the in-place write into preallocated buffers (antkv::append_, what eager appends run)."""
     from antkv_compile import ops, state
+    from antkv_compile.cache import Buffers
     from antkv_compile.ops import cpu
 
     gen = torch.Generator().manual_seed(0)
     settings = CacheSettings(window=args.window, anchor_frac=args.anchor_frac)
     book = random_codebooks(_smollm2_config(), 1.0, gen).layers[0]
-    bar = tqdm(total=len(args.write_contexts) * 2 * 4, desc="write", unit="setting")
+    bar = tqdm(total=len(args.write_contexts) * 2 * 5, desc="write", unit="setting")
     for T in args.write_contexts:
         for side_name in ("key", "value"):
             side = synthetic_side(T, book, side_name, settings, torch.float32, gen).side
             side = side._replace(window_score=torch.rand(side.window_score.shape, generator=gen))  # as attention leaves them
             new = torch.randn(1, KV_HEADS, 1, HEAD_DIM, generator=gen)
             op_args = (list(side), new, *ops.settings_args(settings))
+            A = side.anchor_pos.shape[2]
+            buffers, rest = ops.split_buffers(side._replace(**Buffers(side, T + 16, A + 16).tensors))  # each rep writes token T again
             cases = {
                 "reference: state.append (eager PyTorch)": lambda: state.append(side, new, settings),
                 "C++ kernel (ops/cpu/write.cpp), direct": lambda: cpu.append(side, new, *ops.settings_args(settings)[:3]),
                 "C++ kernel through torch.ops.antkv.append": lambda: torch.ops.antkv.append(*op_args),
+                "C++ kernel in place through torch.ops.antkv.append_ (preallocated)":
+                    lambda: torch.ops.antkv.append_(buffers, rest, T, A, new, *ops.settings_args(settings)),
                 "codes torch.cat alone (the O(T) copy)": lambda: torch.cat([side.codes, side.codes[:, :, :1]], 2),
             }
             ref = state.append(side, new, settings)
@@ -964,7 +970,12 @@ def run_write(args, records: list, progress) -> None:
                 try:
                     with torch.inference_mode():
                         out = fn()
-                        if "kernel" in name:  # the same state as the reference (tests/test_write_kernel.py checks it in depth)
+                        if "in place" in name:  # the new codes and window (tests/test_preallocated.py checks it in depth)
+                            same = torch.equal(buffers[0][:, :, : T + 1], ref.codes) and torch.allclose(out[0], ref.window, rtol=0, atol=1e-5)
+                            rec["check"] = "codes equal to the reference, window within 1e-5" if same else None
+                            if not same:
+                                raise AssertionError("in-place write differs from state.append")
+                        elif "kernel" in name:  # the same state as the reference (tests/test_write_kernel.py checks it in depth)
                             got = dict(zip(state.STATE_FIELDS, out))
                             same = [f for f in state.STATE_FIELDS if torch.equal(got[f], getattr(ref, f))]
                             rec["check"] = f"equal to the reference: {', '.join(same)}"

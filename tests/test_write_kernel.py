@@ -282,8 +282,9 @@ def test_prepared_codebook_follows_the_centroids():
 
 
 def test_generate_same_tokens_with_the_kernel_the_reference_and_compiled(monkeypatch):
-    """A tiny Llama, greedy: eager AntKVCache with the write kernel, eager with the reference
-    (state.append), and compiled by ak.patch (Inductor) give the same tokens; the kernel ran."""
+    """A tiny Llama, greedy: eager AntKVCache with the write kernel (in place, cpu.append_), eager
+    with the reference (state.append_into), and compiled by ak.patch (Inductor, the functional
+    kernel cpu.append) give the same tokens; the kernels ran."""
     import antkv_compile as ak
     from helpers import tiny_hf_model
 
@@ -295,8 +296,9 @@ def test_generate_same_tokens_with_the_kernel_the_reference_and_compiled(monkeyp
     kw = dict(attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
     ak.use_antkv_attention(model)
     calls = []
-    kernel = cpu.append
+    kernel, kernel_ = cpu.append, cpu.append_
     monkeypatch.setattr(cpu, "append", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(cpu, "append_", lambda *a: calls.append(1) or kernel_(*a))
     generate = lambda: model.generate(ids, **{ak.cache_keyword(model): ak.AntKVCache(books, window=8, anchor_frac=0.1)}, **kw)  # noqa: E731
     with torch.no_grad():
         out = generate()

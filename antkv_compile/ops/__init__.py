@@ -7,6 +7,7 @@ A cache side crosses every op as one `Tensor[]` argument: the fields of `state.S
     antkv::start(past, new, book, *settings)            -> the state after the first call (STATE_FIELDS)
     antkv::learn_start(past, new, sub_dim, code_bits, rotate, *settings, seed) -> state + a data-free Book
     antkv::append(side, new, *settings)                 -> the state after quantize-on-write of `new`
+    antkv::append_(buffers, rest, length, anchors, new, *settings) -> the new window (codes, anchors in place)
     antkv::attention(q, key, value, attn_mask, is_causal, scale) -> (out, window Anchor Score)
     antkv::dequantize(side, dtype)                      -> the dense tensor
 
@@ -32,7 +33,7 @@ from torch._library.fake_impl import allocate_size
 from .. import state
 from ..quant.basis import query_to_basis
 from ..settings import CacheSettings
-from ..state import STATE_FIELDS, Book, Side
+from ..state import BUFFER_FIELDS, STATE_FIELDS, WINDOW_FIELDS, Book, Side
 from .reference import vq_attention
 
 _STATE = "(" + ", ".join("Tensor" for _ in STATE_FIELDS) + ")"
@@ -119,6 +120,62 @@ def append_cuda(side, new, window, anchor_frac, error, exact_dtype):
     in the Triton interpreter on CPU tensors (tests/test_triton_encode.py); not run on a GPU here."""
     s = Side(*side)
     return _state(state.append(s, new, CacheSettings(window, anchor_frac, error, exact_dtype), _triton_encoder), s)
+
+
+_WINDOW = "(" + ", ".join("Tensor" for _ in WINDOW_FIELDS) + ")"
+_REST = tuple(f for f in Side._fields if f not in BUFFER_FIELDS)  # what append_ reads but does not write
+
+
+def split_buffers(side: Side) -> tuple[list, list]:
+    """(the BUFFER_FIELDS tensors, the other fields in Side order): antkv::append_'s two lists."""
+    return [getattr(side, f) for f in BUFFER_FIELDS], [getattr(side, f) for f in _REST]
+
+
+def _joined(buffers, rest) -> Side:
+    return Side(**dict(zip(BUFFER_FIELDS, buffers)), **dict(zip(_REST, rest)))
+
+
+@torch.library.custom_op(
+    "antkv::append_", mutates_args=("buffers",),
+    schema=f"(Tensor(a!)[] buffers, Tensor[] rest, int length, int anchors, Tensor new, {_SETTINGS}) -> {_WINDOW}",
+)  # fmt: skip
+def append_(buffers, rest, length, anchors, new, window, anchor_frac, error, exact_dtype):
+    """`state.append_into`: quantize-on-write into a preallocated side. `buffers`: its
+    BUFFER_FIELDS, capacity buffers holding `length` tokens and `anchors` anchor slots, into which
+    the new codes and the flushed anchor slots are written (declared mutated); `rest`: its other
+    fields (window, codebook: read only). Returns the new window fields (`split_buffers` makes the
+    two lists). The anchor count afterwards is `state.flush_lengths(...)[0]`; the caller narrows."""
+    return _append_into(buffers, rest, length, anchors, new, CacheSettings(window, anchor_frac, error, exact_dtype))
+
+
+def _append_into(buffers, rest, length, anchors, new, settings, encoder=state.encode_with_error) -> tuple:
+    out = state.append_into(_joined(buffers, rest), length, anchors, new, settings, encoder)
+    return _fresh(tuple(getattr(out, f) for f in WINDOW_FIELDS), (*buffers, *rest))
+
+
+@append_.register_fake
+def _(buffers, rest, length, anchors, new, window, anchor_frac, error, exact_dtype):
+    s = _joined(buffers, rest)
+    _, Tw = state.flush_lengths(length, anchors, s.window.shape[2], new.shape[2], window, anchor_frac)
+    return tuple(getattr(s, f).new_empty(*s.window.shape[:2], Tw, *getattr(s, f).shape[3:]) for f in WINDOW_FIELDS)
+
+
+@append_.register_kernel("cpu")
+def _(buffers, rest, length, anchors, new, window, anchor_frac, error, exact_dtype):
+    """On CPU: write.cpp in place (`cpu.append_`), or the reference outside its dtypes."""
+    from . import cpu
+
+    s = _joined(buffers, rest)
+    if not cpu.append_supported(s, new):
+        return _append_into(buffers, rest, length, anchors, new, CacheSettings(window, anchor_frac, error, exact_dtype))
+    return cpu.append_(s, length, anchors, new, window, anchor_frac, error)
+
+
+@append_.register_kernel("cuda")
+def _(buffers, rest, length, anchors, new, window, anchor_frac, error, exact_dtype):
+    """On CUDA: `state.append_into` with the Triton encoder, as `append_cuda`."""
+    settings = CacheSettings(window, anchor_frac, error, exact_dtype)
+    return _append_into(buffers, rest, length, anchors, new, settings, _triton_encoder)
 
 
 @torch.library.custom_op("antkv::start", mutates_args=(), schema=f"(Tensor past, Tensor new, Tensor[] book, {_SETTINGS}) -> {_STATE}")

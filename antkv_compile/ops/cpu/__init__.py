@@ -154,6 +154,23 @@ def append(side: Side, new: torch.Tensor, window: int, anchor_frac: float, error
     return tuple(out)
 
 
+def append_(side: Side, length: int, anchors: int, new: torch.Tensor, window: int, anchor_frac: float, error: str) -> tuple:
+    """`antkv::append_` on CPU tensors: write.cpp in place into the capacity buffers of `side`
+    (its BUFFER_FIELDS, holding `length` tokens and `anchors` anchor slots); returns the new window
+    fields (state.WINDOW_FIELDS). Same warning as `append` for leaving rows with NaN / Inf."""
+    if not extension():
+        raise RuntimeError("antkv: the CPU write kernel could not be built (see the warning)")
+    A_out, _ = state.flush_lengths(length, anchors, side.window.shape[2], 0, window, anchor_frac)
+    out, nonfinite = torch.ops.antkv_cpu.vq_append_.default(
+        side.codes, side.anchor_rows, side.anchor_pos, side.anchor_score, length, anchors, side.window, side.window_err,
+        side.window_score, side.centroids, side.expected_err, side.basis, new, *prepared(side.centroids), window, A_out,
+        error == "actual",
+    )  # fmt: skip
+    if nonfinite:
+        state.warn_nonfinite(nonfinite, A_out)
+    return tuple(out)
+
+
 # id(centroids) -> (weak reference, version counter, transposed codebook, |c|^2)
 _PREPARED: dict[int, tuple] = {}
 

@@ -174,23 +174,25 @@ void encode_rows(const float* X, const float* cent, const float* ct, const float
 
 }  // namespace
 
-// The state after state.append(side, new, settings) on CPU tensors (see the top of this file).
-// codes [B, H, T, S] uint8 / int16 with unit subspace stride and token stride S; anchor rows
-// [B, H, A, D] and window [B, H, Tw, D] in one float dtype; anchor_pos int32 [B, H, A]; scores and
-// errors float32; centroids [H, S, K, d], expected_err [H], basis [H, D, D] or [H, 0, 0] float32;
-// new [B, H, n, D] float32 / float16 / bfloat16. `window` is settings.window, `anchors` the anchor
-// count after the flush (state.flush_lengths; unused without a flush). Returns the seven state
-// tensors (state.STATE_FIELDS order) and the number of leaving rows with a NaN / Inf entry.
-std::tuple<std::vector<at::Tensor>, int64_t> vq_append(
+// The shared body of vq_append (functional) and vq_append_ (in place). Functional: `codes` is the
+// side's [B, H, T, S], outputs are allocated. In place (`bufs` given: codes, anchor rows, positions,
+// scores buffers of capacity Tc >= T + n and Ac >= the new anchor count, the side's codes / anchors
+// their prefixes [:T] / [:A]): the new codes are written at [T, T + n) of the codes buffer (nothing
+// else of it is touched), and the flush changes only the anchor slots it must: a winning leaver takes
+// the slot of an anchor that lost (or a new slot past A); a kept anchor keeps its slot (and its row),
+// so slots are not in score order (the set of anchors is the reference's). Window, its errors and
+// scores are fresh tensors in both (O(window) per step).
+static std::tuple<std::vector<at::Tensor>, int64_t> write_side(
     const at::Tensor& codes, const at::Tensor& anchor_rows_in, const at::Tensor& anchor_pos_in,
     const at::Tensor& anchor_score_in, const at::Tensor& window_in, const at::Tensor& window_err_in,
     const at::Tensor& window_score_in, const at::Tensor& centroids_in, const at::Tensor& expected_err_in,
     const at::Tensor& basis_in, const at::Tensor& new_in, const at::Tensor& ct_in, const at::Tensor& csq_in, int64_t window,
-    int64_t anchors, bool actual_error) {
+    int64_t anchors, bool actual_error, const std::vector<at::Tensor>* bufs, int64_t T_in = -1, int64_t A_in = -1) {
   TORCH_CHECK(codes.dim() == 4 && new_in.dim() == 4 && centroids_in.dim() == 4, "codes, new and centroids must be 4-d");
-  const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2), S = codes.size(3);
+  const int64_t B = codes.size(0), H = codes.size(1), S = codes.size(3);
+  const int64_t T = T_in >= 0 ? T_in : codes.size(2);  // in place: the buffers' filled lengths
   const int64_t K = centroids_in.size(2), d = centroids_in.size(3), D = S * d, n = new_in.size(2);
-  const int64_t A = anchor_pos_in.size(2), Tw = window_in.size(2);
+  const int64_t A = A_in >= 0 ? A_in : anchor_pos_in.size(2), Tw = window_in.size(2);
   const at::ScalarType ct = codes.scalar_type(), et = window_in.scalar_type(), nt = new_in.scalar_type();
   auto is_float = [](at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; };
   TORCH_CHECK((ct == at::kByte && K <= 256) || (ct == at::kShort && K > 256 && K <= 32768),
@@ -204,14 +206,17 @@ std::tuple<std::vector<at::Tensor>, int64_t> vq_append(
     TORCH_CHECK(t->scalar_type() == at::kFloat, "scores, errors, centroids and basis must be float32");
   TORCH_CHECK(centroids_in.size(0) == H && centroids_in.size(1) == S && new_in.size(0) == B && new_in.size(1) == H &&
                   new_in.size(3) == D && window_in.size(3) == D && anchor_rows_in.size(3) == D &&
-                  anchor_rows_in.size(2) == A && anchor_score_in.size(2) == A && window_err_in.size(2) == Tw &&
+                  anchor_rows_in.size(2) >= A && anchor_score_in.size(2) == anchor_rows_in.size(2) &&
+                  anchor_pos_in.size(2) == anchor_rows_in.size(2) && window_err_in.size(2) == Tw &&
                   window_score_in.size(2) == Tw && Tw <= T && expected_err_in.numel() == H,
               "inconsistent cache shapes");
   const bool has_basis = basis_in.size(-1) != 0;
   TORCH_CHECK(!has_basis || (basis_in.dim() == 3 && basis_in.size(0) == H && basis_in.size(1) == D && basis_in.size(2) == D),
               "basis must be [H, D, D] or [H, 0, 0]");
 
+  // In place the anchor inputs are the buffers themselves (slots [0, A) filled): stride = capacity.
   const auto arows = anchor_rows_in.contiguous(), apos = anchor_pos_in.contiguous(), ascore = anchor_score_in.contiguous();
+  const int64_t ain = arows.size(2);
   const auto win = window_in.contiguous(), werr = window_err_in.contiguous(), wscore = window_score_in.contiguous();
   const auto cent = centroids_in.contiguous(), expected = expected_err_in.contiguous(), newc = new_in.contiguous();
   const auto basis = has_basis ? basis_in.contiguous() : basis_in;
@@ -222,10 +227,25 @@ std::tuple<std::vector<at::Tensor>, int64_t> vq_append(
   const int64_t es = win.element_size(), row_bytes = D * es;
 
   auto f32 = codes.options().dtype(at::kFloat);
-  auto codes_out = at::empty({B, H, T + n, S}, codes.options());
-  auto arows_out = at::empty({B, H, A_out, D}, win.options());
-  auto apos_out = at::empty({B, H, A_out}, apos.options());
-  auto ascore_out = at::empty({B, H, A_out}, f32);
+  const bool in_place = bufs != nullptr;
+  at::Tensor codes_out, arows_out, apos_out, ascore_out;
+  if (in_place) {
+    codes_out = (*bufs)[0], arows_out = (*bufs)[1], apos_out = (*bufs)[2], ascore_out = (*bufs)[3];
+    TORCH_CHECK(codes_out.is_contiguous() && arows_out.is_contiguous() && apos_out.is_contiguous() && ascore_out.is_contiguous(),
+                "in-place write: contiguous buffers");
+    TORCH_CHECK(codes_out.size(0) == B && codes_out.size(1) == H && codes_out.size(3) == S && codes_out.size(2) >= T + n &&
+                    arows_out.size(2) >= std::max(A, A_out) && apos_out.size(2) == arows_out.size(2) &&
+                    ascore_out.size(2) == arows_out.size(2) && arows_out.scalar_type() == et,
+                "in-place write: buffers too small or of another shape");
+  } else {
+    codes_out = at::empty({B, H, T + n, S}, codes.options());
+    arows_out = at::empty({B, H, A_out, D}, win.options());
+    apos_out = at::empty({B, H, A_out}, apos.options());
+    ascore_out = at::empty({B, H, A_out}, f32);
+  }
+  // Per-(batch, head) strides of the outputs: the buffers' capacities in place.
+  const int64_t code_sbh = in_place ? codes_out.size(2) * S : (T + n) * S;
+  const int64_t a_sbh = in_place ? arows_out.size(2) : A_out;
   auto win_out = at::empty({B, H, Tw_out, D}, win.options());
   auto werr_out = at::empty({B, H, Tw_out}, f32);
   auto wscore_out = at::empty({B, H, Tw_out}, f32);
@@ -245,20 +265,24 @@ std::tuple<std::vector<at::Tensor>, int64_t> vq_append(
   int64_t nonfinite = 0;
   std::vector<std::pair<float, int64_t>> q(C);
   std::vector<float> buf(D);
+  std::vector<char> won;
+  std::vector<int64_t> free_slots;
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const int64_t b = bh / H, h = bh % H;
-    if (T > 0) {
+    if (T > 0 && !in_place) {
       const char* src = codes_p + (b * codes.stride(0) + h * codes.stride(1)) * cs;
-      std::memcpy(codes_o + bh * (T + n) * S * cs, src, T * S * cs);
+      std::memcpy(codes_o + bh * code_sbh * cs, src, T * S * cs);
     }
     const char* wrows = win_p + bh * Tw * row_bytes;
     if (n_leave == 0) {
-      std::memcpy(arows_o + bh * A * row_bytes, arows_p + bh * A * row_bytes, A * row_bytes);
-      std::memcpy(apos_o + bh * A, apos_p + bh * A, A * sizeof(int32_t));
-      std::memcpy(ascore_o + bh * A, ascore_p + bh * A, A * sizeof(float));
+      if (!in_place) {
+        std::memcpy(arows_o + bh * A * row_bytes, arows_p + bh * ain * row_bytes, A * row_bytes);
+        std::memcpy(apos_o + bh * A, apos_p + bh * ain, A * sizeof(int32_t));
+        std::memcpy(ascore_o + bh * A, ascore_p + bh * ain, A * sizeof(float));
+      }
     } else {
       for (int64_t j = 0; j < A; ++j) {
-        const float s = ascore_p[bh * A + j];
+        const float s = ascore_p[bh * ain + j];
         q[j] = {std::isnan(s) ? -kInf : s, j};
       }
       for (int64_t j = 0; j < n_leave; ++j) {
@@ -268,17 +292,38 @@ std::tuple<std::vector<at::Tensor>, int64_t> vq_append(
         q[A + j] = {s, A + j};
       }
       if (A_out != C) topk(q, A_out);
-      for (int64_t i = 0; i < A_out; ++i) {
+      auto put = [&](int64_t o, int64_t i) {  // winner q[i] into output slot o of this (b, h)
         const int64_t src = q[i].second;
-        const int64_t o = bh * A_out + i;
         if (src < A) {
-          std::memcpy(arows_o + o * row_bytes, arows_p + (bh * A + src) * row_bytes, row_bytes);
-          apos_o[o] = apos_p[bh * A + src];
+          std::memmove(arows_o + o * row_bytes, arows_p + (bh * ain + src) * row_bytes, row_bytes);
+          apos_o[o] = apos_p[bh * ain + src];
         } else {
           std::memcpy(arows_o + o * row_bytes, wrows + (src - A) * row_bytes, row_bytes);
           apos_o[o] = static_cast<int32_t>(T - Tw + src - A);
         }
         ascore_o[o] = q[i].first;
+      };
+      if (!in_place) {
+        for (int64_t i = 0; i < A_out; ++i) put(bh * a_sbh + i, i);
+      } else {
+        // Kept anchors stay in their slot (if it is below A_out); every other winner takes a free
+        // slot below A_out: a loser's, one past A, or (the budget shrank after a crop) the slot of
+        // a kept anchor that sat at or above A_out. The input anchors are the buffer's own slots.
+        won.assign(A, 0);
+        for (int64_t i = 0; i < A_out; ++i)
+          if (q[i].second < A) won[q[i].second] = 1;
+        free_slots.clear();
+        for (int64_t j = 0; j < A_out; ++j)
+          if (j >= A || !won[j]) free_slots.push_back(j);
+        size_t next = 0;
+        for (int64_t i = 0; i < A_out; ++i) {
+          const int64_t src = q[i].second;
+          if (src < A && src < A_out) {
+            ascore_o[bh * a_sbh + src] = q[i].first;  // NaN scores are stored as the -inf they ranked as
+            continue;
+          }
+          put(bh * a_sbh + free_slots[next++], i);
+        }
       }
     }
     const int64_t stay = Tw - n_leave;
@@ -327,13 +372,47 @@ std::tuple<std::vector<at::Tensor>, int64_t> vq_append(
                 "prepared codebook: vq_prepare(centroids)");
     const float *cent_p = cent.data_ptr<float>(), *ct_p = ct_in.data_ptr<float>(), *csq_p = csq_in.data_ptr<float>();
     if (ct == at::kByte)
-      encode_rows<uint8_t>(X, cent_p, ct_p, csq_p, B, H, n, S, K, d, codes_out.data_ptr<uint8_t>(), (T + n) * S, T, werr_o,
+      encode_rows<uint8_t>(X, cent_p, ct_p, csq_p, B, H, n, S, K, d, codes_out.data_ptr<uint8_t>(), code_sbh, T, werr_o,
                            Tw_out, stay, expected.data_ptr<float>(), actual_error);
     else
-      encode_rows<int16_t>(X, cent_p, ct_p, csq_p, B, H, n, S, K, d, codes_out.data_ptr<int16_t>(), (T + n) * S, T, werr_o,
+      encode_rows<int16_t>(X, cent_p, ct_p, csq_p, B, H, n, S, K, d, codes_out.data_ptr<int16_t>(), code_sbh, T, werr_o,
                            Tw_out, stay, expected.data_ptr<float>(), actual_error);
   }
   return {{codes_out, arows_out, apos_out, ascore_out, win_out, werr_out, wscore_out}, nonfinite};
+}
+
+// The state after state.append(side, new, settings) on CPU tensors (see the top of this file).
+// codes [B, H, T, S] uint8 / int16 with unit subspace stride and token stride S; anchor rows
+// [B, H, A, D] and window [B, H, Tw, D] in one float dtype; anchor_pos int32 [B, H, A]; scores and
+// errors float32; centroids [H, S, K, d], expected_err [H], basis [H, D, D] or [H, 0, 0] float32;
+// new [B, H, n, D] float32 / float16 / bfloat16. `window` is settings.window, `anchors` the anchor
+// count after the flush (state.flush_lengths; unused without a flush). Returns the seven state
+// tensors (state.STATE_FIELDS order) and the number of leaving rows with a NaN / Inf entry.
+std::tuple<std::vector<at::Tensor>, int64_t> vq_append(
+    const at::Tensor& codes, const at::Tensor& anchor_rows, const at::Tensor& anchor_pos, const at::Tensor& anchor_score,
+    const at::Tensor& window, const at::Tensor& window_err, const at::Tensor& window_score, const at::Tensor& centroids,
+    const at::Tensor& expected_err, const at::Tensor& basis, const at::Tensor& new_rows, const at::Tensor& ct,
+    const at::Tensor& csq, int64_t window_setting, int64_t anchors, bool actual_error) {
+  return write_side(codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err,
+                    basis, new_rows, ct, csq, window_setting, anchors, actual_error, nullptr);
+}
+
+// The same write in place into capacity buffers (contiguous): codes [B, H, Tc, S] holding T tokens,
+// anchor rows / positions / scores [B, H, Ac, ...] holding A anchors in their first slots. Writes the
+// new codes at [T, T + n) and the anchor slots the flush changes (see write_side); returns the new
+// window, its errors and scores (fresh) and the non-finite count. The anchor count after the call is
+// `anchors` if the window flushed (Tw > window), else A.
+std::tuple<std::vector<at::Tensor>, int64_t> vq_append_(
+    at::Tensor codes, at::Tensor anchor_rows, at::Tensor anchor_pos, at::Tensor anchor_score, int64_t T, int64_t A,
+    const at::Tensor& window, const at::Tensor& window_err, const at::Tensor& window_score, const at::Tensor& centroids,
+    const at::Tensor& expected_err, const at::Tensor& basis, const at::Tensor& new_rows, const at::Tensor& ct,
+    const at::Tensor& csq, int64_t window_setting, int64_t anchors, bool actual_error) {
+  TORCH_CHECK(T >= 0 && T <= codes.size(2) && A >= 0 && A <= anchor_pos.size(2), "in-place write: filled lengths out of range");
+  std::vector<at::Tensor> bufs{codes, anchor_rows, anchor_pos, anchor_score};
+  auto out = write_side(codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids,
+                        expected_err, basis, new_rows, ct, csq, window_setting, anchors, actual_error, &bufs, T, A);
+  auto& t = std::get<0>(out);
+  return {{t[4], t[5], t[6]}, std::get<1>(out)};
 }
 
 // The codebook as the encoder reads it: centroids [H, S, K, d] float32 -> (transposed [H, S, d, Kp],
@@ -359,5 +438,9 @@ std::tuple<at::Tensor, at::Tensor> vq_prepare(const at::Tensor& centroids_in) {
 // attention.cpp defines the library.
 TORCH_LIBRARY_FRAGMENT(antkv_cpu, m) {
   m.def("vq_append", &vq_append);
+  m.def("vq_append_(Tensor(a!) codes, Tensor(b!) anchor_rows, Tensor(c!) anchor_pos, Tensor(d!) anchor_score, int T, int A, "
+        "Tensor window, Tensor window_err, Tensor window_score, Tensor centroids, Tensor expected_err, Tensor basis, "
+        "Tensor new_rows, Tensor ct, Tensor csq, int window_setting, int anchors, bool actual_error) -> (Tensor[], int)",
+        &vq_append_);
   m.def("vq_prepare", &vq_prepare);
 }
