@@ -139,7 +139,7 @@ class VQTensor(torch.Tensor):
         is saved as its own copy, not the buffers'), without the in-place bookkeeping."""
         st = {k: v for k, v in self.__dict__.items() if k not in ("_buffers", "_token", "_writable")}
         if self._buffers is not None:
-            st.update({f: getattr(self, f).clone() for f in BUFFER_FIELDS})
+            st.update({f: getattr(self, f).clone(memory_format=torch.contiguous_format) for f in BUFFER_FIELDS})
         return st
 
     def __repr__(self):
@@ -219,7 +219,7 @@ class VQTensor(torch.Tensor):
         if buf is None or not self._writable or not buf.fits(T + n, max(A, A_out)):
             tokens = self.capacity if self.capacity and self.capacity >= T + n else T + n + max(GROWTH_TOKENS, (T + n) // 8)
             buf = Buffers(side, tokens, max(A, A_out, math.ceil(s.anchor_frac * tokens)))
-        window = ops.append_(*ops.split_buffers(side._replace(**buf.tensors)), T, A, new, *ops.settings_args(s))
+        window = ops.direct(ops.append_, new.device, *ops.split_buffers(side._replace(**buf.tensors)), T, A, new, *ops.settings_args(s))
         out = self._with(side._replace(**buf.prefix(T + n, A_out), **dict(zip(WINDOW_FIELDS, window))))
         out._buffers, out._token, out._writable = buf, object(), True
         buf.owner = out._token
@@ -276,7 +276,7 @@ def _same(x, *args, **kwargs):
 
 
 def _clone(x, **kwargs):
-    return x._with(x.side._replace(**{f: getattr(x, f).clone() for f in STATE_FIELDS}))
+    return x._with(x.side._replace(**{f: getattr(x, f).clone(memory_format=torch.contiguous_format) for f in STATE_FIELDS}))
 
 
 _DIRECT = {
@@ -309,7 +309,7 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
             f"scaled_dot_product_attention: {Hq} query heads and {Hkv} kv heads need enable_gqa=True "
             f"(and a multiple), as for dense tensors"
         )
-    out, score = ops.attention(query, list(key.side), list(value.side), attn_mask, is_causal, scale)
+    out, score = ops.direct(ops.attention, query.device, query, list(key.side), list(value.side), attn_mask, is_causal, scale)
     with torch.no_grad():
         key.window_score.add_(score)
         if value.window_score is not key.window_score:

@@ -208,7 +208,7 @@ def cmd_generate(args):
     name = f"antkv {books.average_bits:g}-bit"
     if args.mode == "eager":
         ak.use_antkv_attention(model)
-        cache = ak.AntKVCache(books, **settings)
+        cache = ak.AntKVCache(books, **settings, max_cache_len=n_prompt + args.new_tokens)  # preallocated
         out, secs = run(f"generating, {name} cache", **{key: cache})
         runs[name] = (out, secs, cache_nbytes(cache, exclude=books.tensors()))
     else:

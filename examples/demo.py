@@ -66,7 +66,8 @@ def main():
     for prompt in PROMPTS:
         ids = tok(prompt, return_tensors="pt").input_ids
         results = {}
-        for name, cache in (("fp", DynamicCache()), (f"antkv {books.average_bits:g}-bit", ak.AntKVCache(books, window=args.window))):
+        ours = ak.AntKVCache(books, window=args.window, max_cache_len=ids.shape[1] + args.new_tokens)  # preallocated
+        for name, cache in (("fp", DynamicCache()), (f"antkv {books.average_bits:g}-bit", ours)):
             bar = token_bar(args.new_tokens, f"{name} cache")
             t0 = time.perf_counter()
             with torch.no_grad():

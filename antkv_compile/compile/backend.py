@@ -68,7 +68,11 @@ def mark_growing(cache: VQTensor) -> VQTensor:
 
     The backend marks the caches it returns; call it on a cache built outside a compiled model
     (loaded, or appended to eagerly) before its first compiled call, or that call compiles a graph
-    for its exact length and the next one recompiles."""
+    for its exact length and the next one recompiles. Returns the cache to pass: a cache appended
+    to eagerly holds views of capacity buffers (cache.py), whose strides the compiled graph's own
+    outputs would not match (one more recompile): it comes back compact (a clone)."""
+    if cache._buffers is not None:
+        cache = cache.clone()
     torch._dynamo.maybe_mark_dynamic(cache, cache.seq_dim)
     torch._dynamo.maybe_mark_dynamic(cache.codes, 2)
     for name in UNBACKED_FIELDS:

@@ -40,6 +40,30 @@ _STATE = "(" + ", ".join("Tensor" for _ in STATE_FIELDS) + ")"
 _SETTINGS = "int window, float anchor_frac, str error, ScalarType? exact_dtype"
 
 
+_KERNELS: dict = {}  # (op, device type) -> its kernel, as registered with torch.library
+
+
+def _kernel(op, device: str):
+    """Register `fn` as `op`'s kernel for `device` and remember it for `direct`."""
+
+    def register(fn):
+        op.register_kernel(device)(fn)
+        _KERNELS[(op, device)] = fn
+        return fn
+
+    return register
+
+
+def direct(op, device: torch.device, *args):
+    """`op(*args)` for eager callers (VQTensor's appends and attention): the kernel registered for
+    `device` called as a plain function, the op itself where none is. torch.library's dispatch of
+    a Python custom op costs ~0.1-0.3 ms per call on this CPU (`python benchmarks/speed.py --parts
+    write`: the kernel through the op vs direct), against 20-130 us for the in-place write itself,
+    and a SmolLM2 decode step makes 90 such calls. Traced code calls the ops (graphs need them)."""
+    kernel = _KERNELS.get((op, device.type))
+    return kernel(*args) if kernel is not None and not torch.compiler.is_compiling() else op(*args)
+
+
 def settings_args(s: CacheSettings) -> tuple:
     """CacheSettings as the ops' trailing arguments (the `_SETTINGS` part of their schemas)."""
     return (s.window, s.anchor_frac, s.error, s.exact_dtype)
@@ -94,7 +118,7 @@ def _(side, new, window, anchor_frac, error, exact_dtype):
     return _append_fake(Side(*side), new, window, anchor_frac)
 
 
-@append.register_kernel("cpu")
+@_kernel(append, "cpu")
 def append_cpu(side, new, window, anchor_frac, error, exact_dtype):
     """On CPU: the C++ write kernel (cpu/write.cpp), one call for the whole of `state.append`. The
     reference (the op's body) runs instead when the extension cannot be built here, or for a side
@@ -113,7 +137,7 @@ def _triton_encoder(x, centroids, with_error):
     return vq_encode(x.contiguous(), centroids)
 
 
-@append.register_kernel("cuda")
+@_kernel(append, "cuda")
 def append_cuda(side, new, window, anchor_frac, error, exact_dtype):
     """On CUDA: `state.append` with its nearest-centroid search (and actual error) by the Triton
     kernel (triton/encode.py); the flush and concatenations stay PyTorch ops on the device. Tested
@@ -160,7 +184,7 @@ def _(buffers, rest, length, anchors, new, window, anchor_frac, error, exact_dty
     return tuple(getattr(s, f).new_empty(*s.window.shape[:2], Tw, *getattr(s, f).shape[3:]) for f in WINDOW_FIELDS)
 
 
-@append_.register_kernel("cpu")
+@_kernel(append_, "cpu")
 def _(buffers, rest, length, anchors, new, window, anchor_frac, error, exact_dtype):
     """On CPU: write.cpp in place (`cpu.append_`), or the reference outside its dtypes."""
     from . import cpu
@@ -171,7 +195,7 @@ def _(buffers, rest, length, anchors, new, window, anchor_frac, error, exact_dty
     return cpu.append_(s, length, anchors, new, window, anchor_frac, error)
 
 
-@append_.register_kernel("cuda")
+@_kernel(append_, "cuda")
 def _(buffers, rest, length, anchors, new, window, anchor_frac, error, exact_dtype):
     """On CUDA: `state.append_into` with the Triton encoder, as `append_cuda`."""
     settings = CacheSettings(window, anchor_frac, error, exact_dtype)
@@ -204,7 +228,7 @@ def _write_cpu(side: Side, new, settings: CacheSettings) -> Side:
     return Side(*out, *(getattr(side, f) for f in Book._fields))
 
 
-@start.register_kernel("cpu")
+@_kernel(start, "cpu")
 def _(past, new, book, window, anchor_frac, error, exact_dtype):
     """On CPU: `state.start` with each of its two appends (past, then new) by the write kernel
     (`append_cpu`, which falls back to the reference itself)."""
@@ -212,7 +236,7 @@ def _(past, new, book, window, anchor_frac, error, exact_dtype):
     return _state(side, (past, new, *book))
 
 
-@start.register_kernel("cuda")
+@_kernel(start, "cuda")
 def start_cuda(past, new, book, window, anchor_frac, error, exact_dtype):
     """On CUDA: `state.start` with the Triton encoder, as `append_cuda`."""
     write = functools.partial(state.append, encoder=_triton_encoder)
@@ -267,7 +291,7 @@ def attention_reference(q, k: Side, v: Side, attn_mask, is_causal, scale):
     return out, k.window_err * s1 + v.window_err * s0
 
 
-@attention.register_kernel("cpu")
+@_kernel(attention, "cpu")
 def _(q, key, value, attn_mask, is_causal, scale):
     """On CPU: the C++ kernel (cpu/attention.cpp) for decode and chunks of up to cpu.MAX_ROWS
     query rows per kv head; the reference for larger calls or where it cannot be built."""
@@ -279,7 +303,7 @@ def _(q, key, value, attn_mask, is_causal, scale):
     return cpu.attention(query_to_basis(q, k.basis_inv), k, v, attn_mask, is_causal, scale)
 
 
-@attention.register_kernel("cuda")
+@_kernel(attention, "cuda")
 def attention_cuda(q, key, value, attn_mask, is_causal, scale):
     """On CUDA outside compiled graphs (eager, or shapes the Inductor lowering does not take): the
     standalone Triton kernels of triton/attention.py, decode (<= MAX_DECODE_QUERIES queries) or

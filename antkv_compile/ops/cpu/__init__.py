@@ -21,6 +21,7 @@ reference (with a warning).
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import warnings
@@ -51,12 +52,14 @@ def extension():
     wide = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     if wide:
         flags += ["-mavx2", "-mfma"]
+    sources = [os.path.join(os.path.dirname(__file__), f) for f in ("attention.cpp", "write.cpp")]
+    # One build cache entry per version of the sources (their hash in the name): two checkouts or
+    # installed versions never rebuild over each other's entry, nor load each other's library.
+    digest = hashlib.sha256(b"".join(open(f, "rb").read() for f in sources)).hexdigest()[:12]
     try:
-        # One build cache entry per name: "antkv_cpu_kernels", not the attention-only build's old
-        # "antkv_cpu_attention", so checkouts of either do not rebuild over each other.
         load(
-            name="antkv_cpu_kernels" + ("_avx2" if wide else ""),
-            sources=[os.path.join(os.path.dirname(__file__), f) for f in ("attention.cpp", "write.cpp")],
+            name=f"antkv_cpu_kernels_{digest}" + ("_avx2" if wide else ""),
+            sources=sources,
             extra_cflags=flags,
             is_python_module=False,
         )
