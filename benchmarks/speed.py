@@ -693,8 +693,8 @@ def run_eager(args, records: list, progress) -> None:
     kwarg = ak.cache_keyword(model)
     books = random_codebooks(model.config, 1.0, torch.Generator().manual_seed(3))
     ak.use_antkv_attention(model)
-    methods = {"fp-dynamiccache": lambda: DynamicCache(config=model.config),
-               "antkv-cache": lambda: ak.AntKVCache(books, window=args.window, anchor_frac=args.anchor_frac)}
+    methods = {"fp-dynamiccache": lambda n: DynamicCache(config=model.config),  # n: the tokens it will hold (prompt + new)
+               "antkv-cache": lambda n: ak.AntKVCache(books, window=args.window, anchor_frac=args.anchor_frac, max_cache_len=n)}
     note = "" if args.eager_layers == LAYERS else f"quick smoke test: first {args.eager_layers} of {LAYERS} layers"
     prompts = DEMO_PROMPTS[: args.eager_prompts]
     bar = tqdm(total=len(prompts) * len(methods), desc="eager", unit="run")
@@ -709,7 +709,7 @@ def run_eager(args, records: list, progress) -> None:
             try:
                 with torch.no_grad():
                     def generate(streamer=None):
-                        cache = make()
+                        cache = make(ids.shape[1] + args.eager_tokens)  # preallocated as the demo does
                         out = model.generate(ids, max_new_tokens=args.eager_tokens, min_new_tokens=args.eager_tokens, do_sample=False,
                                              streamer=streamer, **{kwarg: cache})
                         return out, cache
@@ -1130,7 +1130,7 @@ def write_markdown(path: Path, records: list[dict], header: dict) -> None:
     if eager:
         L += ["", "## 2b. Eager generation, the README demo path (measured, CPU)", "",
               "model.generate (greedy, min_new_tokens = max_new_tokens) of SmolLM2-135M-Instruct (fp32) from each prompt of "
-              "examples/demo.py, after ak.use_antkv_attention(model): FP DynamicCache against ak.AntKVCache (1-bit codebooks of "
+              "examples/demo.py, after ak.use_antkv_attention(model): FP DynamicCache against ak.AntKVCache preallocated for prompt + new tokens (max_cache_len, as the demo; 1-bit codebooks of "
               "random centroids with a random key basis; speed does not depend on their values). ms / token = generate's wall "
               "time / new tokens (median over the timed calls, after one warm-up call; the prompt's prefill included); step = "
               "median interval between consecutive new tokens (decode steps only); ratio = ours / FP for the same prompt "
