@@ -101,7 +101,8 @@ def test_encode_rejects_bad_inputs(x_shape, c_shape, dtype, match):
 def test_cuda_write_kernels_equal_the_reference_in_the_interpreter(seed, error, basis, dtype):
     """antkv::start / antkv::append's CUDA kernels (state's functions with the Triton encoder),
     called on CPU tensors in the interpreter: the same state as the reference (state.start /
-    state.append with quant.pq's encoder), codes optimal, errors the codes' actual error."""
+    state.append with quant.pq's encoder), codes optimal, errors the codes' actual error; and
+    antkv::append_'s (in place into capacity buffers) the same state as antkv::append's."""
     from antkv_compile import state
     from antkv_compile.ops import append_cuda, settings_args, start_cuda
     from antkv_compile.settings import CacheSettings
@@ -117,6 +118,15 @@ def test_cuda_write_kernels_equal_the_reference_in_the_interpreter(seed, error, 
     got = Side(*start_cuda(past, new, list(bk), *settings_args(s)), *bk)
     ref2 = state.append(ref, step, s)
     got2 = Side(*append_cuda(list(got), step, *settings_args(s)), *bk)
+    from antkv_compile.cache import Buffers
+    from antkv_compile.ops import _KERNELS, append_, split_buffers
+
+    T, A = got.codes.shape[2], got.anchor_pos.shape[2]
+    buf = Buffers(got, T + 4, A + 4)
+    window = _KERNELS[(append_, "cuda")](*split_buffers(got._replace(**buf.tensors)), T, A, step, *settings_args(s))
+    in_place = got2._replace(**buf.prefix(T + 1, got2.anchor_pos.shape[2]), **dict(zip(state.WINDOW_FIELDS, window)))
+    for f in STATE_FIELDS:
+        torch.testing.assert_close(getattr(in_place, f), getattr(got2, f), rtol=0, atol=0, msg=f)
     for r, k in ((ref, got), (ref2, got2)):
         for f in STATE_FIELDS:
             if f in ("codes", "window_err"):
