@@ -17,7 +17,8 @@ Checks, in order (each prints PASS / FAIL and the run goes on):
    `antkv_vq_window_scores` templates (Inductor's generated code is searched for them), autotunes,
    and equals the eager op;
 3. end to end: SmolLM2-135M-Instruct (fp16) generates the same greedy tokens through `ak.patch`
-   as through the eager AntKVCache, with 1-bit calibrated codebooks;
+   as through the eager AntKVCache (whose appends run antkv::append_'s CUDA kernel: the in-place
+   write with the Triton encoder), with 1-bit calibrated codebooks;
 4. speed: decode attention latency at 4K .. 128K tokens, dense fp16 SDPA against the compiled
    1-bit op (median of CUDA-event timings), and the same ratio the README argues from bytes;
 5. tests: the CPU test suite still passes on this machine (`python -m pytest -q`).
