@@ -127,8 +127,8 @@ def _token_weights(score: torch.Tensor, anchor_frac: float) -> torch.Tensor:
     return per_head.minimum(cap).clamp_min(1e-12)
 
 
-def _fit_side(x, weights, spec, iters, seed, kmeans_tokens):
-    """Centroids [Hkv, S, K, d] and mean error per head for one side (K or V) of one layer."""
+def _kmeans_side(x, weights, spec, iters, seed, kmeans_tokens):
+    """Centroids [Hkv, S, K, d] of one side (K or V) of one layer, from kmeans_tokens sampled tokens."""
     n, H, L, D = x.shape
     S = spec.num_subspaces(D)
     tokens = x.transpose(0, 1).reshape(H, n * L, D)
@@ -136,7 +136,12 @@ def _fit_side(x, weights, spec, iters, seed, kmeans_tokens):
     pick = torch.randperm(n * L, generator=gen)[:kmeans_tokens]
     sub = tokens[:, pick].unflatten(-1, (S, spec.sub_dim)).transpose(1, 2).reshape(H * S, -1, spec.sub_dim)
     w = None if weights is None else weights[:, pick].repeat_interleave(S, 0)
-    centroids = weighted_kmeans(sub, spec.num_centroids, w, iters=iters, seed=seed).view(H, S, spec.num_centroids, spec.sub_dim)
+    return weighted_kmeans(sub, spec.num_centroids, w, iters=iters, seed=seed).view(H, S, spec.num_centroids, spec.sub_dim)
+
+
+def _fit_side(x, weights, spec, iters, seed, kmeans_tokens):
+    """Centroids [Hkv, S, K, d] and mean error per head for one side (K or V) of one layer."""
+    centroids = _kmeans_side(x, weights, spec, iters, seed, kmeans_tokens)
     err = (x - decode(encode(x, centroids), centroids)).norm(dim=-1).mean((0, 2))
     return centroids, err
 
@@ -222,6 +227,42 @@ def kv_candidates(bits: float) -> list[tuple[PQSpec, PQSpec]]:
             if k.stored_bits + v.stored_bits <= 2 * spec.stored_bits + 1e-9:
                 pairs.append((k, v))
     return pairs
+
+
+@torch.no_grad()
+def side_errors(data: CalibrationData, options=(0.5, 1.0, 2.0), anchor_frac: float = 0.01, iters: int = 15, seed: int = 0,
+                kmeans_tokens: int = 4096, key_basis="auto", eval_seqs: int = 8, progress: bool = True) -> dict:
+    """{bits: tensor [n_layers, 2]}: the relative attention-output error on the probe queries of the
+    first `eval_seqs` calibration sequences when only the layer's keys (column 0) or only its values
+    (column 1) are quantized at `bits` (Anchor-Score-weighted k-means as fit_codebooks, anchors
+    exact). The input of `allocate_layer_bits`."""
+    n_layers = len(data.keys)
+    out = {b: torch.zeros(n_layers, 2, dtype=torch.float64) for b in options}
+    bar = tqdm(total=n_layers * len(options), desc="side errors", disable=not progress)
+    for layer in range(n_layers):
+        k, v, q = data.keys[layer][:eval_seqs], data.values[layer][:eval_seqs], data.probe_q[layer][:eval_seqs]
+        L, P = k.shape[2], q.shape[2]
+        mask = torch.ones(P, L, dtype=torch.bool).tril(L - P)
+
+        def attend(qq, kk, vv):
+            return torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=data.scale[layer], enable_gqa=True)
+
+        ref = attend(q, k, v)
+        for b in options:
+            spec = spec_for_bits(b)
+            keys, basis, basis_inv = _layer_keys(data, layer, spec, _use_basis(key_basis, spec))
+            score = _anchor_scores(data, layer, spec, spec, keys)
+            w = _token_weights(score, anchor_frac)
+            kc = _kmeans_side(keys, w, spec, iters, seed, kmeans_tokens)
+            vc = _kmeans_side(data.values[layer], w, spec, iters, seed + 1, kmeans_tokens)
+            exact = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(math.ceil(anchor_frac * L), -1).indices, True)[:eval_seqs]
+            kb = keys[:eval_seqs]
+            qb = q if basis is None else query_to_basis(q, basis_inv)
+            for col, got in enumerate((attend(qb, _dense_with_anchors(kb, kc, exact), v), attend(qb, kb, _dense_with_anchors(v, vc, exact)))):
+                out[b][layer, col] = ((got - ref).pow(2).sum() / ref.pow(2).sum()).item()
+            bar.update()
+    bar.close()
+    return out
 
 
 def allocate_layer_bits(errors: dict, bits: float) -> list[tuple[float, float]]:

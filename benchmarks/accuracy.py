@@ -180,6 +180,27 @@ def _calibration(ctx: Context) -> ak.CalibrationData:
     return _CALIBRATION[key]
 
 
+def _books(ctx: Context, name: str, fit: Callable[[], ak.Codebooks]) -> ak.Codebooks:
+    """fit(), or with --calib-cache its earlier result for this row, calibration slice and fitting
+    code (keyed by the source of calibrate.py and quant/, so an edit there refits): a row's
+    development and evaluation runs share one fit."""
+    if CALIB_CACHE is None:
+        return fit()
+    import hashlib
+
+    src = Path(ak.__file__).resolve().parent
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in [src / "calibrate.py", *sorted((src / "quant").glob("*.py"))])).hexdigest()
+    key = hashlib.sha256(f"{_calibration_file(ctx).name}|{name}|{sorted(_FIT_OVERRIDES.items())}|{code}".encode()).hexdigest()[:16]
+    path = CALIB_CACHE / f"books-{name}-{key}.safetensors"
+    if path.exists():
+        return ak.Codebooks.load(path, config=ctx.model.config)
+    books = fit()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    books.save(tmp)
+    os.replace(tmp, path)
+    return books
+
+
 # --quick's k-means: a few iterations on few tokens (a smoke test of the harness, not results).
 QUICK_FIT = {"iters": 2, "kmeans_tokens": 512}
 _FIT_OVERRIDES: dict = {}  # set to QUICK_FIT by --quick
@@ -190,7 +211,7 @@ def _antkv_row(name: str, bits: float, notes: str, fit: dict | None = None, **ca
     chosen by measured attention error unless `fit` says otherwise), cache settings as given."""
 
     def setup(ctx: Context) -> Setup:
-        books = ak.fit_codebooks(_calibration(ctx), bits, **{**(fit or {}), **_FIT_OVERRIDES})
+        books = _books(ctx, name, lambda: ak.fit_codebooks(_calibration(ctx), bits, **{**(fit or {}), **_FIT_OVERRIDES}))
         ak.use_antkv_attention(ctx.model)  # dense caches still run plain sdpa through it
         split = books.settings["chosen"][0]
         errors = ", ".join(f"{k} {v:.4f}" for k, v in books.settings["candidate_errors"].items())
@@ -221,6 +242,38 @@ for _bits in (2.0, 1.0):
     register(_antkv_row(f"antkv-{_bits:g}bit-paired-axes", _bits, "ablation: key basis axes dealt in variance-adjacent pairs",
                         fit={"basis_unit": 2}))
 register(_antkv_row("antkv-2bit-unweighted", 2.0, "ablation: plain (unweighted) k-means", fit={"weighted": False}))
+
+
+# k-means of the error measurement that allocates bits: fewer tokens and iterations than the fit
+# (it ranks options per side; the chosen ones are then fitted as usual).
+ALLOCATION_FIT = {"kmeans_tokens": 2048, "iters": 8}
+
+
+def _allocated_row(bits: float, options: tuple) -> Row:
+    """Bits per layer and side (byte-aligned presets `options`) chosen by allocate_layer_bits from
+    each side's measured attention-output error (calibrate.side_errors: ~1 minute per layer on 1
+    thread, on top of the fit), at no more stored bits than every side at `bits`."""
+
+    def setup(ctx: Context) -> Setup:
+        from antkv_compile.calibrate import allocate_layer_bits, side_errors
+
+        def fit():
+            data = _calibration(ctx)
+            errors = side_errors(data, options, **{**ALLOCATION_FIT, **_FIT_OVERRIDES})
+            return ak.fit_codebooks(data, bits, layer_bits=allocate_layer_bits(errors, bits), **_FIT_OVERRIDES)
+
+        books = _books(ctx, f"antkv-{bits:g}bit-allocated", fit)
+        ak.use_antkv_attention(ctx.model)
+        chosen = " ".join(books.settings["chosen"])
+        return Setup(lambda: ak.AntKVCache(books), codebooks=books.tensors(),
+                     details=f"per layer {chosen} (mean stored bits {books.settings['mean_stored_bits']:.3f})")
+
+    return Row(f"antkv-{bits:g}bit-allocated", bits, setup, kind="ours",
+               notes=f"ablation: bits per layer and side from {', '.join(f'{b:g}' for b in options)} by measured attention error")
+
+
+register(_allocated_row(1.0, (0.5, 1.0, 2.0)))
+register(_allocated_row(2.0, (1.0, 2.0, 4.0)))
 # The exact window is the largest lever a user has (the QuantizedCache peers keep a residual of 128):
 # 64 instead of 32 at the two budgets the acceptance names, same codebooks, +0.5 effective bits.
 for _bits in (2.0, 1.0):

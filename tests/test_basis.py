@@ -118,3 +118,21 @@ def test_allocate_layer_bits_errors():
         allocate_layer_bits({2.0: torch.ones(3, 2)}, 1.0)
     with pytest.raises(ValueError, match=r"\[n_layers, 2\]"):
         allocate_layer_bits({1.0: torch.ones(3, 3)}, 1.0)
+
+
+def test_side_errors_fall_with_bits_and_vanish_for_an_exact_side():
+    """side_errors on random calibration data: more bits, less error, per side; a side whose tokens
+    are all anchors (anchor_frac=1) is exact, so its error is zero to rounding."""
+    from antkv_compile.calibrate import CalibrationData, side_errors
+
+    g = torch.Generator().manual_seed(1)
+    n, H, L, D = 2, 2, 768, 16  # more tokens than 256 centroids, or every token is its own centroid
+    k, v = torch.randn(n, H, L, D, generator=g), torch.randn(n, H, L, D, generator=g)
+    q = torch.randn(n, 2 * H, 8, D, generator=g)
+    data = CalibrationData([k], [v], [torch.rand(n, H, L, generator=g)], [torch.rand(n, H, L, generator=g)], [q], [D**-0.5], {},
+                           [torch.eye(D).expand(H, D, D).clone()])
+    errors = side_errors(data, options=(0.5, 4.0), kmeans_tokens=1536, iters=5, eval_seqs=2, progress=False)
+    assert errors[0.5].shape == (1, 2)
+    assert (errors[4.0] < errors[0.5]).all() and (errors[0.5] > 0).all()
+    exact = side_errors(data, options=(1.0,), anchor_frac=1.0, kmeans_tokens=512, iters=2, eval_seqs=2, progress=False)
+    torch.testing.assert_close(exact[1.0], torch.zeros(1, 2, dtype=torch.float64), rtol=0, atol=1e-10)
