@@ -9,7 +9,11 @@
    K/V split of the bit budget by the attention-output error each candidate causes on the probe,
    keys-favoured as the prior ("More for Keys, Less for Values").
 
-`calibrate(model, texts, bits=1.0)` does both. Fitted codebooks are memoized on the
+3. Optionally (`side_errors` + `allocate_layer_bits`, then `fit_codebooks(layer_bits=...)`), bits
+   per layer and side: each side's attention-output error alone at each byte-aligned option, and
+   the assignment with the least summed error at no more stored bits than the uniform budget.
+
+`calibrate(model, texts, bits=1.0)` does 1 and 2. Fitted codebooks are memoized on the
 CalibrationData, so several budgets and ablations share the k-means work.
 """
 
