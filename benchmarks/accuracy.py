@@ -237,7 +237,15 @@ for _bits in (2.0, 1.0):
                         fit={"key_basis": False}))
 # Key basis axes dealt to subspaces in pairs adjacent in variance (quant/basis.deal_axes, unit 2)
 # instead of one at a time: the greedy balance put the two axes of a near-equal pair into different
-# subspaces. Unweighted k-means at 2 bit (the 1-bit one is above).
+# subspaces. The RoPE question behind it: post-RoPE keys of SmolLM2 (rotate_half, planes (i, i+32))
+# have their largest principal axes outside single RoPE planes (a consecutive pair of whitened
+# principal axes holds ~0.4 of its energy in one plane on layers 3/10/18/23), and a pure permutation
+# putting each plane into one subspace, with or without per-plane whitening, scored worse than the
+# learned basis on held-out attention-output error (layers 10, 18: 0.41 none / 0.41 plane
+# permutation / 0.23 plane-wise whitened PCA / 0.21 learned basis / 0.20 paired). Measured on
+# development windows (--eval-offset 50000 --windows 2 --chunk 32 --prompt 0): 1 bit ppl 27.359
+# paired against 27.369: no gain, so unit 1 stays the default. Unweighted k-means at 2 bit (the
+# 1-bit one is above).
 for _bits in (2.0, 1.0):
     register(_antkv_row(f"antkv-{_bits:g}bit-paired-axes", _bits, "ablation: key basis axes dealt in variance-adjacent pairs",
                         fit={"basis_unit": 2}))
