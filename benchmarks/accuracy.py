@@ -252,6 +252,11 @@ for _bits in (2.0, 1.0):
 register(_antkv_row("antkv-2bit-unweighted", 2.0, "ablation: plain (unweighted) k-means", fit={"weighted": False}))
 
 
+# Bits per layer and side. The probe (calibrate.side_errors) finds keys at 1 bit costing ~2x the
+# attention-output error of values and layer 0 almost none, so the allocation moves key bits up on
+# layers 5-12 and values down to 0.5 where they cost least. Development windows (--eval-offset
+# 50000 --windows 2 --chunk 32 --prompt 0, FP 24.193): 1 bit ppl 27.369 (1.131x) -> 26.871
+# (1.111x) at the same effective bits (2.354), both windows better (1.108 -> 1.090, 1.155 -> 1.132).
 # k-means of the error measurement that allocates bits: fewer tokens and iterations than the fit
 # (it ranks options per side; the chosen ones are then fitted as usual).
 ALLOCATION_FIT = {"kmeans_tokens": 2048, "iters": 8}
