@@ -9,7 +9,11 @@
    K/V split of the bit budget by the attention-output error each candidate causes on the probe,
    keys-favoured as the prior ("More for Keys, Less for Values").
 
-`calibrate(model, texts, bits=1.0)` does both. Fitted codebooks are memoized on the
+3. Optionally (`side_errors` + `allocate_layer_bits`, then `fit_codebooks(layer_bits=...)`), bits
+   per layer and side: each side's attention-output error alone at each byte-aligned option, and
+   the assignment with the least summed error at no more stored bits than the uniform budget.
+
+`calibrate(model, texts, bits=1.0)` does 1 and 2. Fitted codebooks are memoized on the
 CalibrationData, so several budgets and ablations share the k-means work.
 """
 
@@ -127,8 +131,8 @@ def _token_weights(score: torch.Tensor, anchor_frac: float) -> torch.Tensor:
     return per_head.minimum(cap).clamp_min(1e-12)
 
 
-def _fit_side(x, weights, spec, iters, seed, kmeans_tokens):
-    """Centroids [Hkv, S, K, d] and mean error per head for one side (K or V) of one layer."""
+def _kmeans_side(x, weights, spec, iters, seed, kmeans_tokens):
+    """Centroids [Hkv, S, K, d] of one side (K or V) of one layer, from kmeans_tokens sampled tokens."""
     n, H, L, D = x.shape
     S = spec.num_subspaces(D)
     tokens = x.transpose(0, 1).reshape(H, n * L, D)
@@ -136,7 +140,12 @@ def _fit_side(x, weights, spec, iters, seed, kmeans_tokens):
     pick = torch.randperm(n * L, generator=gen)[:kmeans_tokens]
     sub = tokens[:, pick].unflatten(-1, (S, spec.sub_dim)).transpose(1, 2).reshape(H * S, -1, spec.sub_dim)
     w = None if weights is None else weights[:, pick].repeat_interleave(S, 0)
-    centroids = weighted_kmeans(sub, spec.num_centroids, w, iters=iters, seed=seed).view(H, S, spec.num_centroids, spec.sub_dim)
+    return weighted_kmeans(sub, spec.num_centroids, w, iters=iters, seed=seed).view(H, S, spec.num_centroids, spec.sub_dim)
+
+
+def _fit_side(x, weights, spec, iters, seed, kmeans_tokens):
+    """Centroids [Hkv, S, K, d] and mean error per head for one side (K or V) of one layer."""
+    centroids = _kmeans_side(x, weights, spec, iters, seed, kmeans_tokens)
     err = (x - decode(encode(x, centroids), centroids)).norm(dim=-1).mean((0, 2))
     return centroids, err
 
@@ -157,24 +166,24 @@ def _use_basis(key_basis, kspec: PQSpec) -> bool:
     return key_basis
 
 
-def _layer_keys(data, layer, kspec, key_basis):
+def _layer_keys(data, layer, kspec, key_basis, basis_unit=1):
     """The layer's calibration keys in the basis they are quantized in: (keys, A, A^-1)."""
     if not key_basis:
         return data.keys[layer], None, None
     if data.query_moment is None:
         raise ValueError("a key basis needs the query moments of collect_calibration; collect again or pass key_basis=False")
-    key = ("basis", layer, kspec.sub_dim)
+    key = ("basis", layer, kspec.sub_dim, basis_unit)
     if key not in data.fits:
-        basis, basis_inv = fit_key_basis(data.keys[layer], data.query_moment[layer], kspec.sub_dim)
+        basis, basis_inv = fit_key_basis(data.keys[layer], data.query_moment[layer], kspec.sub_dim, unit=basis_unit)
         data.fits[key] = (to_basis(data.keys[layer], basis), basis, basis_inv)
     return data.fits[key]
 
 
-def _fit_layer(data, layer, kspec, vspec, weighted, anchor_frac, iters, seed, kmeans_tokens, key_basis="auto") -> LayerCodebook:
+def _fit_layer(data, layer, kspec, vspec, weighted, anchor_frac, iters, seed, kmeans_tokens, key_basis="auto", basis_unit=1) -> LayerCodebook:
     key_basis = _use_basis(key_basis, kspec)
-    key = (layer, kspec, vspec, weighted, anchor_frac, iters, seed, kmeans_tokens, key_basis)
+    key = (layer, kspec, vspec, weighted, anchor_frac, iters, seed, kmeans_tokens, key_basis, basis_unit)
     if key not in data.fits:
-        keys, basis, basis_inv = _layer_keys(data, layer, kspec, key_basis)
+        keys, basis, basis_inv = _layer_keys(data, layer, kspec, key_basis, basis_unit)
         w = _token_weights(_anchor_scores(data, layer, kspec, vspec, keys), anchor_frac) if weighted else None
         kc, ke = _fit_side(keys, w, kspec, iters, seed, kmeans_tokens)
         vc, ve = _fit_side(data.values[layer], w, vspec, iters, seed + 1, kmeans_tokens)
@@ -224,6 +233,83 @@ def kv_candidates(bits: float) -> list[tuple[PQSpec, PQSpec]]:
     return pairs
 
 
+@torch.no_grad()
+def side_errors(data: CalibrationData, options=(0.5, 1.0, 2.0), anchor_frac: float = 0.01, iters: int = 15, seed: int = 0,
+                kmeans_tokens: int = 4096, key_basis="auto", eval_seqs: int = 8, progress: bool = True) -> dict:
+    """{bits: tensor [n_layers, 2]}: the relative attention-output error on the probe queries of the
+    first `eval_seqs` calibration sequences when only the layer's keys (column 0) or only its values
+    (column 1) are quantized at `bits` (Anchor-Score-weighted k-means as fit_codebooks, anchors
+    exact). The input of `allocate_layer_bits`."""
+    n_layers = len(data.keys)
+    out = {b: torch.zeros(n_layers, 2, dtype=torch.float64) for b in options}
+    bar = tqdm(total=n_layers * len(options), desc="side errors", disable=not progress)
+    for layer in range(n_layers):
+        k, v, q = data.keys[layer][:eval_seqs], data.values[layer][:eval_seqs], data.probe_q[layer][:eval_seqs]
+        L, P = k.shape[2], q.shape[2]
+        mask = torch.ones(P, L, dtype=torch.bool).tril(L - P)
+
+        def attend(qq, kk, vv):
+            return torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=data.scale[layer], enable_gqa=True)
+
+        ref = attend(q, k, v)
+        for b in options:
+            spec = spec_for_bits(b)
+            keys, basis, basis_inv = _layer_keys(data, layer, spec, _use_basis(key_basis, spec))
+            score = _anchor_scores(data, layer, spec, spec, keys)
+            w = _token_weights(score, anchor_frac)
+            kc = _kmeans_side(keys, w, spec, iters, seed, kmeans_tokens)
+            vc = _kmeans_side(data.values[layer], w, spec, iters, seed + 1, kmeans_tokens)
+            exact = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(math.ceil(anchor_frac * L), -1).indices, True)[:eval_seqs]
+            kb = keys[:eval_seqs]
+            qb = q if basis is None else query_to_basis(q, basis_inv)
+            for col, got in enumerate((attend(qb, _dense_with_anchors(kb, kc, exact), v), attend(qb, kb, _dense_with_anchors(v, vc, exact)))):
+                out[b][layer, col] = ((got - ref).pow(2).sum() / ref.pow(2).sum()).item()
+            bar.update()
+    bar.close()
+    return out
+
+
+def allocate_layer_bits(errors: dict, bits: float) -> list[tuple[float, float]]:
+    """(key_bits, value_bits) per layer minimizing the summed error at a mean stored budget.
+
+    errors: {bits_option: tensor [n_layers, 2]}, the error each layer's key (column 0) and value
+    (column 1) side causes at that option (e.g. the relative attention-output error with the other
+    side exact). The budget is `bits` stored bits per element on average over all sides, counted as
+    the cache stores codes (`PQSpec.stored_bits`: a byte per code), so the result never stores more
+    than all sides at `bits` would. Exact: a multiple-choice knapsack by dynamic programming over
+    the sides, in sixteenths of a bit."""
+    options = sorted(errors)
+    if not options:
+        raise ValueError("allocate_layer_bits needs errors for at least one bit option")
+    table = torch.stack([torch.as_tensor(errors[b], dtype=torch.float64) for b in options], -1)  # [L, 2, O]
+    if table.dim() != 3 or table.shape[1] != 2:
+        raise ValueError(f"errors must map each bit option to a [n_layers, 2] tensor (key, value), got shape {tuple(table.shape[:-1])}")
+    sides = table.reshape(-1, len(options)).tolist()
+    cost = [round(spec_for_bits(b).stored_bits * 16) for b in options]
+    capacity = math.floor(spec_for_bits(bits).stored_bits * 16 * len(sides) + 1e-9)
+    if min(cost) * len(sides) > capacity:
+        raise ValueError(f"no allocation fits {bits:g} stored bits per element with options {options}")
+    inf = float("inf")
+    best = [0.0] + [inf] * capacity  # best[c]: least error of the sides so far using exactly c units
+    choice = []
+    for errs in sides:
+        new, pick = [inf] * (capacity + 1), [-1] * (capacity + 1)
+        for c in range(capacity + 1):
+            for o, (w, e) in enumerate(zip(cost, errs)):
+                if w <= c and best[c - w] + e < new[c]:
+                    new[c], pick[c] = best[c - w] + e, o
+        best = new
+        choice.append(pick)
+    c = min(range(capacity + 1), key=lambda c: best[c])
+    picked = []
+    for pick in reversed(choice):
+        o = pick[c]
+        picked.append(options[o])
+        c -= cost[o]
+    picked.reverse()
+    return [(picked[2 * l], picked[2 * l + 1]) for l in range(len(sides) // 2)]
+
+
 def fit_codebooks(
     data: CalibrationData,
     bits: float = 1.0,
@@ -235,20 +321,28 @@ def fit_codebooks(
     seed: int = 0,
     kmeans_tokens: int = 4096,
     key_basis: bool | str = "auto",
+    basis_unit: int = 1,
+    layer_bits: list | None = None,
     progress: bool = True,
 ) -> Codebooks:
     """Codebooks for an average budget of `bits` per element.
 
     key_basis: quantize keys in a learned basis (quant/basis.py) instead of their own coordinates;
     "auto": for key sub-vectors of up to KEY_BASIS_MAX_SUB_DIM dims (budgets of 1 bit and more).
+    basis_unit: the key basis deals its principal axes to subspaces one at a time (1) or in pairs
+    adjacent in variance (2; quant/basis.deal_axes).
     kv_split: "auto" (measure the candidates of `kv_candidates`, keep the lowest attention error;
     on a near tie the norm rule decides), "equal", or explicit (key_bits, value_bits).
     per_layer: choose the split per layer instead of one split for the model.
+    layer_bits: explicit (key_bits, value_bits) per layer (e.g. from `allocate_layer_bits`), instead
+    of kv_split; `bits` is then only recorded, the file records the mean stored bits.
     anchor_frac: the share of tokens the cache will keep exact as anchors (CacheSettings.anchor_frac):
     k-means weights are capped at that Anchor Score quantile, the split is scored with that share
     exact, and the file records it so caches default to it.
     """
     n_layers = len(data.keys)
+    if not isinstance(basis_unit, int) or basis_unit < 1:
+        raise ValueError(f"basis_unit must be a positive int (1: axes one at a time, 2: in pairs), got {basis_unit!r}")
     if kv_split == "equal":
         cands = kv_candidates(bits)[:1]
     elif isinstance(kv_split, (tuple, list)):
@@ -258,6 +352,11 @@ def fit_codebooks(
         cands = kv_candidates(bits)
     else:
         raise ValueError(f"kv_split must be 'auto', 'equal' or (key_bits, value_bits), got {kv_split!r}")
+    if layer_bits is not None:
+        if len(layer_bits) != n_layers or any(len(pair) != 2 for pair in layer_bits):
+            raise ValueError(f"layer_bits needs one (key_bits, value_bits) pair per layer ({n_layers}), got {layer_bits!r}")
+        layer_specs = [(spec_for_bits(kb), spec_for_bits(vb)) for kb, vb in layer_bits]
+        cands = sorted(set(layer_specs), key=lambda kv: (kv[0].bits, kv[1].bits))
     for kspec, vspec in cands:
         kspec.num_subspaces(data.keys[0].shape[-1]), vspec.num_subspaces(data.keys[0].shape[-1])
     bad = [f"layer {i} {what}" for what, xs in (("keys", data.keys), ("values", data.values)) for i, x in enumerate(xs) if not torch.isfinite(x).all()]
@@ -273,11 +372,13 @@ def fit_codebooks(
 
     errors = torch.zeros(len(cands), n_layers)
     books = [[None] * n_layers for _ in cands]
-    bar = tqdm(total=len(cands) * n_layers, desc=f"codebooks {bits:g} bit", disable=not progress)
+    bar = tqdm(total=n_layers if layer_bits is not None else len(cands) * n_layers, desc=f"codebooks {bits:g} bit", disable=not progress)
     for c, (kspec, vspec) in enumerate(cands):
         for layer in range(n_layers):
-            books[c][layer] = _fit_layer(data, layer, kspec, vspec, weighted, anchor_frac, iters, seed, kmeans_tokens, key_basis)
-            if len(cands) > 1:
+            if layer_bits is not None and layer_specs[layer] != (kspec, vspec):
+                continue
+            books[c][layer] = _fit_layer(data, layer, kspec, vspec, weighted, anchor_frac, iters, seed, kmeans_tokens, key_basis, basis_unit)
+            if len(cands) > 1 and layer_bits is None:
                 errors[c, layer] = attention_error(data, layer, books[c][layer], anchor_frac)
             bar.update()
     bar.close()
@@ -292,7 +393,9 @@ def fit_codebooks(
         return best
 
     name = [f"K{k.bits:g}/V{v.bits:g}" for k, v in cands]
-    if per_layer:
+    if layer_bits is not None:
+        chosen = [cands.index(layer_specs[l]) for l in range(n_layers)]
+    elif per_layer:
         chosen = [pick(errors[:, l]) for l in range(n_layers)]
     else:
         chosen = [pick(errors.mean(1))] * n_layers
@@ -301,7 +404,9 @@ def fit_codebooks(
         "kv_split": kv_split if isinstance(kv_split, str) else list(kv_split),
         "per_layer": per_layer,
         "chosen": [name[c] for c in chosen],
-        "candidate_errors": {name[c]: errors[c].mean().item() for c in range(len(cands))} if len(cands) > 1 else {},
+        "candidate_errors": {name[c]: errors[c].mean().item() for c in range(len(cands))} if len(cands) > 1 and layer_bits is None else {},
+        "layer_bits": None if layer_bits is None else [[float(kb), float(vb)] for kb, vb in layer_bits],
+        "mean_stored_bits": sum(books[c][l].key.spec.stored_bits + books[c][l].value.spec.stored_bits for l, c in enumerate(chosen)) / (2 * n_layers),
         "norm_prior": "keys" if prior_key else "values",
         "mean_key_norm": key_norm,
         "mean_value_norm": value_norm,
@@ -311,6 +416,7 @@ def fit_codebooks(
         "calibration_tokens": data.num_tokens,
         "kmeans_tokens": kmeans_tokens,
         "key_basis": key_basis,
+        "basis_unit": basis_unit,
         "key_basis_used": [books[c][l].key.basis is not None for l, c in enumerate(chosen)],
         "iters": iters,
         "seed": seed,

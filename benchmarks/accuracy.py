@@ -143,13 +143,62 @@ register(_quantized_cache_row("hqq", 1, _HQQ_NOTES))
 _CALIBRATION: dict[int, ak.CalibrationData] = {}
 
 
+CALIB_CACHE: Path | None = None  # --calib-cache: collected calibration kept on disk across processes
+
+
+def _calibration_file(ctx: Context) -> Path:
+    """Where --calib-cache keeps the collection of this model and calibration slice."""
+    import hashlib
+
+    from antkv_compile.codebook_cache import model_digest
+
+    ids = ctx.calib_ids.to("cpu", torch.int64).contiguous()
+    key = hashlib.sha256((model_digest(ctx.model) + hashlib.sha256(ids.numpy().tobytes()).hexdigest() + "seq1024").encode()).hexdigest()[:16]
+    return CALIB_CACHE / f"calibration-{ids.numel()}-{key}.pt"
+
+
 def _calibration(ctx: Context) -> ak.CalibrationData:
     """Collected once per process and shared by all our rows; k-means fits are memoized on it, so
-    budgets and ablations that need the same codebooks fit them once."""
+    budgets and ablations that need the same codebooks fit them once. With --calib-cache DIR the
+    collection (10-20 minutes) is saved there and loaded by later processes (keyed by the model's
+    weights and the calibration ids)."""
     key = id(ctx.calib_ids)
     if key not in _CALIBRATION:
-        _CALIBRATION[key] = ak.collect_calibration(ctx.model, ctx.calib_ids, seq_len=1024, max_tokens=None)
+        path = _calibration_file(ctx) if CALIB_CACHE is not None else None
+        if path is not None and path.exists():
+            fields = torch.load(path, weights_only=True)
+            _CALIBRATION[key] = ak.CalibrationData(**fields)
+        else:
+            _CALIBRATION[key] = ak.collect_calibration(ctx.model, ctx.calib_ids, seq_len=1024, max_tokens=None)
+            if path is not None:
+                data = _CALIBRATION[key]
+                fields = {f: getattr(data, f) for f in ("keys", "values", "s1", "s0", "probe_q", "scale", "fingerprint", "query_moment")}
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                torch.save(fields, tmp)
+                os.replace(tmp, path)
     return _CALIBRATION[key]
+
+
+def _books(ctx: Context, name: str, fit: Callable[[], ak.Codebooks]) -> ak.Codebooks:
+    """fit(), or with --calib-cache its earlier result for this row, calibration slice and fitting
+    code (keyed by the source of calibrate.py and quant/, so an edit there refits): a row's
+    development and evaluation runs share one fit."""
+    if CALIB_CACHE is None:
+        return fit()
+    import hashlib
+
+    src = Path(ak.__file__).resolve().parent
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in [src / "calibrate.py", *sorted((src / "quant").glob("*.py"))])).hexdigest()
+    key = hashlib.sha256(f"{_calibration_file(ctx).name}|{name}|{sorted(_FIT_OVERRIDES.items())}|{code}".encode()).hexdigest()[:16]
+    path = CALIB_CACHE / f"books-{name}-{key}.safetensors"
+    if path.exists():
+        return ak.Codebooks.load(path, config=ctx.model.config)
+    books = fit()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    books.save(tmp)
+    os.replace(tmp, path)
+    return books
 
 
 # --quick's k-means: a few iterations on few tokens (a smoke test of the harness, not results).
@@ -162,7 +211,7 @@ def _antkv_row(name: str, bits: float, notes: str, fit: dict | None = None, **ca
     chosen by measured attention error unless `fit` says otherwise), cache settings as given."""
 
     def setup(ctx: Context) -> Setup:
-        books = ak.fit_codebooks(_calibration(ctx), bits, **{**(fit or {}), **_FIT_OVERRIDES})
+        books = _books(ctx, name, lambda: ak.fit_codebooks(_calibration(ctx), bits, **{**(fit or {}), **_FIT_OVERRIDES}))
         ak.use_antkv_attention(ctx.model)  # dense caches still run plain sdpa through it
         split = books.settings["chosen"][0]
         errors = ", ".join(f"{k} {v:.4f}" for k, v in books.settings["candidate_errors"].items())
@@ -186,6 +235,60 @@ register(_antkv_row("antkv-1bit-no-window", 1.0, "ablation: no exact window (onl
 for _bits in (2.0, 1.0):
     register(_antkv_row(f"antkv-{_bits:g}bit-no-basis", _bits, "ablation: no key basis (keys quantized in their own coordinates)",
                         fit={"key_basis": False}))
+# Key basis axes dealt to subspaces in pairs adjacent in variance (quant/basis.deal_axes, unit 2)
+# instead of one at a time: the greedy balance put the two axes of a near-equal pair into different
+# subspaces. The RoPE question behind it: post-RoPE keys of SmolLM2 (rotate_half, planes (i, i+32))
+# have their largest principal axes outside single RoPE planes (a consecutive pair of whitened
+# principal axes holds ~0.4 of its energy in one plane on layers 3/10/18/23), and a pure permutation
+# putting each plane into one subspace, with or without per-plane whitening, scored worse than the
+# learned basis on held-out attention-output error (layers 10, 18: 0.41 none / 0.41 plane
+# permutation / 0.23 plane-wise whitened PCA / 0.21 learned basis / 0.20 paired). Measured on
+# development windows (--eval-offset 50000 --windows 2 --chunk 32 --prompt 0): 1 bit ppl 27.359
+# paired against 27.369: no gain, so unit 1 stays the default. Unweighted k-means at 2 bit (the
+# 1-bit one is above).
+for _bits in (2.0, 1.0):
+    register(_antkv_row(f"antkv-{_bits:g}bit-paired-axes", _bits, "ablation: key basis axes dealt in variance-adjacent pairs",
+                        fit={"basis_unit": 2}))
+register(_antkv_row("antkv-2bit-unweighted", 2.0, "ablation: plain (unweighted) k-means", fit={"weighted": False}))
+
+
+# Bits per layer and side. The probe (calibrate.side_errors) finds keys at 1 bit costing ~2x the
+# attention-output error of values and layer 0 almost none, so the allocation moves key bits up on
+# layers 5-12 and values down to 0.5 where they cost least. Development windows (--eval-offset
+# 50000 --windows 2 --chunk 32 --prompt 0, FP 24.193): 1 bit ppl 27.369 (1.131x) -> 26.871
+# (1.111x) at the same effective bits (2.354), both windows better (1.108 -> 1.090, 1.155 -> 1.132).
+# Then once on the evaluation windows (token by token, 4 x 2048 from 100000): 1.2817x -> 1.2309x FP
+# at 1.870 effective bits, every window better (1.164/1.333/1.331/1.307 -> 1.138/1.253/1.275/1.263).
+# k-means of the error measurement that allocates bits: fewer tokens and iterations than the fit
+# (it ranks options per side; the chosen ones are then fitted as usual).
+ALLOCATION_FIT = {"kmeans_tokens": 2048, "iters": 8}
+
+
+def _allocated_row(bits: float, options: tuple) -> Row:
+    """Bits per layer and side (byte-aligned presets `options`) chosen by allocate_layer_bits from
+    each side's measured attention-output error (calibrate.side_errors: ~1 minute per layer on 1
+    thread, on top of the fit), at no more stored bits than every side at `bits`."""
+
+    def setup(ctx: Context) -> Setup:
+        from antkv_compile.calibrate import allocate_layer_bits, side_errors
+
+        def fit():
+            data = _calibration(ctx)
+            errors = side_errors(data, options, **{**ALLOCATION_FIT, **_FIT_OVERRIDES})
+            return ak.fit_codebooks(data, bits, layer_bits=allocate_layer_bits(errors, bits), **_FIT_OVERRIDES)
+
+        books = _books(ctx, f"antkv-{bits:g}bit-allocated", fit)
+        ak.use_antkv_attention(ctx.model)
+        chosen = " ".join(books.settings["chosen"])
+        return Setup(lambda: ak.AntKVCache(books), codebooks=books.tensors(),
+                     details=f"per layer {chosen} (mean stored bits {books.settings['mean_stored_bits']:.3f})")
+
+    return Row(f"antkv-{bits:g}bit-allocated", bits, setup, kind="ours",
+               notes=f"ablation: bits per layer and side from {', '.join(f'{b:g}' for b in options)} by measured attention error")
+
+
+register(_allocated_row(1.0, (0.5, 1.0, 2.0)))
+register(_allocated_row(2.0, (1.0, 2.0, 4.0)))
 # The exact window is the largest lever a user has (the QuantizedCache peers keep a residual of 128):
 # 64 instead of 32 at the two budgets the acceptance names, same codebooks, +0.5 effective bits.
 for _bits in (2.0, 1.0):
@@ -431,6 +534,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # from [0, 8192), with the same 4096 k-means tokens per codebook (`--rows antkv-2bit
     # --eval-offset 50000 --windows 2 --calib-tokens N --out DIR`).
     p.add_argument("--calib-tokens", type=int, default=32768, help="calibration slice [0, N) (default: 32768)")
+    p.add_argument("--calib-cache", type=Path,
+                   help="directory where the collected calibration (keys, values, Anchor Score sums, query moments) is saved and "
+                        "reused by later runs with the same model and slice (default: collect in every process)")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of an earlier run in --out that this run does not recompute (runs of row subsets, e.g. in parallel)")
     p.add_argument("--quick", action="store_true",
@@ -451,7 +557,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    global CALIB_CACHE
     args = parse_args(argv)
+    CALIB_CACHE = args.calib_cache
     rows = select_rows(args.rows)
     model, tokenizer = load_smollm2()
     ids = load_wikitext_ids(tokenizer, args.data)

@@ -53,17 +53,40 @@ def query_to_basis(q: torch.Tensor, basis_inv: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhgrd,hed->bhgre", grouped, basis_inv).reshape(q.shape).to(q.dtype)
 
 
-def fit_key_basis(keys: torch.Tensor, query_moment: torch.Tensor, sub_dim: int, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+def deal_axes(variances: torch.Tensor, sub_dim: int, unit: int = 1) -> list[int]:
+    """Order of the axes (by index into `variances`, [D]) that deals them out to D / sub_dim
+    subspaces of sub_dim consecutive slots with balanced products of variances: units of `unit`
+    axes adjacent in variance order, largest first, each to the open subspace with the smallest
+    log-variance sum so far (logs relative to the smallest variance, so every term is >= 0)."""
+    D = variances.shape[0]
+    if D % sub_dim or sub_dim % unit:
+        raise ValueError(f"cannot deal {D} axes into sub-vectors of {sub_dim} in units of {unit}")
+    S = D // sub_dim
+    v = variances.double().clamp_min(1e-12)
+    log_var = (v / v.min()).log()
+    order = v.argsort(descending=True).tolist()
+    units = [order[i : i + unit] for i in range(0, D, unit)]
+    slots, sums = [[] for _ in range(S)], [0.0] * S
+    for u in units:  # already largest first
+        s = min((s for s in range(S) if len(slots[s]) < sub_dim), key=lambda s: sums[s])
+        slots[s] += u
+        sums[s] += float(log_var[u].sum())
+    return [i for slot in slots for i in slot]
+
+
+def fit_key_basis(
+    keys: torch.Tensor, query_moment: torch.Tensor, sub_dim: int, ridge: float = 1e-3, unit: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, A^-1), each [H, D, D] float32, for keys [n, H, L, D] and query second moments [H, D, D]
     (sum of q q^T over the query heads of each kv head; scale does not matter).
 
     A = W U: W the symmetric square root of the query moment (normalized to mean diagonal 1, plus
     `ridge` so it stays invertible), U the principal axes of the whitened keys, ordered so that the
-    D / sub_dim subspaces get balanced products of variances (greedy, largest axis first)."""
+    D / sub_dim subspaces get balanced products of variances (`deal_axes`: greedy, largest axis
+    first; `unit=2` deals pairs of axes adjacent in variance, so each pair shares a subspace)."""
     n, H, L, D = keys.shape
     if D % sub_dim:
         raise ValueError(f"head_dim {D} is not divisible by the sub-vector size {sub_dim}")
-    S = D // sub_dim
     eye = torch.eye(D, dtype=torch.float64)
     bases, inverses = [], []
     for h in range(H):
@@ -74,15 +97,7 @@ def fit_key_basis(keys: torch.Tensor, query_moment: torch.Tensor, sub_dim: int, 
         k = keys[:, h].reshape(-1, D).double() @ w
         k = k - k.mean(0)
         var, axes = torch.linalg.eigh(k.T @ k / max(1, k.shape[0]))
-        # Largest first, each to the open subspace with the smallest log-variance sum so far (logs
-        # taken relative to the smallest variance, so every term is >= 0 and the greedy balances).
-        log_var = (var.clamp_min(1e-12) / var.clamp_min(1e-12).min()).log()
-        slots, sums = [[] for _ in range(S)], [0.0] * S
-        for i in var.argsort(descending=True).tolist():
-            s = min((s for s in range(S) if len(slots[s]) < sub_dim), key=lambda s: sums[s])
-            slots[s].append(i)
-            sums[s] += float(log_var[i])
-        a = w @ axes[:, [i for slot in slots for i in slot]]
+        a = w @ axes[:, deal_axes(var, sub_dim, unit)]
         bases.append(a.float())
         inverses.append(torch.linalg.inv(a).float())
     return torch.stack(bases), torch.stack(inverses)
