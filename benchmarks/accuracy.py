@@ -79,12 +79,14 @@ class Context:
 
 @dataclass(frozen=True)
 class Setup:
-    """A row ready to evaluate. `make_cache()` returns a fresh cache for one window. `codebooks`:
+    """A row ready to evaluate. `make_cache(n)` returns a fresh cache for one window of n tokens
+    (ours preallocated for them, max_cache_len=n, as a generate() call knows its length, so no
+    growth capacity counts in the bytes). `codebooks`:
     tensors shared by every cache of the row, or a function of a cache giving its own (data-free
     codebooks, fitted per cache); None for rows without. They are excluded from the cache bytes
     and reported as codebook_bytes."""
 
-    make_cache: Callable[[], object]
+    make_cache: Callable[[int], object]
     codebooks: Sequence[torch.Tensor] | Callable[[object], Sequence[torch.Tensor]] | None = None
     details: str = ""  # appended to the row's notes, e.g. the K/V split calibration chose
 
@@ -113,7 +115,7 @@ def register(row: Row) -> Row:
 
 # --- baseline rows -------------------------------------------------------------------------------
 
-register(Row("fp", None, lambda ctx: Setup(lambda: DynamicCache(config=ctx.model.config)), kind="fp",
+register(Row("fp", None, lambda ctx: Setup(lambda n: DynamicCache(config=ctx.model.config)), kind="fp",
              notes="DynamicCache, model dtype"))
 
 
@@ -124,7 +126,7 @@ def _quantized_cache_row(backend: str, nbits: int, notes: str) -> Row:
     cache's device by transformers."""
 
     def setup(ctx: Context) -> Setup:
-        return Setup(lambda: QuantizedCache(backend, ctx.model.config, nbits=nbits, axis_key=0, axis_value=0,
+        return Setup(lambda n: QuantizedCache(backend, ctx.model.config, nbits=nbits, axis_key=0, axis_value=0,
                                             q_group_size=64, residual_length=128))
 
     return Row(f"{backend}-{nbits}bit", float(nbits), setup, kind="peer", notes=notes)
@@ -216,7 +218,7 @@ def _antkv_row(name: str, bits: float, notes: str, fit: dict | None = None, **ca
         split = books.settings["chosen"][0]
         errors = ", ".join(f"{k} {v:.4f}" for k, v in books.settings["candidate_errors"].items())
         basis = "key basis" if any(books.settings["key_basis_used"]) else "no key basis"
-        return Setup(lambda: ak.AntKVCache(books, **cache_settings), codebooks=books.tensors(),
+        return Setup(lambda n: ak.AntKVCache(books, **cache_settings, max_cache_len=n), codebooks=books.tensors(),
                      details=f"split {split}" + (f" (probe attention error {errors})" if errors else "") + f", {basis}")
 
     return Row(name, bits, setup, kind="ours", notes=notes)
@@ -280,7 +282,7 @@ def _allocated_row(bits: float, options: tuple) -> Row:
         books = _books(ctx, f"antkv-{bits:g}bit-allocated", fit)
         ak.use_antkv_attention(ctx.model)
         chosen = " ".join(books.settings["chosen"])
-        return Setup(lambda: ak.AntKVCache(books), codebooks=books.tensors(),
+        return Setup(lambda n: ak.AntKVCache(books, max_cache_len=n), codebooks=books.tensors(),
                      details=f"per layer {chosen} (mean stored bits {books.settings['mean_stored_bits']:.3f})")
 
     return Row(f"antkv-{bits:g}bit-allocated", bits, setup, kind="ours",
@@ -315,7 +317,7 @@ def _datafree_row(bits: float) -> Row:
 
     def setup(ctx: Context) -> Setup:
         ak.use_antkv_attention(ctx.model)
-        return Setup(lambda: ak.AntKVCache(bits=bits, refine=None), codebooks=lambda cache: [t for layer in cache.layers for t in layer.codebook.tensors()],
+        return Setup(lambda n: ak.AntKVCache(bits=bits, refine=None, max_cache_len=n), codebooks=lambda cache: [t for layer in cache.layers for t in layer.codebook.tensors()],
                      details="codebooks per cache (not shared), fitted to its first call")
 
     return Row(f"antkv-datafree-{bits:g}bit", bits, setup, kind="ours",
@@ -330,7 +332,7 @@ def _refined_row(bits: float) -> Row:
 
     def setup(ctx: Context) -> Setup:
         ak.use_antkv_attention(ctx.model)
-        return Setup(lambda: ak.AntKVCache(bits=bits), codebooks=lambda cache: [t for layer in cache.layers for t in layer.codebook.tensors()],
+        return Setup(lambda n: ak.AntKVCache(bits=bits, max_cache_len=n), codebooks=lambda cache: [t for layer in cache.layers for t in layer.codebook.tensors()],
                      details="codebooks per cache (not shared), data-free from its first call, refined online")
 
     return Row(f"antkv-refined-{bits:g}bit", bits, setup, kind="ours",
@@ -349,6 +351,8 @@ def select_rows(spec: str | None) -> list[Row]:
     """Rows matching a comma list of names or globs, in registry order (all rows if spec is None)."""
     if spec is None:
         return list(ROWS.values())
+    if spec == "":  # --import alone
+        return []
     patterns = [p.strip() for p in spec.split(",") if p.strip()]
     unmatched = [p for p in patterns if not fnmatch.filter(ROWS, p)]
     if unmatched:
@@ -370,7 +374,7 @@ def evaluate_row(row: Row, ctx: Context, windows: list[torch.Tensor], chunk: int
         window_nll, predictions, bits, exclude = [], 0, [], []
         groups = [torch.stack(windows[i:i + batch]) for i in range(0, len(windows), batch)]
         for group in tqdm(groups, desc=row.name, unit="batch"):
-            nll, predictions, cache = decode_nll(ctx.model, group, setup.make_cache, chunk, prompt)
+            nll, predictions, cache = decode_nll(ctx.model, group, lambda: setup.make_cache(group.shape[1]), chunk, prompt)
             window_nll += nll.tolist()
             exclude = setup.codebooks(cache) if callable(setup.codebooks) else setup.codebooks or ()
             dense = dense_kv_elements(cache, ctx.model.config, batch_size=group.shape[0])
@@ -539,6 +543,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "reused by later runs with the same model and slice (default: collect in every process)")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of an earlier run in --out that this run does not recompute (runs of row subsets, e.g. in parallel)")
+    p.add_argument("--import", dest="imports", type=Path, action="append", default=[],
+                   help="a results JSON of another run (same protocol, e.g. a row run into its own --out): its rows are merged "
+                        "into this one's, keeping their own command, date and code version; with --import and no --rows, "
+                        "nothing is evaluated (implies --merge)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: 1 window of 128 tokens, 1024 calibration tokens, k-means {QUICK_FIT}, rows {QUICK_ROWS} unless --rows")
     args = p.parse_args(argv)
@@ -549,6 +557,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         _FIT_OVERRIDES.update(QUICK_FIT)
     args.out = args.out or RESULTS_DIR
     args.batch = args.batch or args.windows
+    if args.imports:
+        args.merge = True
+        args.rows = args.rows or ""
     if not 0 <= args.prompt < args.context:
         p.error(f"--prompt {args.prompt} must be shorter than --context {args.context}")
     if args.calib_tokens > args.eval_offset:
@@ -569,10 +580,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/accuracy.py", *argv])
     version = code_version()  # of the code that runs, read before the (long) run
     records = [evaluate_row(row, ctx, windows, args.chunk, args.prompt, args.batch) for row in rows]
+    imported = [r for path in args.imports for r in json.loads(path.read_text()) if r["name"] not in {x["name"] for x in records}]
     for r in records:
         r.update(context=args.context, windows=args.windows, chunk=args.chunk, prompt=args.prompt, eval_offset=args.eval_offset,
                  command=command, code_version=version, date=datetime.now().astimezone().isoformat(timespec="seconds"))
 
+    records += imported  # after the metadata: they keep their own run's
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / args.name
     with open(stem.with_suffix(".lock"), "w") as lock:
