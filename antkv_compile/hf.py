@@ -76,10 +76,30 @@ REFINE_ITERS = 10
 _DEFAULT = object()
 
 
-def refine_setting(codebooks, refine, refine_iters: int) -> int | None:
-    """The refinement threshold `refine` stands for (None: off), validated: the default
-    (REFINE_TOKENS) without codebooks, off with them (calibrated codebooks are used as they are;
-    asking for refinement with them raises)."""
+def refine_schedule(refine) -> tuple[int, ...] | None:
+    """The token counts at which a cache refines, for a `refine` setting: N (one switch, after N
+    tokens) or (FIRST, CAP) (switches after FIRST, 2 FIRST, 4 FIRST, ... tokens and a last one at
+    CAP, the sample kept until then); None or 0: no refinement."""
+    if refine is None or (isinstance(refine, int) and not isinstance(refine, bool) and refine == 0):
+        return None
+    pair = tuple(refine) if isinstance(refine, (tuple, list)) else (refine, refine)
+    if len(pair) != 2 or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in pair) or pair[1] < pair[0]:
+        raise ValueError(
+            f"refine must be a number of tokens >= 1 (one switch), a pair (first, cap) of token counts with "
+            f"1 <= first <= cap (switches after first, 2 first, 4 first, ... and cap tokens), or None / 0 (no "
+            f"refinement); got {refine!r}"
+        )
+    first, cap = pair
+    points = [first]
+    while points[-1] * 2 < cap:
+        points.append(points[-1] * 2)
+    return tuple(points) + ((cap,) if cap > first else ())
+
+
+def refine_setting(codebooks, refine, refine_iters: int) -> tuple[int, ...] | None:
+    """The refinement schedule `refine` stands for (refine_schedule; None: off), validated: the
+    default (REFINE_TOKENS) without codebooks, off with them (calibrated codebooks are used as
+    they are; asking for refinement with them raises)."""
     if codebooks is not None:
         if refine is not _DEFAULT and refine:
             raise ValueError(
@@ -87,38 +107,38 @@ def refine_setting(codebooks, refine, refine_iters: int) -> int | None:
                 "Pass refine only without codebooks (AntKVCache(bits=..., refine=...), patch(model, refine=...))."
             )
         return None
-    refine = REFINE_TOKENS if refine is _DEFAULT else refine
-    if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
-        raise ValueError(f"refine must be a number of tokens >= 1 (or None / 0: no refinement), got {refine!r}")
+    schedule = refine_schedule(REFINE_TOKENS if refine is _DEFAULT else refine)
     if isinstance(refine_iters, bool) or not isinstance(refine_iters, int) or refine_iters < 0:
         raise ValueError(f"refine_iters must be an int >= 0 (Lloyd iterations), got {refine_iters!r}")
-    return refine or None
+    return schedule
 
 
 class RefiningLayer(DynamicLayer):
-    """A DynamicLayer whose keys and values are VQTensors, with online refinement: with `refine`
-    tokens set (`start_refining`), it keeps the stored rows of every token it holds in a sample
-    (`sample_keys`, `sample_values`, [B, H, T, D]: keys in the side's basis, the exact-row dtype,
-    what quantize-on-write encoded), and once `refine` tokens have arrived re-writes both sides
-    with a codebook refined on them (state.refine) and drops the sample. Crop, batch select, beam
+    """A DynamicLayer whose keys and values are VQTensors, with online refinement: with a schedule
+    set (`start_refining`, refine_schedule's token counts), it keeps the stored rows of every token
+    it holds in a sample (`sample_keys`, `sample_values`, [B, H, T, D]: keys in the side's basis,
+    the exact-row dtype, what quantize-on-write encoded), and each time the tokens held reach the
+    schedule's next count re-writes both sides with a codebook refined on all of them (state.refine,
+    from the codebook it holds); after the last count it drops the sample. Crop, batch select, beam
     reorder and reset carry the sample along. `AntKVLayer` is one; the compiled path (`patch`)
     turns the DynamicLayers of a generate() cache into one after the call that compressed them."""
 
-    refine: int | None = None
+    refine: tuple[int, ...] | None = None  # the switches still to come (token counts)
     refine_iters: int = REFINE_ITERS
     # Plain attributes, so that everything measuring the layer's tensors counts the sample.
     sample_keys: torch.Tensor | None = None
     sample_values: torch.Tensor | None = None
     refining = False  # a sample is being collected
 
-    def start_refining(self, refine: int | None, refine_iters: int) -> None:
-        self.refine, self.refine_iters = refine or None, refine_iters
+    def start_refining(self, schedule: tuple[int, ...] | None, refine_iters: int) -> None:
+        self.refine, self.refine_iters = schedule or None, refine_iters
         self.sample_keys = self.sample_values = None
         self.refining = self.refine is not None
 
     def collect(self, n: int) -> bool:
         """Add the last call's n tokens to the sample (the last n window rows: a call's tokens
-        join the window whole); refine once it holds `refine` tokens. True if it refined."""
+        join the window whole); refine once it holds the schedule's next count of tokens (once,
+        however many counts the call passed). True if it refined."""
         if not self.refining or n <= 0:
             return False
         new_k, new_v = self.keys.window[:, :, -n:], self.values.window[:, :, -n:]
@@ -126,18 +146,22 @@ class RefiningLayer(DynamicLayer):
             self.sample_keys, self.sample_values = new_k.clone(), new_v.clone()
         else:
             self.sample_keys, self.sample_values = torch.cat([self.sample_keys, new_k], 2), torch.cat([self.sample_values, new_v], 2)
-        if self.sample_keys.shape[2] < self.refine:
+        if self.sample_keys.shape[2] < self.refine[0]:
             return False
         self.refine_now()
         return True
 
     def refine_now(self) -> None:
-        """Refine the codebook on the sample, re-encode every token held with it (state.refine),
-        drop the sample; later tokens are written with the refined codebook."""
+        """Refine the codebook on the sample, re-encode every token held with it (state.refine);
+        later tokens are written with the refined codebook. The sample is dropped after the
+        schedule's last switch, kept for the next one otherwise."""
         self.keys, self.values = (cache._with(state.refine(cache.side, rows, cache.settings, self.refine_iters))
                                   for cache, rows in ((self.keys, self.sample_keys), (self.values, self.sample_values)))  # fmt: skip
-        self.sample_keys = self.sample_values = None
-        self.refining = False
+        held = self.sample_keys.shape[2]
+        self.refine = tuple(t for t in self.refine if t > held) or None
+        if self.refine is None:
+            self.sample_keys = self.sample_values = None
+            self.refining = False
 
     def sample_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.sample_keys, self.sample_values) if t is not None)
@@ -172,7 +196,7 @@ class RefiningLayer(DynamicLayer):
         self._select(beam_idx)
 
 
-def collect_after_call(cache, lengths_before: list[int], refine: int, refine_iters: int) -> list[RefiningLayer]:
+def collect_after_call(cache, lengths_before: list[int], refine: tuple[int, ...], refine_iters: int) -> list[RefiningLayer]:
     """Online refinement for a cache compressed by compiled code (`patch`), called after each
     call with each layer's length before it: a DynamicLayer the call compressed from empty becomes
     a RefiningLayer (its class swapped in place: generate() made the cache, the layer's tensors are
@@ -198,7 +222,7 @@ class AntKVLayer(RefiningLayer):
     and, with `refine` tokens, refines it once that many have arrived (see AntKVCache)."""
 
     def __init__(self, codebook: LayerCodebook | None, settings: CacheSettings, bits: float = 1.0, seed: int = 0,
-                 refine: int | None = None, refine_iters: int = REFINE_ITERS):  # fmt: skip
+                 refine: tuple[int, ...] | None = None, refine_iters: int = REFINE_ITERS):  # fmt: skip
         super().__init__()
         self.codebook, self.settings, self.bits, self.seed = codebook, settings, bits, seed
         self.refine_setting = (refine, refine_iters)
@@ -259,7 +283,7 @@ class AntKVCache(Cache):
     exact_dtype); unset ones come from what the codebooks were calibrated with (settings.resolve)."""
 
     def __init__(self, codebooks: Codebooks | None = None, settings: CacheSettings | None = None, config=None, bits: float = 1.0,
-                 refine: int | None = _DEFAULT, refine_iters: int = REFINE_ITERS, **setting_kwargs):  # fmt: skip
+                 refine: int | tuple[int, int] | None = _DEFAULT, refine_iters: int = REFINE_ITERS, **setting_kwargs):  # fmt: skip
         self.settings = resolve(codebooks, settings, **setting_kwargs)
         refine = refine_setting(codebooks, refine, refine_iters)
         if codebooks is None:

@@ -25,7 +25,7 @@ from .backend import AntKVBackend, mark_growing, own_code
 _MODEL_IDS = itertools.count()
 
 
-def patch(model, codebooks: Codebooks | None = None, *, refine: int | None = _DEFAULT, refine_iters: int = REFINE_ITERS, **settings):
+def patch(model, codebooks: Codebooks | None = None, *, refine: int | tuple[int, int] | None = _DEFAULT, refine_iters: int = REFINE_ITERS, **settings):
     """Compile `model.forward` with antkv_backend (in place) and return the model.
 
     codebooks: calibrated `Codebooks`, or None: each layer fits a data-free codebook (`bits`, default
