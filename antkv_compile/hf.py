@@ -71,7 +71,13 @@ def _check_batch(keys, batch: int) -> None:
 # predicted from data-free codes. One token per call with no prompt (1 window, --chunk 1) is far
 # harder, the data-free codebook being fitted to one token: 2 bit 4.51x data-free -> 1.44x refined,
 # 1 bit 14.7x -> 1.86x; the first 512 tokens pay for the one-token codebook.
-REFINE_TOKENS = 512
+# Token by token (64-token prompt, then one token per call; benchmarks/refine_probe.py, same 2
+# development windows), ppl / FP per position bucket 64-128 / 128-256 / 256-512 / 512-1024 /
+# 1024-2048 / all, 2 bit: one switch at 512: 1.062 / 1.116 / 1.160 / 1.090 / 1.152 / 1.131;
+# progressive (128, 2048): 1.062 / 1.008 / 1.035 / 1.062 / 1.092 / 1.070. The data-free codebook
+# costs the tokens before the first switch, and a codebook fitted to 512 tokens does not serve the
+# next 1500 as well as one refitted as they arrive: refit at 128, 256, ..., 2048 tokens.
+REFINE_TOKENS = (128, 2048)
 REFINE_ITERS = 10
 _DEFAULT = object()
 
