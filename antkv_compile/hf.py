@@ -225,7 +225,7 @@ def collect_after_call(cache, lengths_before: list[int], refine: tuple[int, ...]
 class AntKVLayer(RefiningLayer):
     """A DynamicLayer whose keys and values are VQTensors (created on the first update). Without a
     codebook, it fits a data-free one (quant/datafree.py) of `bits` to the first update's tokens
-    and, with `refine` tokens, refines it once that many have arrived (see AntKVCache)."""
+    and, with a `refine` schedule, refines it as tokens arrive (see AntKVCache)."""
 
     def __init__(self, codebook: LayerCodebook | None, settings: CacheSettings, bits: float = 1.0, seed: int = 0,
                  refine: tuple[int, ...] | None = None, refine_iters: int = REFINE_ITERS):  # fmt: skip
@@ -275,15 +275,17 @@ class AntKVCache(Cache):
     codebooks: calibrated `Codebooks` (ak.calibrate), or None: each layer fits a data-free codebook
     of `bits` per element to its first update's tokens (the prompt), no calibration needed, and
     compresses from the first token.
-    refine (no codebooks only; default REFINE_TOKENS, None or 0: off): online refinement. Each
-    layer keeps the stored rows of the tokens it holds in a sample until `refine` tokens have
-    arrived (over any number of calls), then runs `refine_iters` Lloyd iterations per (kv head,
-    subspace) from its data-free centroids on them (keys in the same rotated basis), re-encodes
-    every token held with the refined codebook and drops the sample; later tokens are written with
-    it. The contract holds throughout: attention on the cache equals SDPA on its dequantized tensor
-    (before the switch under the data-free codebook, after it under the refined one). While it
-    exists the sample counts in `cache_nbytes()`: [B, H, T, D] rows per side, as a dense cache, so
-    until the switch the cache holds a little more than a dense one would (codes and window too).
+    refine (no codebooks only; default REFINE_TOKENS, None or 0: off): online refinement, a
+    schedule (FIRST, CAP) of switches after FIRST, 2 FIRST, 4 FIRST, ... and CAP tokens, or N: one
+    switch after N tokens (refine_schedule). Each layer keeps the stored rows of the tokens it holds
+    in a sample; each time the tokens held (over any number of calls) reach the schedule's next
+    count, it runs `refine_iters` Lloyd iterations per (kv head, subspace) from the centroids it
+    holds (data-free at the first switch) on all of them (keys in the same rotated basis) and
+    re-encodes every token held with the refined codebook; later tokens are written with it. After
+    the last switch the sample is dropped. The contract holds throughout: attention on the cache
+    equals SDPA on its dequantized tensor under the codebook it holds at that call. While it exists
+    the sample counts in `cache_nbytes()`: [B, H, T, D] rows per side, as a dense cache, so until
+    the last switch the cache holds a little more than a dense one would (codes and window too).
     The same keywords work for `patch(model)` without codebooks.
     Settings: `settings=CacheSettings(...)` or keyword arguments (window, anchor_frac, error,
     exact_dtype); unset ones come from what the codebooks were calibrated with (settings.resolve)."""
