@@ -71,15 +71,43 @@ def _check_batch(keys, batch: int) -> None:
 # predicted from data-free codes. One token per call with no prompt (1 window, --chunk 1) is far
 # harder, the data-free codebook being fitted to one token: 2 bit 4.51x data-free -> 1.44x refined,
 # 1 bit 14.7x -> 1.86x; the first 512 tokens pay for the one-token codebook.
-REFINE_TOKENS = 512
+# Token by token (64-token prompt, then one token per call; benchmarks/refine_probe.py, same 2
+# development windows), ppl / FP per position bucket 64-128 / 128-256 / 256-512 / 512-1024 /
+# 1024-2048 / all, 2 bit: one switch at 512: 1.062 / 1.116 / 1.160 / 1.090 / 1.152 / 1.131;
+# progressive (128, 2048): 1.062 / 1.008 / 1.035 / 1.062 / 1.092 / 1.070. The data-free codebook
+# costs the tokens before the first switch, and a codebook fitted to 512 tokens does not serve the
+# next 1500 as well as one refitted as they arrive: refit at 128, 256, ..., 2048 tokens. Run once
+# on the evaluation windows after the choice (accuracy.py, 4 x 2048 from 100000): 2 bit 1.205x ->
+# 1.136x FP, 1 bit 1.566x -> 1.408x (1 bit was not compared on development windows first).
+REFINE_TOKENS = (128, 2048)
 REFINE_ITERS = 10
 _DEFAULT = object()
 
 
-def refine_setting(codebooks, refine, refine_iters: int) -> int | None:
-    """The refinement threshold `refine` stands for (None: off), validated: the default
-    (REFINE_TOKENS) without codebooks, off with them (calibrated codebooks are used as they are;
-    asking for refinement with them raises)."""
+def refine_schedule(refine) -> tuple[int, ...] | None:
+    """The token counts at which a cache refines, for a `refine` setting: N (one switch, after N
+    tokens) or (FIRST, CAP) (switches after FIRST, 2 FIRST, 4 FIRST, ... tokens and a last one at
+    CAP, the sample kept until then); None or 0: no refinement."""
+    if refine is None or (isinstance(refine, int) and not isinstance(refine, bool) and refine == 0):
+        return None
+    pair = tuple(refine) if isinstance(refine, (tuple, list)) else (refine, refine)
+    if len(pair) != 2 or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in pair) or pair[1] < pair[0]:
+        raise ValueError(
+            f"refine must be a number of tokens >= 1 (one switch), a pair (first, cap) of token counts with "
+            f"1 <= first <= cap (switches after first, 2 first, 4 first, ... and cap tokens), or None / 0 (no "
+            f"refinement); got {refine!r}"
+        )
+    first, cap = pair
+    points = [first]
+    while points[-1] * 2 < cap:
+        points.append(points[-1] * 2)
+    return tuple(points) + ((cap,) if cap > first else ())
+
+
+def refine_setting(codebooks, refine, refine_iters: int) -> tuple[int, ...] | None:
+    """The refinement schedule `refine` stands for (refine_schedule; None: off), validated: the
+    default (REFINE_TOKENS) without codebooks, off with them (calibrated codebooks are used as
+    they are; asking for refinement with them raises)."""
     if codebooks is not None:
         if refine is not _DEFAULT and refine:
             raise ValueError(
@@ -87,60 +115,78 @@ def refine_setting(codebooks, refine, refine_iters: int) -> int | None:
                 "Pass refine only without codebooks (AntKVCache(bits=..., refine=...), patch(model, refine=...))."
             )
         return None
-    refine = REFINE_TOKENS if refine is _DEFAULT else refine
-    if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
-        raise ValueError(f"refine must be a number of tokens >= 1 (or None / 0: no refinement), got {refine!r}")
+    schedule = refine_schedule(REFINE_TOKENS if refine is _DEFAULT else refine)
     if isinstance(refine_iters, bool) or not isinstance(refine_iters, int) or refine_iters < 0:
         raise ValueError(f"refine_iters must be an int >= 0 (Lloyd iterations), got {refine_iters!r}")
-    return refine or None
+    return schedule
+
+
+def _grown(sample: torch.Tensor | None, new: torch.Tensor, capacity: int) -> torch.Tensor:
+    """`sample` [B, H, T, D] with `new` [B, H, n, D] appended, written into the buffer `sample` is
+    the prefix view of when it has room (no copy of the sample: a torch.cat per decode step made
+    collecting O(T^2) until the last switch), else into a new buffer of max(capacity, T + n)
+    tokens. Returns the [:, :, :T + n] view."""
+    T, n = (0 if sample is None else sample.shape[2]), new.shape[2]
+    base = None if sample is None else sample._base
+    if base is None or base.shape[2] < T + n or base.data_ptr() != sample.data_ptr() or base[:, :, :T].stride() != sample.stride():
+        base = new.new_empty(*new.shape[:2], max(capacity, T + n), new.shape[3])
+        if T:
+            base[:, :, :T] = sample
+    base[:, :, T : T + n] = new
+    return base[:, :, : T + n]
 
 
 class RefiningLayer(DynamicLayer):
-    """A DynamicLayer whose keys and values are VQTensors, with online refinement: with `refine`
-    tokens set (`start_refining`), it keeps the stored rows of every token it holds in a sample
-    (`sample_keys`, `sample_values`, [B, H, T, D]: keys in the side's basis, the exact-row dtype,
-    what quantize-on-write encoded), and once `refine` tokens have arrived re-writes both sides
-    with a codebook refined on them (state.refine) and drops the sample. Crop, batch select, beam
+    """A DynamicLayer whose keys and values are VQTensors, with online refinement: with a schedule
+    set (`start_refining`, refine_schedule's token counts), it keeps the stored rows of every token
+    it holds in a sample (`sample_keys`, `sample_values`, [B, H, T, D]: keys in the side's basis,
+    the exact-row dtype, what quantize-on-write encoded), and each time the tokens held reach the
+    schedule's next count re-writes both sides with a codebook refined on all of them (state.refine,
+    from the codebook it holds); after the last count it drops the sample. Crop, batch select, beam
     reorder and reset carry the sample along. `AntKVLayer` is one; the compiled path (`patch`)
     turns the DynamicLayers of a generate() cache into one after the call that compressed them."""
 
-    refine: int | None = None
+    refine: tuple[int, ...] | None = None  # the switches still to come (token counts)
     refine_iters: int = REFINE_ITERS
     # Plain attributes, so that everything measuring the layer's tensors counts the sample.
     sample_keys: torch.Tensor | None = None
     sample_values: torch.Tensor | None = None
     refining = False  # a sample is being collected
 
-    def start_refining(self, refine: int | None, refine_iters: int) -> None:
-        self.refine, self.refine_iters = refine or None, refine_iters
+    def start_refining(self, schedule: tuple[int, ...] | None, refine_iters: int) -> None:
+        self.refine, self.refine_iters = schedule or None, refine_iters
         self.sample_keys = self.sample_values = None
         self.refining = self.refine is not None
 
     def collect(self, n: int) -> bool:
         """Add the last call's n tokens to the sample (the last n window rows: a call's tokens
-        join the window whole); refine once it holds `refine` tokens. True if it refined."""
+        join the window whole); refine once it holds the schedule's next count of tokens (once,
+        however many counts the call passed). True if it refined."""
         if not self.refining or n <= 0:
             return False
-        new_k, new_v = self.keys.window[:, :, -n:], self.values.window[:, :, -n:]
-        if self.sample_keys is None:
-            self.sample_keys, self.sample_values = new_k.clone(), new_v.clone()
-        else:
-            self.sample_keys, self.sample_values = torch.cat([self.sample_keys, new_k], 2), torch.cat([self.sample_values, new_v], 2)
-        if self.sample_keys.shape[2] < self.refine:
+        cap = self.refine[-1]  # the sample lives until the last switch: its buffer holds that many tokens
+        self.sample_keys = _grown(self.sample_keys, self.keys.window[:, :, -n:], cap)
+        self.sample_values = _grown(self.sample_values, self.values.window[:, :, -n:], cap)
+        if self.sample_keys.shape[2] < self.refine[0]:
             return False
         self.refine_now()
         return True
 
     def refine_now(self) -> None:
-        """Refine the codebook on the sample, re-encode every token held with it (state.refine),
-        drop the sample; later tokens are written with the refined codebook."""
+        """Refine the codebook on the sample, re-encode every token held with it (state.refine);
+        later tokens are written with the refined codebook. The sample is dropped after the
+        schedule's last switch, kept for the next one otherwise."""
         self.keys, self.values = (cache._with(state.refine(cache.side, rows, cache.settings, self.refine_iters), view=True)
                                   for cache, rows in ((self.keys, self.sample_keys), (self.values, self.sample_values)))  # fmt: skip
-        self.sample_keys = self.sample_values = None
-        self.refining = False
+        held = self.sample_keys.shape[2]
+        self.refine = tuple(t for t in self.refine if t > held) or None
+        if self.refine is None:
+            self.sample_keys = self.sample_values = None
+            self.refining = False
 
     def sample_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.sample_keys, self.sample_values) if t is not None)
+        """Bytes the sample holds: its buffers whole (allocated for the last switch's count)."""
+        return sum(t.untyped_storage().nbytes() for t in (self.sample_keys, self.sample_values) if t is not None)
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
@@ -172,7 +218,7 @@ class RefiningLayer(DynamicLayer):
         self._select(beam_idx)
 
 
-def collect_after_call(cache, lengths_before: list[int], refine: int, refine_iters: int) -> list[RefiningLayer]:
+def collect_after_call(cache, lengths_before: list[int], refine: tuple[int, ...], refine_iters: int) -> list[RefiningLayer]:
     """Online refinement for a cache compressed by compiled code (`patch`), called after each
     call with each layer's length before it: a DynamicLayer the call compressed from empty becomes
     a RefiningLayer (its class swapped in place: generate() made the cache, the layer's tensors are
@@ -195,10 +241,10 @@ def collect_after_call(cache, lengths_before: list[int], refine: int, refine_ite
 class AntKVLayer(RefiningLayer):
     """A DynamicLayer whose keys and values are VQTensors (created on the first update). Without a
     codebook, it fits a data-free one (quant/datafree.py) of `bits` to the first update's tokens
-    and, with `refine` tokens, refines it once that many have arrived (see AntKVCache)."""
+    and, with a `refine` schedule, refines it as tokens arrive (see AntKVCache)."""
 
     def __init__(self, codebook: LayerCodebook | None, settings: CacheSettings, bits: float = 1.0, seed: int = 0,
-                 refine: int | None = None, refine_iters: int = REFINE_ITERS, max_cache_len: int | None = None):  # fmt: skip
+                 refine: tuple[int, ...] | None = None, refine_iters: int = REFINE_ITERS, max_cache_len: int | None = None):  # fmt: skip
         super().__init__()
         self.codebook, self.settings, self.bits, self.seed = codebook, settings, bits, seed
         self.max_cache_len = max_cache_len
@@ -247,15 +293,17 @@ class AntKVCache(Cache):
     codebooks: calibrated `Codebooks` (ak.calibrate), or None: each layer fits a data-free codebook
     of `bits` per element to its first update's tokens (the prompt), no calibration needed, and
     compresses from the first token.
-    refine (no codebooks only; default REFINE_TOKENS, None or 0: off): online refinement. Each
-    layer keeps the stored rows of the tokens it holds in a sample until `refine` tokens have
-    arrived (over any number of calls), then runs `refine_iters` Lloyd iterations per (kv head,
-    subspace) from its data-free centroids on them (keys in the same rotated basis), re-encodes
-    every token held with the refined codebook and drops the sample; later tokens are written with
-    it. The contract holds throughout: attention on the cache equals SDPA on its dequantized tensor
-    (before the switch under the data-free codebook, after it under the refined one). While it
-    exists the sample counts in `cache_nbytes()`: [B, H, T, D] rows per side, as a dense cache, so
-    until the switch the cache holds a little more than a dense one would (codes and window too).
+    refine (no codebooks only; default REFINE_TOKENS, None or 0: off): online refinement, a
+    schedule (FIRST, CAP) of switches after FIRST, 2 FIRST, 4 FIRST, ... and CAP tokens, or N: one
+    switch after N tokens (refine_schedule). Each layer keeps the stored rows of the tokens it holds
+    in a sample; each time the tokens held (over any number of calls) reach the schedule's next
+    count, it runs `refine_iters` Lloyd iterations per (kv head, subspace) from the centroids it
+    holds (data-free at the first switch) on all of them (keys in the same rotated basis) and
+    re-encodes every token held with the refined codebook; later tokens are written with it. After
+    the last switch the sample is dropped. The contract holds throughout: attention on the cache
+    equals SDPA on its dequantized tensor under the codebook it holds at that call. While it exists
+    the sample counts in `cache_nbytes()`: [B, H, T, D] rows per side, as a dense cache, so until
+    the last switch the cache holds a little more than a dense one would (codes and window too).
     The same keywords work for `patch(model)` without codebooks.
     max_cache_len: tokens to preallocate the codes and anchor slots for (prompt + new tokens, as
     HF's StaticCache); appends then write in place and never copy the codes (cache.py). None: the
@@ -265,7 +313,7 @@ class AntKVCache(Cache):
     exact_dtype); unset ones come from what the codebooks were calibrated with (settings.resolve)."""
 
     def __init__(self, codebooks: Codebooks | None = None, settings: CacheSettings | None = None, config=None, bits: float = 1.0,
-                 refine: int | None = _DEFAULT, refine_iters: int = REFINE_ITERS, max_cache_len: int | None = None,
+                 refine: int | tuple[int, int] | None = _DEFAULT, refine_iters: int = REFINE_ITERS, max_cache_len: int | None = None,
                  **setting_kwargs):  # fmt: skip
         self.settings = resolve(codebooks, settings, **setting_kwargs)
         if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1):

@@ -22,7 +22,7 @@ from reference import dense_from_parts, nearest_centroid_distances
 from transformers import DynamicCache
 
 import antkv_compile as ak
-from antkv_compile.hf import RefiningLayer
+from antkv_compile.hf import RefiningLayer, refine_schedule
 from antkv_compile.quant import datafree
 from antkv_compile.quant.pq import PRESETS
 
@@ -119,12 +119,102 @@ def test_switch_keeps_the_contract_and_reencodes_every_token(case):
             # the sample: the rows the codes were encoded from (keys in the basis)
             torch.testing.assert_close(layer.sample_keys.double(), _rows(raw_k, keys.basis), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(layer.sample_values.double(), raw_v.double(), rtol=0, atol=0)
-            assert cache.cache_nbytes() == vq_bytes + 2 * B * H * T * D * 4
+            assert cache.cache_nbytes() == vq_bytes + 2 * B * H * R * D * 4  # the sample's buffers: room for R tokens
         else:  # switched: the sample is gone, the refined codebook stays
             assert layer.sample_keys is None and layer.sample_values is None and not layer.refining
             assert cache.cache_nbytes() == vq_bytes
             if case["iters"]:
                 assert not torch.equal(keys.centroids, datafree_book[0])
+
+
+@given(first=st.integers(1, 300), extra=st.integers(0, 5000))
+def test_refine_schedule_doubles_from_first_up_to_cap(first, extra):
+    """refine=(FIRST, CAP): a switch after FIRST tokens, after each doubling below CAP, and at CAP;
+    refine=N is the one switch (N, N); None / 0: off."""
+    cap = first + extra
+    expected, t = [], first
+    while t < cap:  # written out by hand: every count FIRST * 2^k below CAP, then CAP
+        expected.append(t)
+        t *= 2
+    expected.append(cap)
+    assert refine_schedule((first, cap)) == refine_schedule([first, cap]) == tuple(expected)
+    assert refine_schedule(cap) == refine_schedule((cap, cap)) == (cap,)
+    assert refine_schedule(None) is None and refine_schedule(0) is None
+
+
+def _lloyd_step(rows, centroids):
+    """One Lloyd iteration in float64 (assign every sub-vector of rows [B, H, T, S*d] to its
+    nearest centroid of [H, S, K, d], move each centroid to its points' mean, an empty one stays).
+    Returns (centroids, sure [H, S, K]): sure is False for the clusters a near-tie point (the two
+    nearest within float32 rounding) could have gone to, which the comparison skips."""
+    H, S, K, d = centroids.shape
+    dist = nearest_centroid_distances(rows, centroids)  # [B, H, T, S, K]
+    two = dist.topk(2, -1, largest=False)
+    norm = rows.double().unflatten(-1, (S, d)).pow(2).sum(-1)
+    tie = (two.values[..., 1] - two.values[..., 0]) <= 1e-4 * (1 + norm)  # [B, H, T, S]
+    onehot = F.one_hot(two.indices[..., 0], K).double()  # [B, H, T, S, K]
+    sums = torch.einsum("bhtsk,bhtsd->hskd", onehot, rows.double().unflatten(-1, (S, d)))
+    mass = onehot.sum((0, 2))  # [H, S, K]
+    new = torch.where(mass[..., None] > 0, sums / mass.clamp_min(1)[..., None], centroids.double())
+    unsure = (F.one_hot(two.indices, K).sum(-2) * tie[..., None]).sum((0, 2)) > 0  # [H, S, K]
+    return new, ~unsure
+
+
+@st.composite
+def schedule_cases(draw):
+    first = draw(st.integers(2, 12))
+    cap = draw(st.integers(first, 48))
+    sizes = draw(st.lists(st.integers(1, 9), min_size=1, max_size=6))
+    end = cap + draw(st.integers(0, 6))
+    while sum(sizes) < end:  # reach the cap: every switch is crossed
+        sizes.append(draw(st.integers(1, 9)))
+    return dict(seed=draw(st.integers(0, 2**31 - 1)), batch=draw(st.integers(1, 2)), kv_heads=draw(st.integers(1, 2)),
+                bits=draw(st.sampled_from([2.0, 1.0])), window=draw(st.sampled_from([0, 4])), first=first, cap=cap, sizes=sizes)
+
+
+@given(case=schedule_cases())
+def test_progressive_refinement_refits_on_every_token_held_at_each_switch(case):
+    """refine=(FIRST, CAP): each call that reaches a count of the schedule (one or several at
+    once) refines the codebook the cache holds on the rows of every token held (one Lloyd
+    iteration here, against a float64 reference), between switches the codebook stays; the sample
+    holds every token's row until CAP, then is gone; after every call each code is the nearest
+    centroid under the codebook held and attention equals SDPA on the dequantized cache."""
+    g = torch.Generator().manual_seed(case["seed"])
+    B, H, D = case["batch"], case["kv_heads"], 32
+    cache = ak.AntKVCache(bits=case["bits"], refine=(case["first"], case["cap"]), refine_iters=1, window=case["window"], anchor_frac=0.1)
+    raw = [torch.zeros(B, H, 0, D)] * 2
+    points = refine_schedule((case["first"], case["cap"]))
+    before = None  # the centroids (keys, values) held before the call
+    switches = 0
+    for n in case["sizes"]:
+        k = torch.randn(B, H, n, D, generator=g) * torch.linspace(0.2, 3, D) + 1
+        v = torch.randn(B, H, n, D, generator=g) * torch.linspace(3, 0.2, D)
+        if before is None:  # the first call fits the data-free codebook the schedule starts from
+            spec = PRESETS[case["bits"]]
+            before = (datafree.fit_side(k, spec, rotate=True, seed=0).centroids, datafree.fit_side(v, spec, rotate=False, seed=1).centroids)
+        held = raw[0].shape[2]
+        keys, values = cache.update(k, v, 0)
+        raw = [torch.cat([raw[0], k], 2), torch.cat([raw[1], v], 2)]
+        T = held + n
+        layer = cache.layers[0]
+        crossed = any(held < p <= T for p in points)
+        for side, old, x in ((keys, before[0], raw[0]), (values, before[1], raw[1])):
+            if crossed:
+                ref, sure = _lloyd_step(_rows(x, side.basis), old)
+                torch.testing.assert_close(side.centroids.double()[sure], ref[sure], rtol=1e-4, atol=1e-4)
+            else:
+                assert torch.equal(side.centroids, old)
+            _check_codes(side, x)
+        switches += crossed
+        _check_attention(torch.randn(B, 2 * H, n, D, generator=g), keys, values)
+        if T < case["cap"]:
+            assert layer.refining and layer.sample_keys.shape[2] == T
+            torch.testing.assert_close(layer.sample_keys.double(), _rows(raw[0], keys.basis), rtol=1e-5, atol=1e-5)
+            assert torch.equal(layer.sample_values, raw[1])
+        else:
+            assert layer.sample_keys is None and layer.sample_values is None and not layer.refining
+        before = (keys.centroids, values.centroids)
+    assert 1 <= switches <= len(points)
 
 
 def _feed(cache, g, B, H, D, sizes, raw):
@@ -199,12 +289,18 @@ def test_refine_off_is_the_datafree_cache_bit_for_bit(seed, bits, sizes):
             for ours, ref in ((keys, k_ref), (values, v_ref)):
                 assert all(torch.equal(a, b) for a, b in zip(ours.side, ref.side))
     assert off.layers[0].sample_keys is None and off.cache_nbytes() == k_ref.cache_nbytes() + v_ref.cache_nbytes()
-    assert waiting.cache_nbytes() == off.cache_nbytes() + 2 * waiting.layers[0].sample_keys.numel() * 4
+    assert waiting.cache_nbytes() == off.cache_nbytes() + 2 * (2 * 2 * 1000 * 32) * 4  # sample buffers for 1000 tokens
 
 
-def test_bad_refine_settings_are_refused():
+@pytest.mark.parametrize("refine", [-3, 1.5, True, "128", (0, 8), (16, 8), (4, 8.0), (4, 8, 16), (False, 8)])
+def test_bad_refine_settings_are_refused(refine):
     with pytest.raises(ValueError, match="refine must be a number of tokens"):
-        ak.AntKVCache(refine=-3)
+        ak.AntKVCache(refine=refine)
+    with pytest.raises(ValueError, match="refine must be a number of tokens"):
+        ak.patch(tiny_llama(), refine=refine)
+
+
+def test_bad_refine_iters_and_refine_with_codebooks_are_refused():
     with pytest.raises(ValueError, match="refine_iters must be an int"):
         ak.AntKVCache(refine_iters=1.5)
     # a calibrated cache does not refine: asking for it is an error, not silently ignored
@@ -282,6 +378,27 @@ def test_patch_refines_between_compiled_calls(arch, fresh_dynamo):
     assert torch.equal(out, ref)
 
 
+def test_patch_follows_a_refine_schedule(fresh_dynamo):
+    """patch(model, refine=(32, 100)): the 64-token prompt passes the first two switches (32, 64:
+    one refit), decode calls reach 100; the layers keep their sample until then, and the tokens
+    are the eager AntKVCache's with the same schedule."""
+    model, _ = tiny_hf_model(next(iter(ARCHS)))
+    ids = torch.randint(3, 96, (1, 64), generator=torch.Generator().manual_seed(6))
+    kw = dict(min_new_tokens=20, do_sample=False, pad_token_id=0)
+    ak.use_antkv_attention(model)
+    with torch.no_grad():
+        ref = model.generate(ids, **{ak.cache_keyword(model): ak.AntKVCache(bits=2.0, refine=(32, 100))}, max_new_tokens=64, **kw)
+    ak.patch(model, inductor=False, refine=(32, 100))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model.generate(ids, **{ak.cache_keyword(model): cache}, max_new_tokens=20, **kw)  # 83 tokens held: waiting for 100
+        assert all(isinstance(layer, RefiningLayer) and layer.refine == (100,) and layer.sample_keys.shape[2] == 83 for layer in cache.layers)
+        cache = DynamicCache(config=model.config)
+        out = model.generate(ids, **{ak.cache_keyword(model): cache}, max_new_tokens=64, **kw)
+    assert all(layer.sample_keys is None and not layer.refining for layer in cache.layers)
+    assert torch.equal(out, ref)
+
+
 def test_nonfinite_rows_do_not_poison_the_refined_codebook():
     """NaN / Inf rows arriving after the first call (an overflowing float16 model) stay out of the
     refinement fit: the refined centroids are finite, and the finite rows still moved them."""
@@ -295,3 +412,19 @@ def test_nonfinite_rows_do_not_poison_the_refined_codebook():
     refined = cache.layers[0].values
     assert cache.layers[0].sample_values is None
     assert torch.isfinite(refined.centroids).all() and not torch.equal(refined.centroids, datafree_centroids)
+
+
+def test_the_sample_grows_in_its_buffer_without_copying():
+    """One-token calls add to the sample in place (a torch.cat per step made collecting O(T^2)):
+    the same buffer until the last switch, the rows those of every token held."""
+    g = torch.Generator().manual_seed(9)
+    cache = ak.AntKVCache(bits=2.0, refine=(8, 64), window=2)
+    rows, buffers = [], set()
+    for n in (5, *[1] * 40):
+        k, v = torch.randn(1, 2, n, 32, generator=g), torch.randn(1, 2, n, 32, generator=g)
+        cache.update(k, v, 0)
+        rows.append(v)
+        layer = cache.layers[0]
+        buffers.add(layer.sample_values.data_ptr())
+    assert len(buffers) == 1  # allocated once, for the 64 tokens of the last switch
+    torch.testing.assert_close(layer.sample_values, torch.cat(rows, 2), rtol=0, atol=0)

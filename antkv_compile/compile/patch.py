@@ -25,15 +25,15 @@ from .backend import AntKVBackend, mark_growing, own_code
 _MODEL_IDS = itertools.count()
 
 
-def patch(model, codebooks: Codebooks | None = None, *, refine: int | None = _DEFAULT, refine_iters: int = REFINE_ITERS, **settings):
+def patch(model, codebooks: Codebooks | None = None, *, refine: int | tuple[int, int] | None = _DEFAULT, refine_iters: int = REFINE_ITERS, **settings):
     """Compile `model.forward` with antkv_backend (in place) and return the model.
 
     codebooks: calibrated `Codebooks`, or None: each layer fits a data-free codebook (`bits`, default
     1.0) to its first call's keys and values (quant/datafree.py) and, with `refine` (default
     hf.REFINE_TOKENS; None or 0: off), refines it online as AntKVCache does: between calls, this
     wrapper keeps the stored rows of each compressed layer's tokens (the newest window rows) in a
-    sample on the cache layer and switches its caches to the refined codebook once `refine` tokens
-    have arrived. `settings` are the cache settings (window, anchor_frac, error, exact_dtype), `inductor`,
+    sample on the cache layer and switches its caches to a refined codebook at each count of the
+    `refine` schedule (hf.refine_schedule: N, or (FIRST, CAP) doubling). `settings` are the cache settings (window, anchor_frac, error, exact_dtype), `inductor`,
     `inductor_config` and `on_nothing_compressed` ("error", the default: a graph with a KV cache
     whose every attention site is declined raises `CompressionError`; "warn": it runs dense with a
     warning). The model switches to the "antkv" attention implementation (SDPA with enable_gqa on
