@@ -582,7 +582,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/accuracy.py", *argv])
     version = code_version()  # of the code that runs, read before the (long) run
     records = [evaluate_row(row, ctx, windows, args.chunk, args.prompt, args.batch) for row in rows]
-    imported = [r for path in args.imports for r in json.loads(path.read_text()) if r["name"] not in {x["name"] for x in records}]
+    imported = {r["name"]: r for path in args.imports for r in json.loads(path.read_text())}  # by name: the last file's wins
+    imported = [r for name, r in imported.items() if name not in {x["name"] for x in records}]
     for r in records:
         r.update(context=args.context, windows=args.windows, chunk=args.chunk, prompt=args.prompt, eval_offset=args.eval_offset,
                  command=command, code_version=version, date=datetime.now().astimezone().isoformat(timespec="seconds"))
