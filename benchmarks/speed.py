@@ -252,6 +252,7 @@ def check_synthetic(book: LayerCodebook, settings: CacheSettings, dtype: torch.d
         H, S, _, d = getattr(book, side).centroids.shape
         real = VQTensor.empty(1, getattr(book, side), settings, dtype=dtype)
         real = real.append(torch.randn(1, H, T - 1, S * d, dtype=dtype)).append(torch.randn(1, H, 1, S * d, dtype=dtype))
+        real = real.clone()  # its state, compact: eager appends keep capacity buffers (cache.py), not part of the layout
         synth = synthetic_side(T, book, side, settings, dtype, torch.Generator().manual_seed(0))
         names = real.__tensor_flatten__()[0]
         if synth.__tensor_flatten__()[0] != names:
@@ -1316,7 +1317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)} (default: all)")
     p.add_argument("--quick", action="store_true", help="smoke test: small sizes, 2-layer model for e2e, temp output dir")
     p.add_argument("--out", type=Path, help=f"output directory (default: {RESULTS_DIR}; a temp dir with --quick)")
-    p.add_argument("--merge", action="store_true", help="keep the records of parts this run does not compute from an earlier speed.json in --out")
+    p.add_argument("--merge", action="store_true", help="keep the records of an earlier speed.json in --out that this run does not recompute (same part, method, bits, context)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: CPU count)")
     p.add_argument("--bits", default=",".join(f"{b:g}" for b in VQ_BITS), help="VQ settings, bits per element (default: 4,2,1,0.5)")
     p.add_argument("--window", type=int, default=32)
@@ -1408,9 +1409,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in records:
         r.update(command=command, date=start_date, machine=machine, threads=torch.get_num_threads(), code=code)
 
-    kinds_run = {PART_KIND.get(p, p) for p in args.parts}
     if args.merge and (args.out / "speed.json").exists():
-        kept = [r for r in json.loads((args.out / "speed.json").read_text()) if r["kind"] not in kinds_run]
+        key = lambda r: tuple(r.get(f) for f in ("kind", "metric", "method", "bits", "context", "side", "prompt"))  # noqa: E731
+        fresh = {key(r) for r in records}
+        kept = [r for r in json.loads((args.out / "speed.json").read_text()) if key(r) not in fresh]
         order = ["attention", "e2e", "eager", "memory", "cpu_impl", "cpu_write", "gpu_bound"]
         records = sorted(kept + records, key=lambda r: order.index(r["kind"]) if r["kind"] in order else len(order))
     runs: dict[str, str] = {}  # command -> date and code version of the run (merged parts keep theirs)
