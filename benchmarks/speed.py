@@ -946,7 +946,7 @@ def run_write(args, records: list, progress) -> None:
     gen = torch.Generator().manual_seed(0)
     settings = CacheSettings(window=args.window, anchor_frac=args.anchor_frac)
     book = random_codebooks(_smollm2_config(), 1.0, gen).layers[0]
-    bar = tqdm(total=len(args.write_contexts) * 2 * 5, desc="write", unit="setting")
+    bar = tqdm(total=len(args.write_contexts) * 2 * 6, desc="write", unit="setting")
     for T in args.write_contexts:
         for side_name in ("key", "value"):
             side = synthetic_side(T, book, side_name, settings, torch.float32, gen).side
@@ -959,6 +959,8 @@ def run_write(args, records: list, progress) -> None:
                 "reference: state.append (eager PyTorch)": lambda: state.append(side, new, settings),
                 "C++ kernel (ops/cpu/write.cpp), direct": lambda: cpu.append(side, new, *ops.settings_args(settings)[:3]),
                 "C++ kernel through torch.ops.antkv.append": lambda: torch.ops.antkv.append(*op_args),
+                "C++ kernel in place (cpu.append_), direct: what eager appends run (ops.direct)":
+                    lambda: cpu.append_(ops.join_buffers(buffers, rest), T, A, new, *ops.settings_args(settings)[:3]),
                 "C++ kernel in place through torch.ops.antkv.append_ (preallocated)":
                     lambda: torch.ops.antkv.append_(buffers, rest, T, A, new, *ops.settings_args(settings)),
                 "codes torch.cat alone (the O(T) copy)": lambda: torch.cat([side.codes, side.codes[:, :, :1]], 2),

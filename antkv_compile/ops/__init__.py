@@ -155,7 +155,8 @@ def split_buffers(side: Side) -> tuple[list, list]:
     return [getattr(side, f) for f in BUFFER_FIELDS], [getattr(side, f) for f in _REST]
 
 
-def _joined(buffers, rest) -> Side:
+def join_buffers(buffers, rest) -> Side:
+    """The Side `split_buffers` split."""
     return Side(**dict(zip(BUFFER_FIELDS, buffers)), **dict(zip(_REST, rest)))
 
 
@@ -173,13 +174,13 @@ def append_(buffers, rest, length, anchors, new, window, anchor_frac, error, exa
 
 
 def _append_into(buffers, rest, length, anchors, new, settings, encoder=state.encode_with_error) -> tuple:
-    out = state.append_into(_joined(buffers, rest), length, anchors, new, settings, encoder)
+    out = state.append_into(join_buffers(buffers, rest), length, anchors, new, settings, encoder)
     return _fresh(tuple(getattr(out, f) for f in WINDOW_FIELDS), (*buffers, *rest))
 
 
 @append_.register_fake
 def _(buffers, rest, length, anchors, new, window, anchor_frac, error, exact_dtype):
-    s = _joined(buffers, rest)
+    s = join_buffers(buffers, rest)
     _, Tw = state.flush_lengths(length, anchors, s.window.shape[2], new.shape[2], window, anchor_frac)
     return tuple(getattr(s, f).new_empty(*s.window.shape[:2], Tw, *getattr(s, f).shape[3:]) for f in WINDOW_FIELDS)
 
@@ -189,7 +190,7 @@ def _(buffers, rest, length, anchors, new, window, anchor_frac, error, exact_dty
     """On CPU: write.cpp in place (`cpu.append_`), or the reference outside its dtypes."""
     from . import cpu
 
-    s = _joined(buffers, rest)
+    s = join_buffers(buffers, rest)
     if not cpu.append_supported(s, new):
         return _append_into(buffers, rest, length, anchors, new, CacheSettings(window, anchor_frac, error, exact_dtype))
     return cpu.append_(s, length, anchors, new, window, anchor_frac, error)
