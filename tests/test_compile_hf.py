@@ -97,3 +97,31 @@ def test_patch_sampling_and_beam_search():
     sampled = model.generate(ids, do_sample=True, top_k=20, **kw)
     assert sampled.shape == (2, 13)
     assert all(site.rewritten for site in model.antkv_backend.sites)
+
+
+def test_codebooks_with_bits_per_layer_and_side_compile_like_eager():
+    """Codebooks whose layers and sides have different bits (what calibrate.allocate_layer_bits
+    produces: 2-bit keys with 0.5-bit values, 0.5-bit keys with 1-bit values) generate the same
+    tokens through ak.patch as through the eager AntKVCache, and the compiled caches hold codes of
+    each side's own width."""
+    from helpers import random_codebooks
+
+    from antkv_compile.quant.codebook import Codebooks, LayerCodebook
+
+    torch._dynamo.reset()
+    model, books = tiny_hf_model("llama")
+    b = {bits: random_codebooks(2, 2, 16, bits=bits, seed=i) for i, bits in enumerate((2.0, 0.5, 1.0))}
+    mixed = Codebooks([LayerCodebook(b[2.0].layers[0].key, b[0.5].layers[0].value),
+                       LayerCodebook(b[0.5].layers[1].key, b[1.0].layers[1].value)], books.settings)  # fmt: skip
+    mixed.fingerprint = books.fingerprint
+    ids = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    ak.use_antkv_attention(model)
+    with torch.no_grad():
+        cache = ak.AntKVCache(mixed, window=4, anchor_frac=0.1)
+        eager = model.generate(ids, **{ak.cache_keyword(model): cache}, **kw)
+        assert [cache.layers[i].keys.codes.shape[-1] for i in (0, 1)] == [4, 1]  # 16 / 4, 16 / 16 subspaces
+        ak.patch(model, mixed, window=4, anchor_frac=0.1)
+        compiled = model.generate(ids, **kw)
+    assert torch.equal(eager, compiled)
+    torch._dynamo.reset()
