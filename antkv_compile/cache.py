@@ -45,13 +45,8 @@ class Buffers:
     `owner`, the token of the one state that is current (may be read and appended to in place)."""
 
     def __init__(self, side: Side, tokens: int, anchors: int):
-        def grown(t: torch.Tensor, n: int, fill) -> torch.Tensor:
-            out = t.new_full((*t.shape[:2], n, *t.shape[3:]), fill)
-            out[:, :, : t.shape[2]] = t
-            return out
-
         fills = {"codes": 0, "anchor_rows": 0, "anchor_pos": -1, "anchor_score": float("-inf")}
-        self.tensors = {f: grown(getattr(side, f), tokens if f == "codes" else anchors, fills[f]) for f in BUFFER_FIELDS}
+        self.tensors = {f: with_capacity(getattr(side, f), tokens if f == "codes" else anchors, fills[f]) for f in BUFFER_FIELDS}
         self.owner = None
 
     def fits(self, tokens: int, anchors: int) -> bool:
@@ -59,7 +54,15 @@ class Buffers:
 
     def prefix(self, tokens: int, anchors: int) -> dict:
         """The BUFFER_FIELDS of a state holding `tokens` tokens and `anchors` anchor slots: views."""
-        return {f: t[:, :, : tokens if f == "codes" else anchors] for f, t in self.tensors.items()}
+        return state.filled(self.tensors, tokens, anchors)
+
+
+def with_capacity(t: torch.Tensor, capacity: int, fill=0) -> torch.Tensor:
+    """t [B, H, T, ...] copied into the first T slots of a new [B, H, capacity, ...] buffer, the
+    rest `fill`: the one way a capacity buffer is made (the cache's buffers, the refinement sample)."""
+    out = t.new_full((*t.shape[:2], capacity, *t.shape[3:]), fill)
+    out[:, :, : t.shape[2]] = t
+    return out
 
 
 _SUPERSEDED = (
@@ -224,6 +227,7 @@ class VQTensor(torch.Tensor):
         out._buffers, out._token, out._writable = buf, object(), True
         buf.owner = out._token
         return out
+
     def crop(self, end: int) -> "VQTensor":
         """The first `end` tokens (HF's cache crop)."""
         return self._with(state.crop(self.side, end), view=True)

@@ -93,8 +93,14 @@ def cached_calibrate(model, ids, bits: float = 1.0, recalibrate: bool = False, p
         except Exception as e:  # noqa: BLE001  (any unreadable file: refit it)
             warnings.warn(f"cached codebooks {path} could not be loaded ({e}); calibrating again", stacklevel=2)
     books = calibrate(model, ids, bits=bits, progress=progress, **settings)
+    atomic_write(path, books.save)
+    return books, path, False
+
+
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then renamed onto it: a concurrent reader
+    sees the old file or the whole new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    books.save(tmp)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
-    return books, path, False
+    write(tmp)
+    os.replace(tmp, path)

@@ -27,7 +27,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import state
-from .cache import VQTensor
+from .cache import VQTensor, with_capacity
 from .quant import datafree
 from .quant.codebook import CodebookSide, Codebooks, LayerCodebook
 from .quant.pq import spec_for_bits
@@ -129,9 +129,7 @@ def _grown(sample: torch.Tensor | None, new: torch.Tensor, capacity: int) -> tor
     T, n = (0 if sample is None else sample.shape[2]), new.shape[2]
     base = None if sample is None else sample._base
     if base is None or base.shape[2] < T + n or base.data_ptr() != sample.data_ptr() or base[:, :, :T].stride() != sample.stride():
-        base = new.new_empty(*new.shape[:2], max(capacity, T + n), new.shape[3])
-        if T:
-            base[:, :, :T] = sample
+        base = with_capacity(new[:, :, :0] if sample is None else sample, max(capacity, T + n))
     base[:, :, T : T + n] = new
     return base[:, :, : T + n]
 
@@ -302,8 +300,9 @@ class AntKVCache(Cache):
     re-encodes every token held with the refined codebook; later tokens are written with it. After
     the last switch the sample is dropped. The contract holds throughout: attention on the cache
     equals SDPA on its dequantized tensor under the codebook it holds at that call. While it exists
-    the sample counts in `cache_nbytes()`: [B, H, T, D] rows per side, as a dense cache, so until
-    the last switch the cache holds a little more than a dense one would (codes and window too).
+    the sample counts in `cache_nbytes()`: a buffer of [B, H, CAP, D] rows per side (allocated for
+    the last switch at the first update), as a dense cache of CAP tokens, so until the last switch
+    the cache holds more than a dense one would (codes and window too).
     The same keywords work for `patch(model)` without codebooks.
     max_cache_len: tokens to preallocate the codes and anchor slots for (prompt + new tokens, as
     HF's StaticCache); appends then write in place and never copy the codes (cache.py). None: the

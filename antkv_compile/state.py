@@ -217,6 +217,12 @@ def append(side: Side, new: Tensor, settings: CacheSettings, encoder=encode_with
     )
 
 
+def filled(buffers: dict, tokens: int, anchors: int) -> dict:
+    """The BUFFER_FIELDS views a state of `tokens` tokens and `anchors` anchor slots holds in
+    capacity buffers (`buffers`: those fields by name, [B, H, capacity, ...] each)."""
+    return {f: buffers[f][:, :, : tokens if f == "codes" else anchors] for f in BUFFER_FIELDS}
+
+
 def append_into(buffers: Side, length: int, anchors: int, new: Tensor, settings: CacheSettings, encoder=encode_with_error) -> Side:
     """`append` written in place into capacity buffers: `buffers` is a side whose BUFFER_FIELDS
     have room for more tokens / anchor slots than they hold (codes [B, H, Tc, S] holding `length`
@@ -230,12 +236,12 @@ def append_into(buffers: Side, length: int, anchors: int, new: Tensor, settings:
     A_out, _ = flush_lengths(length, anchors, buffers.window.shape[2], n, settings.window, settings.anchor_frac)
     if length + n > Tc or max(anchors, A_out) > Ac:
         raise ValueError(f"capacity buffers too small: {length} + {n} tokens in {Tc}, {A_out} anchors in {Ac} slots")
-    side = buffers._replace(**{f: getattr(buffers, f)[:, :, : length if f == "codes" else anchors] for f in BUFFER_FIELDS})
-    out = append(side, new, settings, encoder)
+    full = buffers._asdict()
+    out = append(buffers._replace(**filled(full, length, anchors)), new, settings, encoder)
     buffers.codes[:, :, length : length + n] = out.codes[:, :, length:]
     for f in BUFFER_FIELDS[1:]:
         getattr(buffers, f)[:, :, :A_out] = getattr(out, f)
-    return out._replace(**{f: getattr(buffers, f)[:, :, : length + n if f == "codes" else A_out] for f in BUFFER_FIELDS})
+    return out._replace(**filled(full, length + n, A_out))
 
 
 def start(past: Tensor, new: Tensor, bk: Book, settings: CacheSettings, write=append) -> Side:

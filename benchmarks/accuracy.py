@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, fields as dataclass_fields
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
@@ -49,6 +49,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, QuantizedCache
 
 import antkv_compile as ak
+from antkv_compile.codebook_cache import atomic_write
 from antkv_compile.evaluation import (
     cache_nbytes,
     code_version,
@@ -172,13 +173,10 @@ def _calibration(ctx: Context) -> ak.CalibrationData:
             _CALIBRATION[key] = ak.CalibrationData(**fields)
         else:
             _CALIBRATION[key] = ak.collect_calibration(ctx.model, ctx.calib_ids, seq_len=1024, max_tokens=None)
-            if path is not None:
+            if path is not None:  # every field but the in-memory memo of fits
                 data = _CALIBRATION[key]
-                fields = {f: getattr(data, f) for f in ("keys", "values", "s1", "s0", "probe_q", "scale", "fingerprint", "query_moment")}
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                torch.save(fields, tmp)
-                os.replace(tmp, path)
+                fields = {f.name: getattr(data, f.name) for f in dataclass_fields(data) if f.name != "fits"}
+                atomic_write(path, lambda tmp: torch.save(fields, tmp))
     return _CALIBRATION[key]
 
 
@@ -197,9 +195,7 @@ def _books(ctx: Context, name: str, fit: Callable[[], ak.Codebooks]) -> ak.Codeb
     if path.exists():
         return ak.Codebooks.load(path, config=ctx.model.config)
     books = fit()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    books.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, books.save)
     return books
 
 

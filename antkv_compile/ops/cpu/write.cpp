@@ -15,8 +15,8 @@
 //     first minimum wins as in torch.argmin; the codebook is read transposed, 8 centroids per
 //     vector operation (`vq_prepare`, memoized by the caller: ops/cpu/__init__.py `prepared`);
 //   error: |x - c_code| ("actual") or the head's expected error; the new window scores are 0.
-// Outputs are fresh tensors (the op contract). Rows are bit-equal to the reference's without a key
-// basis (up to NaN payloads); sums (basis map, distances, error) are float32 in an order of their
+// Outputs are fresh tensors (the op contract), except vq_append_'s buffers, written in place. Rows
+// are bit-equal to the reference's without a key basis (up to NaN payloads); sums (basis map, distances, error) are float32 in an order of their
 // own, so with a basis a row may differ from the reference's (a BLAS matmul) by one rounding, a
 // code where two centroids are equidistant within float32 rounding, an error by float32 rounding.
 
@@ -175,10 +175,10 @@ void encode_rows(const float* X, const float* cent, const float* ct, const float
 }  // namespace
 
 // The shared body of vq_append (functional) and vq_append_ (in place). Functional: `codes` is the
-// side's [B, H, T, S], outputs are allocated. In place (`bufs` given: codes, anchor rows, positions,
-// scores buffers of capacity Tc >= T + n and Ac >= the new anchor count, the side's codes / anchors
-// their prefixes [:T] / [:A]): the new codes are written at [T, T + n) of the codes buffer (nothing
-// else of it is touched), and the flush changes only the anchor slots it must: a winning leaver takes
+// side's [B, H, T, S], outputs are allocated. In place (`in_place`: codes, anchor rows, positions and
+// scores are capacity buffers, Tc >= T + n and Ac >= the new anchor count, holding T tokens and A
+// anchors in their first slots; they are also the outputs): the new codes are written at [T, T + n)
+// of the codes buffer (nothing else of it is touched), and the flush changes only the anchor slots it must: a winning leaver takes
 // the slot of an anchor that lost (or a new slot past A); a kept anchor keeps its slot (and its row),
 // so slots are not in score order (the set of anchors is the reference's). Window, its errors and
 // scores are fresh tensors in both (O(window) per step).
@@ -187,7 +187,7 @@ static std::tuple<std::vector<at::Tensor>, int64_t> write_side(
     const at::Tensor& anchor_score_in, const at::Tensor& window_in, const at::Tensor& window_err_in,
     const at::Tensor& window_score_in, const at::Tensor& centroids_in, const at::Tensor& expected_err_in,
     const at::Tensor& basis_in, const at::Tensor& new_in, const at::Tensor& ct_in, const at::Tensor& csq_in, int64_t window,
-    int64_t anchors, bool actual_error, const std::vector<at::Tensor>* bufs, int64_t T_in = -1, int64_t A_in = -1) {
+    int64_t anchors, bool actual_error, bool in_place = false, int64_t T_in = -1, int64_t A_in = -1) {
   TORCH_CHECK(codes.dim() == 4 && new_in.dim() == 4 && centroids_in.dim() == 4, "codes, new and centroids must be 4-d");
   const int64_t B = codes.size(0), H = codes.size(1), S = codes.size(3);
   const int64_t T = T_in >= 0 ? T_in : codes.size(2);  // in place: the buffers' filled lengths
@@ -227,10 +227,9 @@ static std::tuple<std::vector<at::Tensor>, int64_t> write_side(
   const int64_t es = win.element_size(), row_bytes = D * es;
 
   auto f32 = codes.options().dtype(at::kFloat);
-  const bool in_place = bufs != nullptr;
   at::Tensor codes_out, arows_out, apos_out, ascore_out;
   if (in_place) {
-    codes_out = (*bufs)[0], arows_out = (*bufs)[1], apos_out = (*bufs)[2], ascore_out = (*bufs)[3];
+    codes_out = codes, arows_out = anchor_rows_in, apos_out = anchor_pos_in, ascore_out = anchor_score_in;
     TORCH_CHECK(codes_out.is_contiguous() && arows_out.is_contiguous() && apos_out.is_contiguous() && ascore_out.is_contiguous(),
                 "in-place write: contiguous buffers");
     TORCH_CHECK(codes_out.size(0) == B && codes_out.size(1) == H && codes_out.size(3) == S && codes_out.size(2) >= T + n &&
@@ -394,7 +393,7 @@ std::tuple<std::vector<at::Tensor>, int64_t> vq_append(
     const at::Tensor& expected_err, const at::Tensor& basis, const at::Tensor& new_rows, const at::Tensor& ct,
     const at::Tensor& csq, int64_t window_setting, int64_t anchors, bool actual_error) {
   return write_side(codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids, expected_err,
-                    basis, new_rows, ct, csq, window_setting, anchors, actual_error, nullptr);
+                    basis, new_rows, ct, csq, window_setting, anchors, actual_error);
 }
 
 // The same write in place into capacity buffers (contiguous): codes [B, H, Tc, S] holding T tokens,
@@ -408,9 +407,8 @@ std::tuple<std::vector<at::Tensor>, int64_t> vq_append_(
     const at::Tensor& expected_err, const at::Tensor& basis, const at::Tensor& new_rows, const at::Tensor& ct,
     const at::Tensor& csq, int64_t window_setting, int64_t anchors, bool actual_error) {
   TORCH_CHECK(T >= 0 && T <= codes.size(2) && A >= 0 && A <= anchor_pos.size(2), "in-place write: filled lengths out of range");
-  std::vector<at::Tensor> bufs{codes, anchor_rows, anchor_pos, anchor_score};
   auto out = write_side(codes, anchor_rows, anchor_pos, anchor_score, window, window_err, window_score, centroids,
-                        expected_err, basis, new_rows, ct, csq, window_setting, anchors, actual_error, &bufs, T, A);
+                        expected_err, basis, new_rows, ct, csq, window_setting, anchors, actual_error, true, T, A);
   auto& t = std::get<0>(out);
   return {{t[4], t[5], t[6]}, std::get<1>(out)};
 }
