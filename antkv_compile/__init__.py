@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 __all__ = [
     "AntKVBackend",
     "AntKVCache",
+    "AntKVStaticCache",
     "CacheSettings",
     "CalibrationData",
     "CodebookSide",
@@ -28,6 +29,7 @@ __all__ = [
     "CompressionError",
     "LayerCodebook",
     "PQSpec",
+    "StaticVQTensor",
     "VQTensor",
     "antkv_backend",
     "cache_keyword",
@@ -51,11 +53,11 @@ def _load() -> None:
     import torch
     from torch._dynamo.backends import registry
 
-    from .cache import VQTensor, dequantize
+    from .cache import StaticVQTensor, VQTensor, dequantize
     from .calibrate import CalibrationData, calibrate, collect_calibration, fit_codebooks
     from .compile.backend import AntKVBackend, CompressionError, antkv_backend, explain, mark_growing
     from .compile.patch import patch
-    from .hf import AntKVCache, cache_keyword, use_antkv_attention
+    from .hf import AntKVCache, AntKVStaticCache, cache_keyword, use_antkv_attention
     from .quant.codebook import Codebooks, CodebookSide, LayerCodebook
     from .quant.pq import PQSpec
     from .settings import CacheSettings
@@ -88,11 +90,11 @@ sys.modules[__name__].__class__ = _LazyModule
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time _load imports these
-    from .cache import VQTensor, dequantize  # noqa: F401
+    from .cache import StaticVQTensor, VQTensor, dequantize  # noqa: F401
     from .calibrate import CalibrationData, calibrate, collect_calibration, fit_codebooks  # noqa: F401
     from .compile.backend import AntKVBackend, CompressionError, antkv_backend, explain, mark_growing  # noqa: F401
     from .compile.patch import patch  # noqa: F401
-    from .hf import AntKVCache, cache_keyword, use_antkv_attention  # noqa: F401
+    from .hf import AntKVCache, AntKVStaticCache, cache_keyword, use_antkv_attention  # noqa: F401
     from .quant.codebook import Codebooks, CodebookSide, LayerCodebook  # noqa: F401
     from .quant.pq import PQSpec  # noqa: F401
     from .settings import CacheSettings  # noqa: F401

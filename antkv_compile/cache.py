@@ -26,6 +26,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.utils._pytree import tree_map_only
 
@@ -319,3 +320,146 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         if value.window_score is not key.window_score:
             value.window_score.add_(score)
     return out
+
+
+# --- the static compressed cache ----------------------------------------------------------------
+
+
+class StaticVQTensor(torch.Tensor):
+    """A compressed cache side preallocated for `capacity` tokens, for the static-cache pattern
+    (HF StaticCache, gpt-fast's KVCache): the dense [B, H, capacity, D] buffer such a model writes in
+    place (`index_copy_` along the sequence, or `buf[:, :, pos] = new`) and hands whole to SDPA
+    with a mask hiding the unfilled slots. Its inner tensors are `state.STATIC_FIELDS` (fixed
+    shapes: one compiled graph serves every decode step); the graph pass rewrites the write + SDPA
+    into `ops.static_attention_`.
+
+    Eagerly, a write records the new tokens (they must be the next positions) and the SDPA that
+    reads the cache runs `ops.static_attention_` on them (one kernel call per layer: encode, attend,
+    flush). The dense tensor it stands for: the held tokens dequantized, pending writes exact, zeros
+    past them; any op the cache does not run itself sees that (dequantize-then-run). `zero_()` (HF's
+    `cache.reset()`) empties it."""
+
+    settings: CacheSettings
+
+    @staticmethod
+    def __new__(cls, fields: dict, settings: CacheSettings = CacheSettings(), dtype: torch.dtype = torch.float32):
+        B, H, capacity, _ = fields["codes"].shape
+        shape = (B, H, capacity, fields["window"].shape[3])
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=fields["codes"].device, requires_grad=False)
+
+    def __init__(self, fields: dict, settings: CacheSettings = CacheSettings(), dtype: torch.dtype = torch.float32):
+        for name in state.STATIC_FIELDS:
+            setattr(self, name, fields[name])
+        self.settings, self._pending = settings, None
+
+    @classmethod
+    def empty(cls, batch: int, codebook, capacity: int, settings: CacheSettings = CacheSettings(), dtype=torch.float32, device=None):
+        """An empty static cache side for `batch` sequences of up to `capacity` tokens; `codebook` a
+        `CodebookSide` (quant/codebook.py) or a `state.Book`."""
+        bk = codebook if isinstance(codebook, state.Book) else state.book(codebook, device)
+        return cls(state.static_empty(batch, bk, dtype, capacity, settings), settings, dtype)
+
+    @property
+    def fields(self) -> list:
+        """Its inner tensors, in `state.STATIC_FIELDS` order (the op's argument)."""
+        return [getattr(self, f) for f in state.STATIC_FIELDS]
+
+    @property
+    def side(self) -> Side:
+        """The held tokens as a `Side` (views of the buffers' filled prefixes)."""
+        return state.static_side(dict(zip(state.STATIC_FIELDS, self.fields)))
+
+    def __tensor_flatten__(self):
+        return list(state.STATIC_FIELDS), (self.settings, self.dtype)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, context, outer_size, outer_stride):
+        return StaticVQTensor(inner, *context)
+
+    def __repr__(self):
+        return f"StaticVQTensor(shape={tuple(self.shape)}, dtype={self.dtype}, held={self.lengths.tolist()[0]})"
+
+    def cache_nbytes(self) -> int:
+        """Bytes of its per-sequence buffers, whole (the codebook is shared)."""
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in (*STATE_FIELDS, "lengths"))
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense [B, H, capacity, D] tensor (see the class doc)."""
+        if is_fake(self.lengths):  # traced (shapes only): the lengths are not known; the pass replaces what reads this
+            return torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        side = self.side
+        dense = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        T = side.codes.shape[2]
+        dense[:, :, :T] = ops.dequantize(list(side), self.dtype)
+        if self._pending is not None:
+            pos, new = self._pending
+            dense[:, :, T : T + new.shape[2]] = new
+        return dense
+
+    def write(self, pos: torch.Tensor, new: torch.Tensor) -> "StaticVQTensor":
+        """Record `new` [B, H, n, D] for positions `pos` (checked by the attention call that follows)."""
+        check_dtype(new)
+        want = (*self.shape[:2], pos.numel(), self.shape[3])
+        try:  # index_put_ hands `buf[:, :, pos] = new` its values with leading 1-dims dropped
+            new = torch.broadcast_to(new, want)
+        except RuntimeError:
+            raise ValueError(f"cannot write {tuple(new.shape)} at {pos.numel()} positions of a static cache of shape {tuple(self.shape)}") from None
+        if self._pending is not None:
+            raise RuntimeError(
+                "antkv static cache: two writes without an attention call reading it between them. Eagerly, the static "
+                "compressed cache encodes a call's tokens when scaled_dot_product_attention reads the cache itself (write, "
+                "then attend, once per layer and call): repeat kv heads with enable_gqa=True, not repeat_interleave / "
+                "repeat_kv (compiled with antkv_backend, the pass takes either)"
+            )
+        self._pending = (pos, new.to(self.dtype))
+        return self
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            out = _static_sdpa(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten.index_copy_.default and args[1] % 4 == 2:
+            return args[0].write(args[2], args[3])
+        if func is aten.index_put_.default and len(args[1]) == 3 and args[1][0] is None and args[1][1] is None and not kwargs.get("accumulate"):
+            return args[0].write(args[1][2], args[2])
+        if func is aten.zero_.default:
+            self = args[0]
+            fresh = state.static_empty(self.codes.shape[0], state.Book(*(getattr(self, f) for f in state.BOOK_FIELDS)), self.dtype,
+                                       self.codes.shape[2], self.settings)  # fmt: skip
+            for f in (*STATE_FIELDS, "lengths"):
+                getattr(self, f).copy_(fresh[f])
+            self._pending = None
+            return self
+        if func in (aten.detach.default, aten.alias.default):
+            return args[0]
+        if func._schema.is_mutable:
+            raise RuntimeError(
+                f"antkv static cache: {func} would write into the compressed cache; it supports index_copy_ along the "
+                "sequence, buf[:, :, pos] = new and zero_() (reset)"
+            )
+        args, kwargs = tree_map_only(StaticVQTensor, lambda t: t.dequantize(), (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _static_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """ops.static_attention_ on a call's pending writes when K and V are both static caches."""
+    if not (isinstance(key, StaticVQTensor) and isinstance(value, StaticVQTensor)) or dropout_p > 0:
+        return NotImplemented
+    if (key._pending is None) != (value._pending is None):
+        raise RuntimeError("antkv static cache: only one of key and value was written before attention")
+    if key._pending is None:  # attention without a write: n = 0 new tokens
+        empty = query.new_empty(*key.shape[:2], 0, key.shape[3], dtype=key.dtype)
+        key._pending = value._pending = (torch.arange(0, device=query.device), empty)
+    (pos, k_new), (_, v_new) = key._pending, value._pending
+    key._pending = value._pending = None
+    return ops.direct(ops.static_attention_, query.device, query, key.fields, value.fields, k_new, v_new, pos, attn_mask, is_causal,
+                      scale, *ops.settings_args(key.settings))  # fmt: skip

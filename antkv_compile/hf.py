@@ -21,13 +21,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import state
-from .cache import VQTensor, with_capacity
+from .cache import StaticVQTensor, VQTensor, with_capacity
 from .quant import datafree
 from .quant.codebook import CodebookSide, Codebooks, LayerCodebook
 from .quant.pq import spec_for_bits
@@ -335,8 +335,88 @@ class AntKVCache(Cache):
             sum(layer.sample_nbytes() for layer in self.layers)
 
 
+class AntKVStaticLayer(StaticLayer):
+    """HF's StaticLayer with compressed buffers: its keys and values are `StaticVQTensor`s of
+    `max_cache_len` tokens (created at the first update, or by `initialize`), written by
+    StaticLayer's own `index_copy_`. Without a codebook it fits a data-free one of `bits` to the
+    first update's tokens, as AntKVLayer does (no online refinement: the buffers' codes are fixed)."""
+
+    is_compileable = False  # patch() compiles the forward with the pass; HF's own auto-compile would not run it
+
+    def __init__(self, max_cache_len: int, codebook: LayerCodebook | None, settings: CacheSettings, bits: float = 1.0, seed: int = 0):
+        super().__init__(max_cache_len=max_cache_len)
+        self.codebook, self.settings, self.bits, self.seed = codebook, settings, bits, seed
+
+    def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
+        value_states = key_states if value_states is None else value_states
+        if self.codebook is None:
+            spec = spec_for_bits(self.bits)
+            self.codebook = LayerCodebook(datafree.fit_side(key_states, spec, rotate=True, seed=2 * self.seed),
+                                          datafree.fit_side(value_states, spec, rotate=False, seed=2 * self.seed + 1))  # fmt: skip
+        self.initialize(key_states.shape[0], key_states.dtype, key_states.device)
+
+    def initialize(self, batch: int, dtype: torch.dtype, device) -> None:
+        """Allocate the compressed buffers (needs the codebook)."""
+        self.dtype, self.device, self.batch_size = dtype, device, batch
+        self.keys, self.values = (StaticVQTensor.empty(batch, side, self.max_cache_len, self.settings, dtype, device)
+                                  for side in (self.codebook.key, self.codebook.value))  # fmt: skip
+        self.cumulative_length = torch.zeros((), dtype=torch.int64, device=device)
+        self.is_initialized = True
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.keys.zero_(), self.values.zero_(), self.cumulative_length.zero_()
+
+
+def compress_static(cache, codebooks: Codebooks | None, settings: CacheSettings, bits: float) -> bool:
+    """Turn the full-attention layers of an HF StaticCache that holds nothing yet into compressed
+    `AntKVStaticLayer`s (in place; sliding-window layers stay dense and the pass reports them).
+    True if `cache` has static compressed layers not yet initialized: the caller runs this call
+    eagerly, which allocates them (patch()). False for any other cache."""
+    layers = getattr(cache, "layers", ())
+    for i, layer in enumerate(layers):
+        if type(layer) is StaticLayer and not layer.is_initialized:
+            book = codebooks.layers[i] if codebooks is not None else None
+            layers[i] = AntKVStaticLayer(layer.max_cache_len, book, settings, bits, i)
+    return any(isinstance(layer, AntKVStaticLayer) and not layer.is_initialized for layer in layers)
+
+
+class AntKVStaticCache(Cache):
+    """HF's StaticCache, compressed: every layer an `AntKVStaticLayer` of `max_cache_len` tokens
+    (codes, anchor slots and the exact window preallocated; nothing reallocated or copied on a
+    step). The cache torch.compile users run: under `patch(model)` a decode step is one graph of
+    fixed shapes for every step up to capacity (the pass rewrites StaticLayer's `index_copy_` +
+    SDPA into `antkv::static_attention_`). Tokens are written in order; `crop` is not supported.
+    codebooks / bits / settings as for AntKVCache (no online refinement)."""
+
+    def __init__(self, max_cache_len: int, codebooks: Codebooks | None = None, settings: CacheSettings | None = None, config=None,
+                 bits: float = 1.0, num_layers: int | None = None, **setting_kwargs):  # fmt: skip
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be a number of tokens >= 1, got {max_cache_len!r}")
+        self.settings = resolve(codebooks, settings, **setting_kwargs)
+        if codebooks is not None:
+            if config is not None:
+                codebooks.check_model(config)
+            books = codebooks.layers
+        else:
+            spec_for_bits(bits)
+            n = num_layers or (config.get_text_config(decoder=True).num_hidden_layers if config is not None else None)
+            if n is None:
+                raise ValueError("AntKVStaticCache without codebooks needs config= (or num_layers=) to know how many layers to make")
+            books = [None] * n
+        super().__init__(layers=[AntKVStaticLayer(max_cache_len, book, self.settings, bits, i) for i, book in enumerate(books)])
+
+    def cache_nbytes(self) -> int:
+        """Bytes of the compressed buffers of all layers, whole (codebooks not included)."""
+        return sum(t.cache_nbytes() for layer in self.layers if layer.is_initialized for t in (layer.keys, layer.values))
+
+
 def antkv_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """HF attention function: SDPA with enable_gqa on a VQ cache (no repeat_kv), "sdpa" otherwise."""
+    if isinstance(key, StaticVQTensor):  # the whole buffer, the mask hiding its unfilled slots (no slicing)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+                                             is_causal=query.shape[2] > 1 and attention_mask is None, enable_gqa=query.shape[1] != key.shape[1])  # fmt: skip
+        return out.transpose(1, 2).contiguous(), None
     if not isinstance(key, VQTensor):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     q_len = query.shape[2]

@@ -315,3 +315,41 @@ def refine(side: Side, rows: Tensor, settings: CacheSettings, iters: int) -> Sid
     else:
         window_err = expected[None, :, None].expand(err.shape[0], -1, Tw)
     return side._replace(codes=codes, window_err=window_err.contiguous(), centroids=centroids, expected_err=expected)
+
+
+# --- static sides: the same state at a fixed capacity ------------------------------------------
+#
+# A static side is a side preallocated for the static-cache pattern (HF StaticCache, gpt-fast: one
+# buffer per layer written in place, one compiled graph for every decode step): every STATE_FIELDS
+# tensor at a fixed capacity (codes: `capacity` tokens; anchor slots: ceil(anchor_frac x capacity);
+# window fields: settings.window rows), the book fields as in a Side, and `lengths` (int64 [3]: the
+# tokens, anchor slots and window rows held). No shape ever changes; the kernels read the lengths.
+# A call (ops.static_attention_) is the growing side's append + attention with the flush moved to
+# the end of the call: the call's tokens are encoded and attended exactly beside the stored window,
+# then the window is flushed down to settings.window rows. The tokens that leave are the ones the
+# growing side would flush at the start of the next call, with the same scores, so the outputs are
+# the growing side's (tests/test_static.py).
+STATIC_FIELDS = (*Side._fields, "lengths")
+
+
+def static_empty(batch: int, bk: Book, dtype: torch.dtype, capacity: int, settings: CacheSettings = CacheSettings()) -> dict:
+    """The STATIC_FIELDS tensors of an empty static side for `capacity` tokens."""
+    side = empty(batch, bk, dtype, settings)
+    rows = {"codes": capacity, "window": settings.window, "anchor": math.ceil(settings.anchor_frac * capacity)}
+    fills = {"anchor_pos": -1, "anchor_score": float("-inf")}
+    out = {}
+    for f in STATE_FIELDS:
+        t = getattr(side, f)
+        n = rows["anchor" if f.startswith("anchor") else f if f == "codes" else "window"]
+        out[f] = t.new_full((*t.shape[:2], n, *t.shape[3:]), fills.get(f, 0))
+    out.update(zip(BOOK_FIELDS, bk))
+    out["lengths"] = torch.zeros(3, dtype=torch.int64, device=side.codes.device)
+    return out
+
+
+def static_side(fields: dict, lengths: tuple | None = None) -> Side:
+    """The Side a static side holds: views of its filled prefixes (`lengths`: (tokens, anchors,
+    window) if already read, else read from the tensor)."""
+    T, A, Tw = fields["lengths"].tolist() if lengths is None else lengths
+    n = {"codes": T, "anchor_rows": A, "anchor_pos": A, "anchor_score": A}
+    return Side(*(fields[f][:, :, : n.get(f, Tw)] if f in STATE_FIELDS else fields[f] for f in Side._fields))

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from .. import settings as _settings
-from ..cache import VQTensor
+from ..cache import StaticVQTensor, VQTensor
 from ..quant.codebook import Codebooks
 from ..quant.pq import spec_for_bits
 from ..state import UNBACKED_FIELDS, Side
@@ -80,6 +80,11 @@ def mark_growing(cache: VQTensor) -> VQTensor:
     return cache
 
 
+def inner_tensors(cache) -> list:
+    """A compressed cache's inner tensors, in its flatten order (what the rewritten graph takes)."""
+    return [getattr(cache, f) for f in cache.__tensor_flatten__()[0]]
+
+
 class _CompiledGraph:
     """Calls the compiled graph on flattened caches and wraps the new caches it returns."""
 
@@ -89,7 +94,7 @@ class _CompiledGraph:
     def __call__(self, *args):
         flat = []
         for arg, is_vq in zip(args, self.vq_inputs):
-            flat.extend(arg.side) if is_vq else flat.append(arg)
+            flat.extend(inner_tensors(arg)) if is_vq else flat.append(arg)
         flat.extend(self.result.extra_inputs)
         outs = list(self.fn(*flat))
         for out in self.result.vq_outputs:
@@ -152,7 +157,7 @@ class AntKVBackend:
             self.sites.append(site)
             log.info("antkv: %s", site)
         vq_inputs = [n.name in result.vq_inputs for n in placeholders]
-        leftover = [n.name for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("example_value"), VQTensor)]
+        leftover = [n.name for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("example_value"), (VQTensor, StaticVQTensor))]
         if leftover:
             log.warning("antkv: graph %d reads compressed caches %s outside a rewritten site: it runs eagerly", graph_id, leftover)
             return original.forward
@@ -161,7 +166,7 @@ class AntKVBackend:
             return refusal
         flat_inputs = []
         for arg, is_vq in zip(example_inputs, vq_inputs):
-            flat_inputs.extend(arg.side) if is_vq else flat_inputs.append(arg)
+            flat_inputs.extend(inner_tensors(arg)) if is_vq else flat_inputs.append(arg)
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         for t in result.extra_inputs:
             flat_inputs.append(fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t)

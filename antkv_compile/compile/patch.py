@@ -2,7 +2,11 @@
 
 generate() keeps its default `DynamicCache`: the first compiled call concatenates its empty
 tensors with the prompt's keys and values and writes back compressed caches (`VQTensor`s); every
-later call appends to them. Greedy, sampling, left-padded batches and beam search work as with any
+later call appends to them. With a static cache (`generate(cache_implementation="static")`, or an
+HF StaticCache passed in), its full-attention layers become compressed static layers
+(hf.compress_static) before their first call, which runs eagerly (it allocates the buffers, fitting
+data-free codebooks to the prompt without calibrated ones); every later call runs one compiled
+graph of fixed shapes. Greedy, sampling, left-padded batches and beam search work as with any
 cache (beam search reorders the compressed cache through its batch index_select).
 
 Each patched model compiles its own code object (backend.own_code): transformers models all share
@@ -18,7 +22,7 @@ import itertools
 
 import torch
 
-from ..hf import _DEFAULT, REFINE_ITERS, check_batch, collect_after_call, refine_setting, use_antkv_attention
+from ..hf import _DEFAULT, REFINE_ITERS, check_batch, collect_after_call, compress_static, refine_setting, use_antkv_attention
 from ..quant.codebook import Codebooks
 from .backend import AntKVBackend, mark_growing, own_code
 
@@ -54,6 +58,8 @@ def patch(model, codebooks: Codebooks | None = None, *, refine: int | tuple[int,
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if ids is not None and cache is not None:
             check_batch(cache, ids.shape[0])
+        if compress_static(cache, codebooks, backend.settings, backend.bits):  # a static cache's first call: eager
+            return original(*args, **kwargs)
         if refine is None or cache is None:
             return compiled(*args, **kwargs)
         before = [layer.get_seq_length() for layer in getattr(cache, "layers", ())]
@@ -63,5 +69,7 @@ def patch(model, codebooks: Codebooks | None = None, *, refine: int | tuple[int,
         return out
 
     model.forward = checked
+    if hasattr(model.generation_config, "disable_compile"):  # the forward is compiled here; HF's auto-compile would skip the pass
+        model.generation_config.disable_compile = True
     model.antkv_backend, model.antkv_original_forward = backend, original
     return model

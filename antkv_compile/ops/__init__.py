@@ -327,6 +327,68 @@ def _(q, key, value, attn_mask, is_causal, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(key[Side._fields.index("window_err")])
 
 
+# --- the static-cache step ---------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "antkv::static_attention_", mutates_args=("key", "value"),
+    schema="(Tensor q, Tensor(a!)[] key, Tensor(b!)[] value, Tensor k_new, Tensor v_new, Tensor pos, Tensor? attn_mask, "
+           f"bool is_causal, float? scale, {_SETTINGS}) -> Tensor",
+)  # fmt: skip
+def static_attention_(q, key, value, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error, exact_dtype):
+    """One call of a layer over a static cache (`state.STATIC_FIELDS`: fixed-capacity buffers and
+    their `lengths`, declared mutated): `k_new` / `v_new` [B, H, n, D] written at positions `pos`
+    (which must be the next n: the static cache is written in order), then SDPA of q over the
+    filled length (attn_mask's columns past it must mask them out), then the window flushed down to
+    `window` rows. Returns the attention output. The body composes the kernels of `append_` and
+    `attention` for q's device (`direct`), so it runs as is on every device."""
+    return _static_step(q, key, value, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error, exact_dtype)
+
+
+def _static_step(q, key, value, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error, exact_dtype):
+    settings = CacheSettings(window, anchor_frac, error, exact_dtype)
+    ks, vs = dict(zip(state.STATIC_FIELDS, key)), dict(zip(state.STATIC_FIELDS, value))
+    T, A, Tw = ks["lengths"].tolist()
+    n, capacity = k_new.shape[2], ks["codes"].shape[2]
+    if T + n > capacity:
+        raise ValueError(f"antkv static cache full: {T} tokens held + {n} new > max_cache_len {capacity}; make the cache larger")
+    if pos.numel() != n or (n and not torch.equal(pos.reshape(-1).to(torch.int64), torch.arange(T, T + n, device=pos.device))):
+        raise ValueError(
+            f"antkv static cache: the {n} new tokens must be written at positions {T}..{T + n - 1} (right after the "
+            f"{T} held, in order), got {pos.reshape(-1).tolist()[:8]}: a static compressed cache cannot overwrite or skip slots"
+        )
+    if attn_mask is not None:
+        rest = attn_mask[..., T + n :]
+        if (rest.any() if rest.dtype == torch.bool else (rest != float("-inf")).any()):
+            raise ValueError(f"antkv static cache: attn_mask lets queries attend to the unfilled slots past {T + n}; mask them out")
+        attn_mask = attn_mask[..., : T + n]
+    dev = q.device
+    sides = []
+    for fields, new in ((ks, k_new), (vs, v_new)):  # encode the new tokens: codes in place, window Tw + n (Tw <= window: no flush)
+        held = state.static_side(fields, (T, A, Tw))
+        full = held._replace(**{f: fields[f] for f in BUFFER_FIELDS})
+        win = direct(append_, dev, *split_buffers(full), T, A, new.to(q.dtype), *settings_args(settings))
+        sides.append(held._replace(codes=fields["codes"][:, :, : T + n], **dict(zip(WINDOW_FIELDS, win))))
+    out, score = direct(attention, dev, q, list(sides[0]), list(sides[1]), attn_mask, is_causal, scale)
+    A2, Tw2 = state.flush_lengths(T + n, A, Tw + n, 0, window, anchor_frac)
+    for fields, side in zip((ks, vs), sides):  # the flush: the leavers' anchor slots in place, the window stored back
+        full = side._replace(window_score=side.window_score + score, **{f: fields[f] for f in BUFFER_FIELDS})
+        win = direct(append_, dev, *split_buffers(full), T + n, A, k_new[:, :, :0].to(q.dtype), *settings_args(settings))
+        for f, t in zip(WINDOW_FIELDS, win):
+            fields[f][:, :, :Tw2] = t
+        fields["lengths"].copy_(torch.tensor([T + n, A2, Tw2]))
+    return out
+
+
+for _device in ("cpu", "cuda"):  # the body composes the device kernels itself; `direct` calls it without the dispatch
+    _kernel(static_attention_, _device)(_static_step)
+
+
+@static_attention_.register_fake
+def _(q, key, value, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error, exact_dtype):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 # --- dequantize ------------------------------------------------------------------------------
 
 

@@ -35,12 +35,12 @@ from torch._dynamo.source import AttrSource
 from torch.fx.experimental.symbolic_shapes import optimization_hint as hint_int
 
 from ... import state
-from ...cache import VQTensor
+from ...cache import StaticVQTensor, VQTensor
 from ...ops import settings_args
 from ...quant.basis import is_identity
 from ...quant.pq import PQSpec
 from ...settings import CacheSettings
-from ...state import BOOK_FIELDS, STATE_FIELDS, Side
+from ...state import BOOK_FIELDS, STATE_FIELDS, STATIC_FIELDS, Side
 
 SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -88,6 +88,30 @@ class CacheSide:
     def bhtd(self) -> tuple:
         shape = tuple(_val(self.cat).shape)
         return shape if self.seq_dim == 2 else (shape[0], shape[2], shape[1], shape[3])
+
+
+@dataclass
+class StaticSide:
+    """The key (or value) half of a site over a static compressed cache (`StaticVQTensor`): the
+    buffer, its one in-place write (`index_copy_` along the sequence, or `buf[:, :, pos] = new`), and
+    how it reaches SDPA."""
+
+    buffer: fx.Node  # the placeholder
+    write: fx.Node
+    new: fx.Node
+    pos: fx.Node
+    chain: list[fx.Node]
+    groups: int
+    seq_dim: int = 2
+    past_is_vq: bool = True
+
+    @property
+    def bhtd(self) -> tuple:
+        return tuple(_val(self.buffer).shape)
+
+    @property
+    def past(self) -> fx.Node:
+        return self.buffer
 
 
 @dataclass
@@ -271,14 +295,56 @@ def _is_cat(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.cat
 
 
-def _trace_side(sdpa: fx.Node, operand: fx.Node, what: str, outputs: set) -> CacheSide:
+def _static_write(buffer: fx.Node, what: str) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """(the write node, the new tokens, their positions) of the one in-place write into a static
+    compressed cache: `buf.index_copy_(2, pos, new)` (HF StaticCache) or `buf[:, :, pos] = new`
+    (gpt-fast's KVCache)."""
+    writes = []
+    for user in buffer.users:
+        name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+        if name == "index_copy_" and user.args[0] is buffer:
+            dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+            if dim not in (2, -2):
+                raise Decline(f"the static {what} cache is written along dim {dim}, not the sequence (dim 2)")
+            writes.append((user, user.args[3], user.args[2]))
+        elif name in ("setitem", "__setitem__", "index_put_") and user.args[0] is buffer:
+            idx = user.args[1]
+            if not (isinstance(idx, (tuple, list)) and len(idx) == 3 and all(i is None or i == slice(None) for i in idx[:2])):
+                raise Decline(f"the static {what} cache is written at {idx}, not [:, :, positions]")
+            writes.append((user, user.args[2], idx[2]))
+    if len(writes) != 1:
+        raise Decline(f"the static {what} cache has {len(writes)} in-place writes in this graph, not one before its attention")
+    return writes[0]
+
+
+def _trace_static(sdpa: fx.Node, buffer: fx.Node, chain: list, what: str) -> StaticSide:
+    write, new, pos = _static_write(buffer, what)
+    if not isinstance(new, fx.Node) or _val(new).dim() != 4 or not isinstance(pos, fx.Node):
+        raise Decline(f"the new {what} tokens written into the static cache are not a [B, H, n, D] tensor at tensor positions")
+    if _val(new).dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise Decline(f"the new {what} tokens are {_val(new).dtype}: not quantized (float32/16, bfloat16 only)")
+    order = {n: i for i, n in enumerate(buffer.graph.nodes)}
+    if order[write] > order[sdpa]:
+        raise Decline(f"the static {what} cache is written after its attention")
+    for i, link in enumerate([buffer] + chain):
+        nxt = chain[i] if i < len(chain) else sdpa
+        for user in link.users:
+            if user is nxt or user is write or _size_query(user):
+                continue
+            raise Decline(f"the static {what} cache is also read by `{getattr(user.target, '__name__', user.target)}`")
+    return StaticSide(buffer, write, new, pos, chain, _groups(buffer, chain, what, 2))
+
+
+def _trace_side(sdpa: fx.Node, operand: fx.Node, what: str, outputs: set) -> CacheSide | StaticSide:
     chain, node = _through_moves(operand)
+    if isinstance(node, fx.Node) and node.op == "placeholder" and isinstance(_val(node), StaticVQTensor):
+        return _trace_static(sdpa, node, chain, what)
     if not _is_cat(node):
         if write := _in_place_write(operand):
             raise Decline(
-                f"the {what} cache is preallocated and written in place (`{write}`: HF StaticCache, "
-                "generate(cache_implementation='static'), gpt-fast): only the growing cache (DynamicCache, torch.cat) is "
-                "compressed; use the default DynamicCache (or ak.AntKVCache())"
+                f"the {what} cache is a dense preallocated buffer written in place (`{write}`: HF StaticCache, gpt-fast): "
+                "make it compressed (ak.AntKVStaticCache for HF models, or a StaticVQTensor.empty(...) buffer in place of "
+                "the dense one; patch() converts generate(cache_implementation='static') itself), or use the growing cache"
             )
         if isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
             name = getattr(node.target, "__name__", node.target)
@@ -335,6 +401,10 @@ def _check_site(sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, codebook,
             raise Decline(f"unsupported attn_mask {type(mval).__name__} {getattr(mval, 'dtype', '')}")
     if not isinstance(args["is_causal"], bool) or not (args["scale"] is None or isinstance(args["scale"], (int, float))):
         raise Decline("is_causal / scale are not constants of the graph")
+    if isinstance(k, StaticSide) != isinstance(v, StaticSide):
+        raise Decline("only one of key and value is a static compressed cache")
+    if isinstance(k, StaticSide) and (k.bhtd[2] != v.bhtd[2] or _val(k.buffer).settings != _val(v.buffer).settings):
+        raise Decline("the static key and value caches differ in capacity or settings")
     if k.past_is_vq != v.past_is_vq:
         raise Decline("only one of key and value is compressed")
     kv, qv = k.bhtd, _val(args["query"])
@@ -386,12 +456,12 @@ class _Rewriter:
         self.inner: dict[fx.Node, dict[str, fx.Node]] = {}
 
     def inner_of(self, placeholder: fx.Node) -> dict[str, fx.Node]:
-        """Placeholders for a compressed input's inner tensors (its Side fields), before it."""
+        """Placeholders for a compressed input's inner tensors (its flatten order: Side fields, or STATIC_FIELDS), before it."""
         if placeholder not in self.inner:
             val = _val(placeholder)
             nodes = {}
             with self.graph.inserting_before(placeholder):
-                for name in Side._fields:
+                for name in val.__tensor_flatten__()[0]:
                     node = self.graph.placeholder(f"{placeholder.name}_{name}")
                     node.meta["example_value"] = node.meta["val"] = getattr(val, name)
                     source = getattr(placeholder, "_dynamo_source", None)
@@ -446,6 +516,21 @@ class _Rewriter:
                 )
             nodes = {**self._items(call, STATE_FIELDS), **book}
         return NewCache(nodes, settings, dtype, side.seq_dim)
+
+    def rewrite_static(self, sdpa: fx.Node, args: dict, k: StaticSide, v: StaticSide) -> None:
+        """write + SDPA over static caches -> antkv::static_attention_ (which mutates their buffers)."""
+        kin, vin = self.inner_of(k.buffer), self.inner_of(v.buffer)
+        with self.graph.inserting_before(sdpa):
+            out = self.graph.call_function(
+                torch.ops.antkv.static_attention_.default,
+                (args["query"], [kin[f] for f in STATIC_FIELDS], [vin[f] for f in STATIC_FIELDS], k.new, v.new, k.pos,
+                 args["attn_mask"], args["is_causal"], args["scale"], *settings_args(_val(k.buffer).settings)),
+            )  # fmt: skip
+        sdpa.replace_all_uses_with(out)
+        for node in [sdpa, *reversed(k.chain), *reversed(v.chain), k.write, v.write]:
+            for user in list(node.users):  # a write's own result (index_copy_ returns the buffer) read only by size queries
+                self._replace_query(user, kin if node is k.write else vin, 2)
+            self.graph.erase_node(node)
 
     def rewrite(self, sdpa: fx.Node, args: dict, k: CacheSide, v: CacheSide, book, layer: int, online: PQSpec | None) -> None:
         ks = self.append(k, book and book.key, f"_antkv_{layer}_key", online, 2 * layer, rotate=True)
@@ -508,7 +593,7 @@ class _Rewriter:
             if node.meta.get("antkv_cache") and not node.users:
                 self.graph.erase_node(node)
         for ph, inner in list(self.inner.items()):
-            self._retarget_queries(ph, inner, _val(ph).seq_dim)
+            self._retarget_queries(ph, inner, getattr(_val(ph), "seq_dim", 2))
             if not ph.users:
                 self.graph.erase_node(ph)
 
@@ -550,7 +635,7 @@ def kv_cache_pass(
         layer = None
         try:
             k = _trace_side(sdpa, args["key"], "key", outputs)
-            layer = _layer_index(k.past, ordinal)
+            layer = _layer_index(k.buffer if isinstance(k, StaticSide) else k.past, ordinal)
             v = _trace_side(sdpa, args["value"], "value", outputs)
             book = codebooks[layer] if codebooks is not None and layer < len(codebooks) else None
             _check_site(sdpa, args, k, v, book, online)
@@ -558,6 +643,10 @@ def kv_cache_pass(
             result.sites.append(Site(graph_id, sdpa.name, False, str(why), layer))
             continue
         detail = _describe(args, k, _val(args["query"]).shape[2])
+        if isinstance(k, StaticSide):
+            rewriter.rewrite_static(sdpa, args, k, v)
+            result.sites.append(Site(graph_id, sdpa.name, True, detail.replace("past compressed", "static compressed cache"), layer))
+            continue
         if book is None and not k.past_is_vq:
             detail += f", data-free codebook ({online.bits:g} bits) fitted to this call's tokens"
         rewriter.rewrite(sdpa, args, k, v, book, layer, online)
