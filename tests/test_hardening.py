@@ -92,15 +92,19 @@ def test_codebooks_that_do_not_fit_raise_compression_error_or_warn():
     assert sites and not any(s.rewritten for s in sites) and "4 kv heads" in sites[0].detail
 
 
-def test_a_static_cache_is_refused_with_its_reason_not_run_dense_silently():
-    """HF StaticCache writes a preallocated buffer in place (index_copy_): the pass does not
-    compress that pattern yet. Before, its graphs had "no KV cache" for the backend, so generate()
-    ran dense without a word; now every site names the pattern and the call raises."""
+def test_a_dense_static_cache_is_refused_with_its_reason_not_run_dense_silently():
+    """A dense HF StaticCache already holding tokens when a patched model first sees it (patch()
+    converts only an empty one, tests/test_static.py): its buffers are written in place
+    (index_copy_), which the pass compresses only in a StaticVQTensor; every site names the pattern
+    and what to do, and the call raises."""
     model, books = _tiny("LlamaConfig", "LlamaForCausalLM", 64, 4, 2, {})
     ids = torch.randint(3, 64, (1, 6))
+    cache = tf.StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        model(ids, **{ak.cache_keyword(model): cache})  # filled eagerly, dense
     ak.patch(model, books, inductor=False)
-    with pytest.raises(ak.CompressionError, match=r"(?s)preallocated and written in place \(`index_copy_`.*DynamicCache"):
-        _generate(model, ids, tf.StaticCache(config=model.config, max_cache_len=16))
+    with pytest.raises(ak.CompressionError, match=r"(?s)dense preallocated buffer written in place \(`index_copy_`.*AntKVStaticCache"):
+        _generate(model, torch.cat([ids, ids[:, :1]], 1), cache)
 
 
 class _GptFastAttention(torch.nn.Module):
@@ -123,7 +127,7 @@ def test_a_gpt_fast_cache_is_refused_with_its_reason():
     compiled = torch.compile(module, backend=ak.AntKVBackend(random_codebooks(1, 2, 16), inductor=False))
     q, k, v = (torch.randn(1, 2, 1, 16) for _ in range(3))
     mask = torch.arange(32)[None, None, None, :] <= 3
-    with torch.no_grad(), pytest.raises(ak.CompressionError, match="preallocated and written in place"):
+    with torch.no_grad(), pytest.raises(ak.CompressionError, match="dense preallocated buffer written in place.*StaticVQTensor"):
         compiled(q, k, v, torch.tensor([3]), mask)
 
 
