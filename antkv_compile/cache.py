@@ -359,10 +359,21 @@ class StaticVQTensor(torch.Tensor):
         bk = codebook if isinstance(codebook, state.Book) else state.book(codebook, device)
         return cls(state.static_empty(batch, bk, dtype, capacity, settings), settings, dtype)
 
+    @classmethod
+    def from_cache(cls, cache: "VQTensor", capacity: int) -> "StaticVQTensor":
+        """The static cache holding what the growing `cache` holds, with room for `capacity` tokens."""
+        if cache.seq_dim != 2:
+            raise ValueError("a static compressed cache is [B, H, T, D] (seq_dim 2)")
+        return cls(state.static_from_side(cache.side, capacity, cache.settings), cache.settings, cache.dtype)
+
     @property
     def fields(self) -> list:
-        """Its inner tensors, in `state.STATIC_FIELDS` order (the op's argument)."""
+        """Its inner tensors, in `state.STATIC_FIELDS` order."""
         return [getattr(self, f) for f in state.STATIC_FIELDS]
+
+    def op_args(self) -> tuple[list, list]:
+        """(its STATIC_BUFFERS, its book): the two lists `ops.static_attention_` takes per side."""
+        return [getattr(self, f) for f in state.STATIC_BUFFERS], [getattr(self, f) for f in state.BOOK_FIELDS]
 
     @property
     def side(self) -> Side:
@@ -441,6 +452,9 @@ class StaticVQTensor(torch.Tensor):
             return self
         if func in (aten.detach.default, aten.alias.default):
             return args[0]
+        if func is aten.clone.default:
+            self = args[0]
+            return StaticVQTensor({f: getattr(self, f).clone() for f in state.STATIC_FIELDS}, self.settings, self.dtype)
         if func._schema.is_mutable:
             raise RuntimeError(
                 f"antkv static cache: {func} would write into the compressed cache; it supports index_copy_ along the "
@@ -461,5 +475,5 @@ def _static_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         key._pending = value._pending = (torch.arange(0, device=query.device), empty)
     (pos, k_new), (_, v_new) = key._pending, value._pending
     key._pending = value._pending = None
-    return ops.direct(ops.static_attention_, query.device, query, key.fields, value.fields, k_new, v_new, pos, attn_mask, is_causal,
-                      scale, *ops.settings_args(key.settings))  # fmt: skip
+    return ops.direct(ops.static_attention_, query.device, query, *key.op_args(), *value.op_args(), k_new, v_new, pos, attn_mask,
+                      is_causal, scale, *ops.settings_args(key.settings))  # fmt: skip

@@ -330,6 +330,7 @@ def refine(side: Side, rows: Tensor, settings: CacheSettings, iters: int) -> Sid
 # growing side would flush at the start of the next call, with the same scores, so the outputs are
 # the growing side's (tests/test_static.py).
 STATIC_FIELDS = (*Side._fields, "lengths")
+STATIC_BUFFERS = (*STATE_FIELDS, "lengths")  # what a call writes (the book is only read)
 
 
 def static_empty(batch: int, bk: Book, dtype: torch.dtype, capacity: int, settings: CacheSettings = CacheSettings()) -> dict:
@@ -344,6 +345,21 @@ def static_empty(batch: int, bk: Book, dtype: torch.dtype, capacity: int, settin
         out[f] = t.new_full((*t.shape[:2], n, *t.shape[3:]), fills.get(f, 0))
     out.update(zip(BOOK_FIELDS, bk))
     out["lengths"] = torch.zeros(3, dtype=torch.int64, device=side.codes.device)
+    return out
+
+
+def static_from_side(side: Side, capacity: int, settings: CacheSettings) -> dict:
+    """The static side holding what `side` holds (its window flushed down to settings.window rows
+    first, as a static side keeps it between calls), with room for `capacity` tokens."""
+    T, Tw = side.codes.shape[2], side.window.shape[2]
+    if T > capacity:
+        raise ValueError(f"a side of {T} tokens does not fit a static side of {capacity}")
+    side = _flush(side, Tw - settings.window, settings.anchor_frac)
+    out = static_empty(side.codes.shape[0], Book(*(getattr(side, f) for f in BOOK_FIELDS)), side.window.dtype, capacity, settings)
+    for f in STATE_FIELDS:
+        t = getattr(side, f)
+        out[f][:, :, : t.shape[2]] = t
+    out["lengths"].copy_(torch.tensor([T, side.anchor_pos.shape[2], side.window.shape[2]]))
     return out
 
 

@@ -87,7 +87,7 @@ PARAMS = 134_515_008  # parameters of SmolLM2-135M (tied embeddings counted once
 H100_BYTES_PER_S = 3.35e12  # H100 SXM HBM3
 
 VQ_BITS = (4.0, 2.0, 1.0, 0.5)
-E2E_METHODS = ("fp-dynamiccache", "fp-staticcache", "fp-staticcache-hf-sdpa", "antkv-patch")  # e2e part: FP first, see its comment
+E2E_METHODS = ("fp-dynamiccache", "fp-staticcache", "fp-staticcache-hf-sdpa", "antkv-patch", "antkv-static")  # e2e part: FP first, see its comment
 GIB = 1 << 30
 
 FULL = dict(attn_contexts=[1 << e for e in range(10, 18)], e2e_contexts=[1024, 4096, 16384, 32768], e2e_steps=16, e2e_warmup=3,
@@ -96,7 +96,7 @@ FULL = dict(attn_contexts=[1 << e for e in range(10, 18)], e2e_contexts=[1024, 4
             gpu_contexts=[4096, 32768, 131072, 1 << 20], impl_context=65536, impl_bits="1,4", compile_cache="cold",
             write_contexts=[4096, 32768])
 QUICK = dict(attn_contexts=[1024, 4096], e2e_contexts=[1024], e2e_steps=3, e2e_warmup=1, e2e_layers=2,
-             e2e_methods="fp-dynamiccache,fp-staticcache,antkv-patch",
+             e2e_methods="fp-dynamiccache,fp-staticcache,antkv-patch,antkv-static",
              profile_steps=1, eager_prompts=1, eager_tokens=8, eager_reps=1, eager_layers=2, mem_probes=[1024, 4096], budget_gib=0.25,
              min_time=0.1, gpu_contexts=[4096, 32768], impl_context=4096, impl_bits="1", compile_cache="kernels",
              write_contexts=[4096])
@@ -377,6 +377,7 @@ E2E_NOTES = {
     "fp-staticcache": f"HF StaticCache(max_cache_len = context + steps), torch.compile(model, dynamic=False) (Inductor), {FORCE_GQA_ENV}=1",
     "fp-staticcache-hf-sdpa": "HF StaticCache, torch.compile(model, dynamic=False) (Inductor), HF's default sdpa (repeat_kv under compile)",
     "antkv-patch": "antkv_compile.patch (antkv_backend), DynamicCache of VQTensors",
+    "antkv-static": "antkv_compile.patch (antkv_backend), AntKVStaticCache(max_cache_len = context + steps) of StaticVQTensors",
 }
 
 
@@ -446,6 +447,14 @@ class E2E:
                 layer.keys[:, :, :T] = torch.randn(1, KV_HEADS, T, HEAD_DIM, generator=self.gen, dtype=dtype)
                 layer.values[:, :, :T] = torch.randn(1, KV_HEADS, T, HEAD_DIM, generator=self.gen, dtype=dtype)
                 layer.cumulative_length.fill_(T)
+            return cache
+        if method == "antkv-static":
+            cache = ak.AntKVStaticCache(T + steps, self.books, self.settings)
+            for i, layer in enumerate(cache.layers):
+                k, v = (ak.StaticVQTensor.from_cache(synthetic_side(T, self.books[i], side, self.settings, dtype, self.gen), T + steps)
+                        for side in ("key", "value"))  # fmt: skip
+                layer.keys, layer.values, layer.dtype, layer.device, layer.is_initialized = k, v, dtype, k.device, True
+                layer.cumulative_length = torch.tensor(T)
             return cache
         cache = DynamicCache(config=self.model.config)
         for i, layer in enumerate(cache.layers):
@@ -529,7 +538,11 @@ def _profile(fwd, ids, cache, kwarg: str, steps: int, ours: bool) -> tuple[dict,
             e = events.get(name)
             return e.cpu_time_total / 1e6 if e is not None else 0.0
 
-        append, attention = total("antkv::append"), total("antkv::attention")
+        if "antkv::static_attention_" in events:  # the static step: one op per layer, its write and flush as ranges inside
+            append = total("antkv::static_write") + total("antkv::static_flush")
+            attention = total("antkv::static_attention_") - append
+        else:
+            append, attention = total("antkv::append"), total("antkv::attention")
         out.update(append_share=append / wall, attention_share=attention / wall, rest_share=max(0.0, 1 - (append + attention) / wall),
                    append_ms_per_step=append / steps * 1e3, attention_ms_per_step=attention / steps * 1e3)
     return out, ids
@@ -573,7 +586,7 @@ def run_e2e(args, records: list, progress) -> None:
     bar = tqdm(total=len(args.e2e_methods) * len(args.e2e_contexts), desc="e2e", unit="context")
     torch.manual_seed(0)
     for method in args.e2e_methods:
-        ours, static = method == "antkv-patch", method.startswith("fp-staticcache")
+        ours, static = method.startswith("antkv"), method.startswith("fp-staticcache") or method == "antkv-static"
         bits = 1.0 if ours else 32.0
         fwd = None
         if ours:
@@ -633,7 +646,7 @@ def run_e2e(args, records: list, progress) -> None:
                             rec["compile_cache"] = COMPILE_CACHES[args.compile_cache]
                         if ours:
                             layer0 = cache.layers[0]
-                            assert isinstance(layer0.keys, VQTensor), type(layer0.keys)
+                            assert isinstance(layer0.keys, (VQTensor, ak.StaticVQTensor)), type(layer0.keys)
                             if ci == 0:
                                 rec["synthetic_check"] = check_synthetic(e.books[0], e.settings, model.dtype)
                             rec["sites_rewritten"] = f"{sum(s.rewritten for s in model.antkv_backend.sites)}/{len(model.antkv_backend.sites)}"

@@ -9,6 +9,7 @@ A cache side crosses every op as one `Tensor[]` argument: the fields of `state.S
     antkv::append(side, new, *settings)                 -> the state after quantize-on-write of `new`
     antkv::append_(buffers, rest, length, anchors, new, *settings) -> the new window (codes, anchors in place)
     antkv::attention(q, key, value, attn_mask, is_causal, scale) -> (out, window Anchor Score)
+    antkv::static_attention_(q, key, key_book, value, value_book, k_new, v_new, pos, mask, ...) -> out (static caches, in place)
     antkv::dequantize(side, dtype)                      -> the dense tensor
 
 Each op's body is the function of state.py (or reference.py) it names; `append` and `start`
@@ -25,6 +26,7 @@ in place of `cat` + `scaled_dot_product_attention` in a compiled model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -33,7 +35,7 @@ from torch._library.fake_impl import allocate_size
 from .. import state
 from ..quant.basis import query_to_basis
 from ..settings import CacheSettings
-from ..state import BUFFER_FIELDS, STATE_FIELDS, WINDOW_FIELDS, Book, Side
+from ..state import BOOK_FIELDS, BUFFER_FIELDS, STATE_FIELDS, WINDOW_FIELDS, Book, Side
 from .reference import vq_attention
 
 _STATE = "(" + ", ".join("Tensor" for _ in STATE_FIELDS) + ")"
@@ -332,22 +334,28 @@ def _(q, key, value, attn_mask, is_causal, scale):
 
 @torch.library.custom_op(
     "antkv::static_attention_", mutates_args=("key", "value"),
-    schema="(Tensor q, Tensor(a!)[] key, Tensor(b!)[] value, Tensor k_new, Tensor v_new, Tensor pos, Tensor? attn_mask, "
-           f"bool is_causal, float? scale, {_SETTINGS}) -> Tensor",
+    schema="(Tensor q, Tensor(a!)[] key, Tensor[] key_book, Tensor(b!)[] value, Tensor[] value_book, Tensor k_new, Tensor v_new, "
+           f"Tensor pos, Tensor? attn_mask, bool is_causal, float? scale, {_SETTINGS}) -> Tensor",
 )  # fmt: skip
-def static_attention_(q, key, value, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error, exact_dtype):
-    """One call of a layer over a static cache (`state.STATIC_FIELDS`: fixed-capacity buffers and
-    their `lengths`, declared mutated): `k_new` / `v_new` [B, H, n, D] written at positions `pos`
+def static_attention_(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error,
+                      exact_dtype):  # fmt: skip
+    """One call of a layer over a static cache: each side as its `state.STATIC_BUFFERS` (fixed-capacity
+    buffers and their `lengths`, declared mutated) and its book (read only: declared mutated, its
+    version counter would change every call and the CPU encoder's prepared codebook with it).
+    `k_new` / `v_new` [B, H, n, D] written at positions `pos`
     (which must be the next n: the static cache is written in order), then SDPA of q over the
     filled length (attn_mask's columns past it must mask them out), then the window flushed down to
     `window` rows. Returns the attention output. The body composes the kernels of `append_` and
     `attention` for q's device (`direct`), so it runs as is on every device."""
-    return _static_step(q, key, value, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error, exact_dtype)
+    return _static_step(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error,
+                        exact_dtype)  # fmt: skip
 
 
-def _static_step(q, key, value, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error, exact_dtype):
+def _static_step(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error,
+                 exact_dtype):  # fmt: skip
     settings = CacheSettings(window, anchor_frac, error, exact_dtype)
-    ks, vs = dict(zip(state.STATIC_FIELDS, key)), dict(zip(state.STATIC_FIELDS, value))
+    ks = {**dict(zip(state.STATIC_BUFFERS, key)), **dict(zip(BOOK_FIELDS, key_book))}
+    vs = {**dict(zip(state.STATIC_BUFFERS, value)), **dict(zip(BOOK_FIELDS, value_book))}
     T, A, Tw = ks["lengths"].tolist()
     n, capacity = k_new.shape[2], ks["codes"].shape[2]
     if T + n > capacity:
@@ -364,20 +372,27 @@ def _static_step(q, key, value, k_new, v_new, pos, attn_mask, is_causal, scale, 
         attn_mask = attn_mask[..., : T + n]
     dev = q.device
     sides = []
-    for fields, new in ((ks, k_new), (vs, v_new)):  # encode the new tokens: codes in place, window Tw + n (Tw <= window: no flush)
-        held = state.static_side(fields, (T, A, Tw))
-        full = held._replace(**{f: fields[f] for f in BUFFER_FIELDS})
-        win = direct(append_, dev, *split_buffers(full), T, A, new.to(q.dtype), *settings_args(settings))
-        sides.append(held._replace(codes=fields["codes"][:, :, : T + n], **dict(zip(WINDOW_FIELDS, win))))
+    with _profiled("antkv::static_write"):
+        for fields, new in ((ks, k_new), (vs, v_new)):  # encode the new tokens: codes in place, window Tw + n (Tw <= window: no flush)
+            held = state.static_side(fields, (T, A, Tw))
+            full = held._replace(**{f: fields[f] for f in BUFFER_FIELDS})
+            win = direct(append_, dev, *split_buffers(full), T, A, new.to(q.dtype), *settings_args(settings))
+            sides.append(held._replace(codes=fields["codes"][:, :, : T + n], **dict(zip(WINDOW_FIELDS, win))))
     out, score = direct(attention, dev, q, list(sides[0]), list(sides[1]), attn_mask, is_causal, scale)
     A2, Tw2 = state.flush_lengths(T + n, A, Tw + n, 0, window, anchor_frac)
-    for fields, side in zip((ks, vs), sides):  # the flush: the leavers' anchor slots in place, the window stored back
-        full = side._replace(window_score=side.window_score + score, **{f: fields[f] for f in BUFFER_FIELDS})
-        win = direct(append_, dev, *split_buffers(full), T + n, A, k_new[:, :, :0].to(q.dtype), *settings_args(settings))
-        for f, t in zip(WINDOW_FIELDS, win):
-            fields[f][:, :, :Tw2] = t
-        fields["lengths"].copy_(torch.tensor([T + n, A2, Tw2]))
+    with _profiled("antkv::static_flush"):
+        for fields, side in zip((ks, vs), sides):  # the flush: the leavers' anchor slots in place, the window stored back
+            full = side._replace(window_score=side.window_score + score, **{f: fields[f] for f in BUFFER_FIELDS})
+            win = direct(append_, dev, *split_buffers(full), T + n, A, k_new[:, :, :0].to(q.dtype), *settings_args(settings))
+            for f, t in zip(WINDOW_FIELDS, win):
+                fields[f][:, :, :Tw2] = t
+            fields["lengths"].copy_(torch.tensor([T + n, A2, Tw2]))
     return out
+
+
+def _profiled(name: str):
+    """A torch.profiler range while a profiler runs (benchmarks/speed.py's write share), else nothing."""
+    return torch.profiler.record_function(name) if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext()
 
 
 for _device in ("cpu", "cuda"):  # the body composes the device kernels itself; `direct` calls it without the dispatch
@@ -385,7 +400,7 @@ for _device in ("cpu", "cuda"):  # the body composes the device kernels itself; 
 
 
 @static_attention_.register_fake
-def _(q, key, value, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error, exact_dtype):
+def _(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error, exact_dtype):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

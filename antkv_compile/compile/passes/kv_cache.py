@@ -40,7 +40,7 @@ from ...ops import settings_args
 from ...quant.basis import is_identity
 from ...quant.pq import PQSpec
 from ...settings import CacheSettings
-from ...state import BOOK_FIELDS, STATE_FIELDS, STATIC_FIELDS, Side
+from ...state import BOOK_FIELDS, STATE_FIELDS, STATIC_BUFFERS, Side
 
 SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -523,7 +523,8 @@ class _Rewriter:
         with self.graph.inserting_before(sdpa):
             out = self.graph.call_function(
                 torch.ops.antkv.static_attention_.default,
-                (args["query"], [kin[f] for f in STATIC_FIELDS], [vin[f] for f in STATIC_FIELDS], k.new, v.new, k.pos,
+                (args["query"], [kin[f] for f in STATIC_BUFFERS], [kin[f] for f in BOOK_FIELDS],
+                 [vin[f] for f in STATIC_BUFFERS], [vin[f] for f in BOOK_FIELDS], k.new, v.new, k.pos,
                  args["attn_mask"], args["is_causal"], args["scale"], *settings_args(_val(k.buffer).settings)),
             )  # fmt: skip
         sdpa.replace_all_uses_with(out)
