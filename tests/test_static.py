@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from reference import dense_from_parts
 
 import antkv_compile as ak
-from antkv_compile import StaticVQTensor, VQTensor, ops, state
+from antkv_compile import StaticVQTensor, VQTensor, state
+from antkv_compile.ops import cpu
 from antkv_compile.settings import CacheSettings
 
 
@@ -54,10 +55,19 @@ def _sdpa64(q, k, v, mask):
     anchor_frac=st.sampled_from([0.0, 0.1, 0.5]),
     groups=st.sampled_from([1, 3]),
     calls=st.lists(st.sampled_from([1, 1, 1, 2, 5, 9]), min_size=1, max_size=12),
+    kernel=st.booleans(),
 )
-def test_static_calls_equal_the_growing_cache_and_sdpa_on_the_dense_cache(seed, spec, window, anchor_frac, groups, calls):
+def test_static_calls_equal_the_growing_cache_and_sdpa_on_the_dense_cache(seed, spec, window, anchor_frac, groups, calls, kernel):
     """Prefills, chunks and decode steps in any order: every call's output is float64 SDPA on the
-    cache held before it plus the call's tokens exact, and equals the growing cache's output."""
+    cache held before it plus the call's tokens exact, and equals the growing cache's output; with
+    write.cpp's whole-call kernel and with the op's body (the device kernels composed in Python)."""
+    with pytest.MonkeyPatch.context() as m:
+        if not kernel:
+            m.setattr(cpu, "static_supported", lambda *a: False)
+        _static_calls(seed, spec, window, anchor_frac, groups, calls)
+
+
+def _static_calls(seed, spec, window, anchor_frac, groups, calls):
     g = torch.Generator().manual_seed(seed)
     B, H, D = 2, 2, 16
     capacity = sum(calls) + int(torch.randint(0, 4, (1,), generator=g))

@@ -395,8 +395,20 @@ def _profiled(name: str):
     return torch.profiler.record_function(name) if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext()
 
 
-for _device in ("cpu", "cuda"):  # the body composes the device kernels itself; `direct` calls it without the dispatch
-    _kernel(static_attention_, _device)(_static_step)
+@_kernel(static_attention_, "cpu")
+def _(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error, exact_dtype):
+    """On CPU: write.cpp's `vq_static_step` (`cpu.static_step`), the whole call in C++; outside
+    its dtypes or query rows, the op's body (whose kernels fall back the same way)."""
+    from . import cpu
+
+    if not cpu.static_supported(q, key, key_book, value, value_book, k_new):
+        return _static_step(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac,
+                            error, exact_dtype)  # fmt: skip
+    return cpu.static_step(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac,
+                           error)  # fmt: skip
+
+
+_kernel(static_attention_, "cuda")(_static_step)  # the body composes the device kernels itself; `direct` calls it without the dispatch
 
 
 @static_attention_.register_fake

@@ -174,6 +174,32 @@ def append_(side: Side, length: int, anchors: int, new: torch.Tensor, window: in
     return tuple(out)
 
 
+def static_supported(q: torch.Tensor, key: list, key_book: list, value: list, value_book: list, k_new: torch.Tensor) -> bool:
+    """Whether write.cpp's static step takes this call: the write kernel's dtypes for both sides
+    (as `append_supported`: codes, exact rows, new rows, anchor positions) and the attention
+    kernel's query rows (as `supported`)."""
+    for buffers, book in ((key, key_book), (value, value_book)):
+        codes, rows, pos = buffers[0], buffers[1], buffers[2]
+        if codes.dtype != (torch.uint8 if book[0].shape[2] <= 256 else torch.int16) or rows.dtype not in _ROW_DTYPES:
+            return False
+        if buffers[4].dtype != rows.dtype or pos.dtype != torch.int32:
+            return False
+    Hq, L, Hkv = q.shape[1], q.shape[2], key[0].shape[1]
+    return k_new.dtype in _ROW_DTYPES and Hkv > 0 and Hq % Hkv == 0 and (Hq // Hkv) * L <= MAX_ROWS and extension()
+
+
+def static_step(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error):
+    """`antkv::static_attention_` on CPU tensors: write.cpp's `vq_static_step`, the whole call (write,
+    attention, flush) in one C++ call. Same warning as `append` for leaving rows with NaN / Inf."""
+    out, nonfinite = torch.ops.antkv_cpu.vq_static_step.default(
+        q, key, key_book, *prepared(key_book[0]), value, value_book, *prepared(value_book[0]), k_new, v_new, pos, attn_mask,
+        bool(is_causal), scale, window, anchor_frac, error == "actual", CHUNK_TOKENS,
+    )  # fmt: skip
+    if nonfinite:
+        state.warn_nonfinite(nonfinite, int(key[-1][1]))
+    return out
+
+
 # id(centroids) -> (weak reference, version counter, transposed codebook, |c|^2)
 _PREPARED: dict[int, tuple] = {}
 

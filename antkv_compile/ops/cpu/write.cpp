@@ -20,6 +20,7 @@
 // own, so with a basis a row may differ from the reference's (a BLAS matmul) by one rounding, a
 // code where two centroids are equidistant within float32 rounding, an error by float32 rounding.
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -432,6 +433,109 @@ std::tuple<at::Tensor, at::Tensor> vq_prepare(const at::Tensor& centroids_in) {
   return {ct, csq};
 }
 
+// attention.cpp
+std::vector<at::Tensor> vq_attention(const at::Tensor& qg, const at::Tensor& k_codes, const at::Tensor& k_cent,
+                                     const at::Tensor& k_arows, const at::Tensor& k_apos, const at::Tensor& k_win,
+                                     const at::Tensor& k_err, const at::Tensor& v_codes, const at::Tensor& v_cent,
+                                     const at::Tensor& v_arows, const at::Tensor& v_apos, const at::Tensor& v_win,
+                                     const at::Tensor& v_err, const c10::optional<at::Tensor>& attn_mask,
+                                     bool is_causal, double scale, int64_t L, int64_t chunk_tokens);
+
+// state.flush_lengths: (anchors, window) after appending n tokens to T tokens, A anchors, Tw window rows.
+static std::pair<int64_t, int64_t> flush_lengths(int64_t T, int64_t A, int64_t Tw, int64_t n, int64_t window, double frac) {
+  const int64_t n_leave = Tw - window;
+  if (n_leave <= 0) return {A, Tw + n};
+  return {std::min<int64_t>(static_cast<int64_t>(std::ceil(frac * static_cast<double>(T - Tw + n_leave))), A + n_leave),
+          window + n};
+}
+
+// One call of a layer over a static compressed cache (antkv::static_attention_, ops/__init__.py, on
+// CPU), in one C++ call: each side is its state.STATIC_BUFFERS (codes, anchor rows / positions / scores,
+// window / errors / scores at fixed capacities, lengths int64 [3]: tokens, anchors, window rows) and its
+// book (centroids, expected error, basis, basis^-1) with the encoder's prepared codebook (ct, csq).
+// Writes the n new tokens at [T, T + n) (encode, codes in place), attends q over the T + n tokens (the
+// call's tokens exact in the window), adds the window's Anchor Score, flushes the window down to
+// `window` rows (anchor slots in place) and stores it back; updates the lengths. Returns (out [B, Hq, L,
+// D] in q's dtype, the number of leaving rows with NaN / Inf entries).
+std::tuple<at::Tensor, int64_t> vq_static_step(
+    const at::Tensor& q, at::TensorList key, at::TensorList key_book, const at::Tensor& kct, const at::Tensor& kcsq,
+    at::TensorList value, at::TensorList value_book, const at::Tensor& vct, const at::Tensor& vcsq, const at::Tensor& k_new,
+    const at::Tensor& v_new, const at::Tensor& pos, const c10::optional<at::Tensor>& attn_mask, bool is_causal,
+    c10::optional<double> scale, int64_t window, double anchor_frac, bool actual_error, int64_t chunk_tokens) {
+  TORCH_CHECK(key.size() == 8 && value.size() == 8 && key_book.size() == 4 && value_book.size() == 4,
+              "static step: 8 buffers and 4 book tensors per side");
+  const at::Tensor &klen = key[7], &vlen = value[7];
+  for (const auto* t : {&klen, &vlen})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == 3 && t->is_cpu(), "lengths: int64 [3]");
+  int64_t* kl = klen.data_ptr<int64_t>();
+  int64_t* vl = vlen.data_ptr<int64_t>();
+  const int64_t T = kl[0], A = kl[1], Tw = kl[2], n = k_new.size(2), capacity = key[0].size(2);
+  TORCH_CHECK(vl[0] == T && vl[2] == Tw && value[0].size(2) == capacity, "static step: key and value caches hold different tokens");
+  TORCH_CHECK_VALUE(T + n <= capacity, "antkv static cache full: ", T, " tokens held + ", n, " new > max_cache_len ", capacity,
+              "; make the cache larger");
+  const auto p = pos.reshape({-1}).to(at::kLong).contiguous();
+  bool in_order = p.numel() == n;
+  for (int64_t i = 0; in_order && i < n; ++i) in_order = p.data_ptr<int64_t>()[i] == T + i;
+  TORCH_CHECK_VALUE(in_order, "antkv static cache: the ", n, " new tokens must be written at positions ", T, "..", T + n - 1,
+              " (right after the ", T, " held, in order): a static compressed cache cannot overwrite or skip slots");
+  c10::optional<at::Tensor> mask;
+  if (attn_mask && attn_mask->defined()) {
+    const at::Tensor& m = *attn_mask;
+    TORCH_CHECK(m.size(-1) == capacity, "attn_mask must cover the cache's ", capacity, " slots");
+    const auto rest = m.narrow(-1, T + n, capacity - T - n);
+    const bool leaks = m.scalar_type() == at::kBool ? rest.any().item<bool>() : rest.ne(-std::numeric_limits<double>::infinity()).any().item<bool>();
+    TORCH_CHECK_VALUE(!leaks, "antkv static cache: attn_mask lets queries attend to the unfilled slots past ", T + n, "; mask them out");
+    mask = m.narrow(-1, 0, T + n);
+  }
+  const bool actual = actual_error;
+  int64_t nonfinite = 0;
+  // 1. Encode the new tokens (no flush: the stored window holds at most `window` rows).
+  auto anchors_in = flush_lengths(T, A, Tw, n, window, anchor_frac).first;
+  std::vector<at::Tensor> win[2];
+  at::TensorList sides[2] = {key, value}, books[2] = {key_book, value_book};
+  const at::Tensor* news[2] = {&k_new, &v_new};
+  const at::Tensor *cts[2] = {&kct, &vct}, *csqs[2] = {&kcsq, &vcsq};
+  for (int s = 0; s < 2; ++s) {
+    at::TensorList b = sides[s], bk = books[s];
+    auto out = write_side(b[0], b[1], b[2], b[3], b[4].narrow(2, 0, Tw), b[5].narrow(2, 0, Tw), b[6].narrow(2, 0, Tw), bk[0],
+                          bk[1], bk[2], *news[s], *cts[s], *csqs[s], window, anchors_in, actual, true, T, A);
+    win[s] = std::get<0>(out);
+    nonfinite += std::get<1>(out);
+  }
+  const int64_t A1 = Tw > window ? anchors_in : A;
+  // 2. Attention over T + n tokens, q in the key basis (query_to_basis, rounded to q's dtype as there).
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3), H = key[0].size(1), G = Hq / H;
+  TORCH_CHECK(Hq % H == 0, Hq, " query heads do not share ", H, " kv heads");
+  auto qg = q.reshape({B, H, G * L, D});
+  const at::Tensor& kinv = key_book[3];
+  if (kinv.size(-1) != 0) qg = at::matmul(qg.to(at::kFloat), kinv.transpose(-1, -2)).to(q.scalar_type());
+  qg = qg.to(at::kFloat).contiguous();
+  auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  auto codes_of = [&](const at::Tensor& c) { return c.narrow(2, 0, T + n); };
+  c10::optional<at::Tensor> mx;
+  if (mask) {
+    auto m = mask->scalar_type() == at::kBool || mask->scalar_type() == at::kFloat ? *mask : mask->to(at::kFloat);
+    mx = m.expand({B, Hq, L, T + n});
+  }
+  const double sc = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
+  auto att = vq_attention(qg, codes_of(key[0]), f32(key_book[0]), f32(key[1].narrow(2, 0, A1)), key[2].narrow(2, 0, A1).contiguous(),
+                          f32(win[0][4]), f32(win[0][5]), codes_of(value[0]), f32(value_book[0]), f32(value[1].narrow(2, 0, A1)),
+                          value[2].narrow(2, 0, A1).contiguous(), f32(win[1][4]), f32(win[1][5]), mx, is_causal, sc, L, chunk_tokens);
+  // 3. The window's Anchor Score, the flush down to `window` rows, the window stored back.
+  const auto [A2, Tw2] = flush_lengths(T + n, A1, Tw + n, 0, window, anchor_frac);
+  for (int s = 0; s < 2; ++s) {
+    at::TensorList b = sides[s], bk = books[s];
+    win[s][6].add_(att[1]);
+    auto out = write_side(b[0], b[1], b[2], b[3], win[s][4], win[s][5], win[s][6], bk[0], bk[1], bk[2], news[s]->narrow(2, 0, 0),
+                          *cts[s], *csqs[s], window, A2, actual, true, T + n, A1);
+    const auto& w = std::get<0>(out);
+    nonfinite += std::get<1>(out);
+    for (int f = 4; f < 7; ++f) b[f].narrow(2, 0, Tw2).copy_(w[f]);
+  }
+  for (int64_t* l : {kl, vl}) l[0] = T + n, l[1] = A2, l[2] = Tw2;
+  return {att[0].view({B, Hq, L, D}).to(q.scalar_type()), nonfinite};
+}
+
 // torch.ops.antkv_cpu.vq_append / vq_prepare (antkv::append's CPU kernel calls them); a fragment:
 // attention.cpp defines the library.
 TORCH_LIBRARY_FRAGMENT(antkv_cpu, m) {
@@ -441,4 +545,5 @@ TORCH_LIBRARY_FRAGMENT(antkv_cpu, m) {
         "Tensor new_rows, Tensor ct, Tensor csq, int window_setting, int anchors, bool actual_error) -> (Tensor[], int)",
         &vq_append_);
   m.def("vq_prepare", &vq_prepare);
+  m.def("vq_static_step", &vq_static_step);
 }
