@@ -346,6 +346,8 @@ class AntKVStaticLayer(StaticLayer):
     def __init__(self, max_cache_len: int, codebook: LayerCodebook | None, settings: CacheSettings, bits: float = 1.0, seed: int = 0):
         super().__init__(max_cache_len=max_cache_len)
         self.codebook, self.settings, self.bits, self.seed = codebook, settings, bits, seed
+        self.is_initialized = False
+        self.cumulative_length = torch.zeros((), dtype=torch.int64)
 
     def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
         value_states = key_states if value_states is None else value_states
@@ -363,9 +365,29 @@ class AntKVStaticLayer(StaticLayer):
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=device)
         self.is_initialized = True
 
+    def update(self, key_states, value_states, *args, **kwargs):
+        """StaticLayer's update (positions from the tokens held, as transformers 5 computes them;
+        transformers 4's StaticLayer takes cache_position and counts by reading the keys)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        position = torch.arange(n, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(n)
+        self.keys.index_copy_(2, position, key_states)
+        self.values.index_copy_(2, position, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self, *args, **kwargs):
+        return self.cumulative_length if self.is_initialized else 0
+
     def reset(self) -> None:
         if self.is_initialized:
             self.keys.zero_(), self.values.zero_(), self.cumulative_length.zero_()
+
+
+def _holds_tokens(layer) -> bool:
+    """An HF cache layer's buffers are allocated (transformers 5's is_initialized; 4's keys)."""
+    return getattr(layer, "is_initialized", getattr(layer, "keys", None) is not None)
 
 
 def compress_static(cache, codebooks: Codebooks | None, settings: CacheSettings, bits: float) -> bool:
@@ -375,7 +397,7 @@ def compress_static(cache, codebooks: Codebooks | None, settings: CacheSettings,
     eagerly, which allocates them (patch()). False for any other cache."""
     layers = getattr(cache, "layers", ())
     for i, layer in enumerate(layers):
-        if type(layer) is StaticLayer and not layer.is_initialized:
+        if type(layer) is StaticLayer and not _holds_tokens(layer):
             book = codebooks.layers[i] if codebooks is not None else None
             layers[i] = AntKVStaticLayer(layer.max_cache_len, book, settings, bits, i)
     return any(isinstance(layer, AntKVStaticLayer) and not layer.is_initialized for layer in layers)

@@ -22,6 +22,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -496,6 +497,7 @@ std::tuple<at::Tensor, int64_t> vq_static_step(
   const at::Tensor* news[2] = {&k_new, &v_new};
   const at::Tensor *cts[2] = {&kct, &vct}, *csqs[2] = {&kcsq, &vcsq};
   for (int s = 0; s < 2; ++s) {
+    RECORD_FUNCTION("antkv::static_write", std::vector<c10::IValue>());  // profiler ranges: speed.py's write share
     at::TensorList b = sides[s], bk = books[s];
     auto out = write_side(b[0], b[1], b[2], b[3], b[4].narrow(2, 0, Tw), b[5].narrow(2, 0, Tw), b[6].narrow(2, 0, Tw), bk[0],
                           bk[1], bk[2], *news[s], *cts[s], *csqs[s], window, anchors_in, actual, true, T, A);
@@ -524,6 +526,7 @@ std::tuple<at::Tensor, int64_t> vq_static_step(
   // 3. The window's Anchor Score, the flush down to `window` rows, the window stored back.
   const auto [A2, Tw2] = flush_lengths(T + n, A1, Tw + n, 0, window, anchor_frac);
   for (int s = 0; s < 2; ++s) {
+    RECORD_FUNCTION("antkv::static_flush", std::vector<c10::IValue>());
     at::TensorList b = sides[s], bk = books[s];
     win[s][6].add_(att[1]);
     auto out = write_side(b[0], b[1], b[2], b[3], win[s][4], win[s][5], win[s][6], bk[0], bk[1], bk[2], news[s]->narrow(2, 0, 0),
