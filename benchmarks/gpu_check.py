@@ -19,9 +19,12 @@ Checks, in order (each prints PASS / FAIL and the run goes on):
 3. end to end: SmolLM2-135M-Instruct (fp16) generates the same greedy tokens through `ak.patch`
    as through the eager AntKVCache (whose appends run antkv::append_'s CUDA kernel: the in-place
    write with the Triton encoder), with 1-bit calibrated codebooks;
-4. speed: decode attention latency at 4K .. 128K tokens, dense fp16 SDPA against the compiled
+4. static: generate(cache_implementation="static") through `ak.patch` (the static compressed cache,
+   antkv::static_attention_ composed from the Triton kernels) equals the eager AntKVStaticCache's
+   tokens, in one decode graph;
+5. speed: decode attention latency at 4K .. 128K tokens, dense fp16 SDPA against the compiled
    1-bit op (median of CUDA-event timings), and the same ratio the README argues from bytes;
-5. tests: the CPU test suite still passes on this machine (`python -m pytest -q`).
+6. tests: the CPU test suite still passes on this machine (`python -m pytest -q`).
 """
 
 from __future__ import annotations
@@ -109,6 +112,31 @@ def check_end_to_end(torch, ak, report):
     report("end_to_end", same and rewritten, f"greedy tokens identical: {same}, every site rewritten: {rewritten}, first compiled generate {first:.0f} s")
 
 
+def check_static(torch, ak, report):
+    """The static compressed cache on CUDA: antkv::static_attention_'s body (the Triton encoder and
+    attention kernels composed, the lengths read on the host) through patch() with
+    generate(cache_implementation="static"), against the eager AntKVStaticCache and the eager
+    growing AntKVCache (the same outputs by construction), with the decode graphs counted."""
+    from antkv_compile.evaluation import load_smollm2, load_wikitext_ids
+
+    model, tok = load_smollm2(torch.float16)
+    model = model.cuda()
+    books = ak.calibrate(model, load_wikitext_ids(tok)[:8192].cuda(), bits=1.0, seq_len=1024, max_tokens=8192)
+    ids = tok(["The history of the Roman Empire"], return_tensors="pt").to("cuda")
+    n = 48
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
+    ak.use_antkv_attention(model)
+    with torch.no_grad():
+        want = model.generate(**ids, **{ak.cache_keyword(model): ak.AntKVStaticCache(ids["input_ids"].shape[1] + n, books)}, **kw)
+        grown = model.generate(**ids, **{ak.cache_keyword(model): ak.AntKVCache(books)}, **kw)
+        ak.patch(model, books)
+        torch._dynamo.utils.counters.clear()
+        out = model.generate(**ids, cache_implementation="static", **kw)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    same, same_grown = torch.equal(out, want), torch.equal(out, grown)
+    report("static", same and graphs == 1, f"tokens = eager AntKVStaticCache: {same}, = eager AntKVCache: {same_grown}, decode graphs: {graphs}")
+
+
 def check_speed(torch, ak, report, contexts):
     import torch.nn.functional as F
 
@@ -162,7 +190,7 @@ def main():
         results.append({"check": name, "ok": bool(ok), "detail": detail, "data": data})
 
     checks = [("kernels", lambda: check_kernels(torch, ak, report)), ("lowering", lambda: check_lowering(torch, ak, report)),
-              ("end_to_end", lambda: check_end_to_end(torch, ak, report)),
+              ("end_to_end", lambda: check_end_to_end(torch, ak, report)), ("static", lambda: check_static(torch, ak, report)),
               ("speed", lambda: check_speed(torch, ak, report, [int(x) for x in args.contexts.split(",")]))]  # fmt: skip
     for name, check in checks:
         try:
