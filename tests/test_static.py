@@ -126,6 +126,10 @@ def test_misuse_gets_a_clear_error_and_reset_empties_the_cache():
     with pytest.raises(ValueError, match="static cache full: 8 tokens held"):
         F.scaled_dot_product_attention(q[:, :, :1], ks, vs)
     ks._pending = vs._pending = None
+    ks.zero_(), vs.zero_()
+    ks.index_copy_(2, torch.tensor([0]), k[:, :, :1]), vs.index_copy_(2, torch.tensor([0]), k[:, :, :1])
+    F.scaled_dot_product_attention(q[:, :, :1], ks, vs)  # no mask (HF's for one query): the filled prefix
+    assert ks.lengths.tolist()[0] == vs.lengths.tolist()[0] == 1
     ks.zero_()
     assert ks.lengths.tolist() == [0, 0, 0] and not ks.dequantize().any()
     with pytest.raises(RuntimeError, match="would write into the compressed cache"):

@@ -344,7 +344,8 @@ def static_attention_(q, key, key_book, value, value_book, k_new, v_new, pos, at
     version counter would change every call and the CPU encoder's prepared codebook with it).
     `k_new` / `v_new` [B, H, n, D] written at positions `pos`
     (which must be the next n: the static cache is written in order), then SDPA of q over the
-    filled length (attn_mask's columns past it must mask them out), then the window flushed down to
+    filled length: the cache stands for its filled prefix (an attn_mask's columns past it must mask
+    them out; with none, as HF passes for one query, the prefix is attended), then the window flushed down to
     `window` rows. Returns the attention output. The body composes the kernels of `append_` and
     `attention` for q's device (`direct`), so it runs as is on every device."""
     return _static_step(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error,
@@ -376,14 +377,14 @@ def _static_step(q, key, key_book, value, value_book, k_new, v_new, pos, attn_ma
         for fields, new in ((ks, k_new), (vs, v_new)):  # encode the new tokens: codes in place, window Tw + n (Tw <= window: no flush)
             held = state.static_side(fields, (T, A, Tw))
             full = held._replace(**{f: fields[f] for f in BUFFER_FIELDS})
-            win = direct(append_, dev, *split_buffers(full), T, A, new.to(q.dtype), *settings_args(settings))
+            win = direct(append_, dev, *split_buffers(full), T, A, new, *settings_args(settings))
             sides.append(held._replace(codes=fields["codes"][:, :, : T + n], **dict(zip(WINDOW_FIELDS, win))))
     out, score = direct(attention, dev, q, list(sides[0]), list(sides[1]), attn_mask, is_causal, scale)
     A2, Tw2 = state.flush_lengths(T + n, A, Tw + n, 0, window, anchor_frac)
     with _profiled("antkv::static_flush"):
         for fields, side in zip((ks, vs), sides):  # the flush: the leavers' anchor slots in place, the window stored back
             full = side._replace(window_score=side.window_score + score, **{f: fields[f] for f in BUFFER_FIELDS})
-            win = direct(append_, dev, *split_buffers(full), T + n, A, k_new[:, :, :0].to(q.dtype), *settings_args(settings))
+            win = direct(append_, dev, *split_buffers(full), T + n, A, k_new[:, :, :0], *settings_args(settings))
             for f, t in zip(WINDOW_FIELDS, win):
                 fields[f][:, :, :Tw2] = t
             fields["lengths"].copy_(torch.tensor([T + n, A2, Tw2]))
