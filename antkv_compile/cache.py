@@ -154,13 +154,7 @@ class VQTensor(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            out = _sdpa(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+        return _torch_function(_sdpa, func, args, kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -236,6 +230,18 @@ class VQTensor(torch.Tensor):
     def select_batch(self, index: torch.Tensor) -> "VQTensor":
         """Reorder / pick sequences (beam search)."""
         return self._with(state.select_batch(self.side, index))
+
+
+def _torch_function(sdpa, func, args, kwargs):
+    """The cache subclasses' __torch_function__: SDPA by `sdpa` where it takes the call (else
+    NotImplemented), every other function as on a plain tensor (then __torch_dispatch__)."""
+    kwargs = kwargs or {}
+    if func is F.scaled_dot_product_attention:
+        out = sdpa(*args, **kwargs)
+        if out is not NotImplemented:
+            return out
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
 
 
 def dequantize(x: torch.Tensor) -> torch.Tensor:
@@ -427,13 +433,7 @@ class StaticVQTensor(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            out = _static_sdpa(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+        return _torch_function(_static_sdpa, func, args, kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
