@@ -219,3 +219,16 @@ def test_static_cache_without_codebooks_fits_data_free_ones_and_holds_fewer_byte
     kv_heads, D = layer.keys.shape[1], layer.keys.shape[3]
     dense = 2 * len(cache.layers) * kv_heads * 512 * D * 4  # a float32 StaticCache of 512 tokens
     assert cache.cache_nbytes() < dense / 4
+
+
+def test_static_op_schema_fake_kernel_and_functionalization():
+    """torch.library.opcheck: the declared mutations match what the kernel writes, the fake kernel
+    matches the real one, and the op traces through AOT (functionalized)."""
+    g = torch.Generator().manual_seed(4)
+    bk, bv = _book(g, 2, 16, (4, 8), True), _book(g, 2, 16, (4, 8), False)
+    ks, vs = StaticVQTensor.empty(1, bk, 12), StaticVQTensor.empty(1, bv, 12)
+    q, k, v = torch.randn(1, 4, 3, 16, generator=g), torch.randn(1, 2, 3, 16, generator=g), torch.randn(1, 2, 3, 16, generator=g)
+    mask = torch.ones(1, 1, 3, 12, dtype=torch.bool).tril()
+    args = (q, *ks.op_args(), *vs.op_args(), k, v, torch.arange(3), mask, False, None, 4, 0.25, "actual", None)
+    torch.library.opcheck(torch.ops.antkv.static_attention_.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))  # fmt: skip
