@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from helpers import random_codebooks, tiny_hf_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -203,7 +204,9 @@ def test_generate_with_a_static_cache_through_patch_compresses_and_equals_eager(
         torch._dynamo.utils.counters.clear()
         got = model.generate(ids, cache_implementation="static", **kw)
     assert torch.equal(got, want) and torch.equal(got, grown)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    # transformers 4 hands generate's 2-d attention mask, one column longer each step, to the
+    # forward: Dynamo recompiles for its size twice (then marks it dynamic); 5 passes a fixed one
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == (1 if int(transformers.__version__.split(".")[0]) >= 5 else 3)
     assert model.antkv_backend.sites and all(s.rewritten for s in model.antkv_backend.sites)
 
 
