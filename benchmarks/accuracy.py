@@ -290,6 +290,10 @@ def _allocated_row(bits: float, options: tuple, suffix: str = "", notes: str = "
 
 register(_allocated_row(1.0, (0.5, 1.0, 2.0)))
 register(_allocated_row(2.0, (1.0, 2.0, 4.0)))
+# 1 bit: window 80 in float16 (81 + 20 anchor rows, 1.838 effective bits) holds no more than the
+# allocated row's window 32 in float32 (1.870).
+register(_allocated_row(1.0, (0.5, 1.0, 2.0), "-window80-fp16rows", "; window 80, anchors 1%, exact rows float16",
+                       window=80, exact_dtype=torch.float16))
 register(_allocated_row(2.0, (1.0, 2.0, 4.0), "-window96-fp16rows", "; window 96, anchors 1%, exact rows float16",
                        window=96, exact_dtype=torch.float16))
 # The exact window is the largest lever a user has (the QuantizedCache peers keep a residual of 128):
