@@ -290,6 +290,9 @@ def _allocated_row(bits: float, options: tuple, suffix: str = "", notes: str = "
 
 
 register(_allocated_row(1.0, (0.5, 1.0, 2.0)))
+# At 2 bit the allocation moves little: layer 0 to K1/V1, layer 9 to K4/V2, the rest K2/V2.
+# Development windows (token by token, FP 24.010): 1.0388x -> 1.0378x at the same 2.870 bits;
+# with window 96 in float16 1.0302x -> 1.0290x at 2.979 bits.
 register(_allocated_row(2.0, (1.0, 2.0, 4.0)))
 # 1 bit: window 80 in float16 (81 + 20 anchor rows, 1.838 effective bits) holds no more than the
 # allocated row's window 32 in float32 (1.870).
@@ -318,7 +321,9 @@ register(_antkv_row("antkv-2bit-window128-anchors2-fp16rows", 2.0, "window 128, 
 # 17 bits per element in float16 (16 + its int32 position / float32 score, or error / score in the
 # window, over head_dim 64) against 33 in float32, so window + 1 + anchors <= 120 rows fit beside
 # the 2-bit codes: window 96 with 1% anchors (117 rows, 2.971 bits) or window 64 with 2% anchors
-# (105 rows, 2.872 bits; the codebooks stay the 1% fit).
+# (105 rows, 2.872 bits; the codebooks stay the 1% fit). Development windows (token by token,
+# --eval-offset 50000 --windows 2, FP ppl 24.010): antkv-2bit 1.0388x at 2.870 bits; window 96
+# 1.0302x at 2.979 (windows 1.024 / 1.036); window 64 + 2% anchors 1.0326x at 2.880.
 register(_antkv_row("antkv-2bit-window96-fp16rows", 2.0, "window 96, anchors 1%, exact rows float16",
                     window=96, exact_dtype=torch.float16))
 # k-means on 16384 sampled tokens per codebook instead of 4096 (256 centroids had 16 samples each).
