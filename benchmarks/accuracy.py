@@ -329,7 +329,10 @@ register(_antkv_row("antkv-2bit-window96-fp16rows", 2.0, "window 96, anchors 1%,
 # k-means on 16384 sampled tokens per codebook instead of 4096 (256 centroids had 16 samples each).
 # Probe (/work/runs/acc/probe: fit on calibration sequences 0-23, measured on 24-31, 2 bit):
 # attention-output error with only keys / only values quantized, layer 10: K 0.0695 -> 0.0643,
-# V 0.0589 -> 0.0557; layer 18: K 0.0361 -> 0.0310, V 0.0669 -> 0.0443. The fit takes ~3x longer.
+# V 0.0589 -> 0.0557; layer 18: K 0.0361 -> 0.0310, V 0.0669 -> 0.0443. The fit takes ~2.5x longer
+# (16 minutes on one loaded thread). Development windows (token by token, FP 24.010): window 96
+# float16 1.0302x -> 1.0261x at 2.979 bits (windows 1.024 / 1.036 -> 1.025 / 1.027), the best 2-bit
+# candidate there, so the one run on the evaluation windows.
 register(_antkv_row("antkv-2bit-kmeans16k", 2.0, "ablation: k-means on 16384 tokens per codebook (default 4096)",
                     fit={"kmeans_tokens": 16384}))
 register(_antkv_row("antkv-2bit-window96-fp16rows-kmeans16k", 2.0, "window 96, anchors 1%, exact rows float16, k-means on 16384 tokens per codebook",
