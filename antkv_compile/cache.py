@@ -46,8 +46,8 @@ class Buffers:
     `owner`, the token of the one state that is current (may be read and appended to in place)."""
 
     def __init__(self, side: Side, tokens: int, anchors: int):
-        fills = {"codes": 0, "anchor_rows": 0, "anchor_pos": -1, "anchor_score": float("-inf")}
-        self.tensors = {f: with_capacity(getattr(side, f), tokens if f == "codes" else anchors, fills[f]) for f in BUFFER_FIELDS}
+        self.tensors = {f: with_capacity(getattr(side, f), tokens if f == "codes" else anchors, state.EMPTY_SLOT.get(f, 0))
+                        for f in BUFFER_FIELDS}  # fmt: skip
         self.owner = None
 
     def fits(self, tokens: int, anchors: int) -> bool:
@@ -372,11 +372,6 @@ class StaticVQTensor(torch.Tensor):
             raise ValueError("a static compressed cache is [B, H, T, D] (seq_dim 2)")
         return cls(state.static_from_side(cache.side, capacity, cache.settings), cache.settings, cache.dtype)
 
-    @property
-    def fields(self) -> list:
-        """Its inner tensors, in `state.STATIC_FIELDS` order."""
-        return [getattr(self, f) for f in state.STATIC_FIELDS]
-
     def op_args(self) -> tuple[list, list]:
         """(its STATIC_BUFFERS, its book): the two lists `ops.static_attention_` takes per side."""
         return [getattr(self, f) for f in state.STATIC_BUFFERS], [getattr(self, f) for f in state.BOOK_FIELDS]
@@ -384,7 +379,7 @@ class StaticVQTensor(torch.Tensor):
     @property
     def side(self) -> Side:
         """The held tokens as a `Side` (views of the buffers' filled prefixes)."""
-        return state.static_side(dict(zip(state.STATIC_FIELDS, self.fields)))
+        return state.static_side({f: getattr(self, f) for f in state.STATIC_FIELDS})
 
     def __tensor_flatten__(self):
         return list(state.STATIC_FIELDS), (self.settings, self.dtype)
@@ -398,7 +393,7 @@ class StaticVQTensor(torch.Tensor):
 
     def cache_nbytes(self) -> int:
         """Bytes of its per-sequence buffers, whole (the codebook is shared)."""
-        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in (*STATE_FIELDS, "lengths"))
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in state.STATIC_BUFFERS)
 
     def dequantize(self) -> torch.Tensor:
         """The dense [B, H, capacity, D] tensor (see the class doc)."""
@@ -446,7 +441,7 @@ class StaticVQTensor(torch.Tensor):
             self = args[0]
             fresh = state.static_empty(self.codes.shape[0], state.Book(*(getattr(self, f) for f in state.BOOK_FIELDS)), self.dtype,
                                        self.codes.shape[2], self.settings)  # fmt: skip
-            for f in (*STATE_FIELDS, "lengths"):
+            for f in state.STATIC_BUFFERS:
                 getattr(self, f).copy_(fresh[f])
             self._pending = None
             return self

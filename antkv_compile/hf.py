@@ -236,6 +236,14 @@ def collect_after_call(cache, lengths_before: list[int], refine: tuple[int, ...]
     return refined
 
 
+def datafree_codebook(key_states, value_states, bits: float, seed: int) -> LayerCodebook:
+    """A layer's data-free codebook of `bits` fitted to these keys (rotated) and values
+    (quant/datafree.py), seeded per layer: what a cache layer without codebooks starts from."""
+    spec = spec_for_bits(bits)
+    return LayerCodebook(datafree.fit_side(key_states, spec, rotate=True, seed=2 * seed),
+                         datafree.fit_side(value_states, spec, rotate=False, seed=2 * seed + 1))  # fmt: skip
+
+
 class AntKVLayer(RefiningLayer):
     """A DynamicLayer whose keys and values are VQTensors (created on the first update). Without a
     codebook, it fits a data-free one (quant/datafree.py) of `bits` to the first update's tokens
@@ -270,9 +278,7 @@ class AntKVLayer(RefiningLayer):
         if self.is_initialized:
             _check_batch(self.keys, key_states.shape[0])
         elif self.codebook is None:  # data-free: fitted here, where both keys and values are at hand
-            spec = spec_for_bits(self.bits)
-            self.codebook = LayerCodebook(datafree.fit_side(key_states, spec, rotate=True, seed=2 * self.seed),
-                                          datafree.fit_side(value_states, spec, rotate=False, seed=2 * self.seed + 1))
+            self.codebook = datafree_codebook(key_states, value_states, self.bits, self.seed)
             self.start_refining(*self.refine_setting)
         super().update(key_states, value_states, *args, **kwargs)
         self.collect(key_states.shape[-2])
@@ -352,9 +358,7 @@ class AntKVStaticLayer(StaticLayer):
     def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
         value_states = key_states if value_states is None else value_states
         if self.codebook is None:
-            spec = spec_for_bits(self.bits)
-            self.codebook = LayerCodebook(datafree.fit_side(key_states, spec, rotate=True, seed=2 * self.seed),
-                                          datafree.fit_side(value_states, spec, rotate=False, seed=2 * self.seed + 1))  # fmt: skip
+            self.codebook = datafree_codebook(key_states, value_states, self.bits, self.seed)
         self.initialize(key_states.shape[0], key_states.dtype, key_states.device)
 
     def initialize(self, batch: int, dtype: torch.dtype, device) -> None:

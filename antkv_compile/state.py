@@ -67,6 +67,8 @@ WINDOW_FIELDS = tuple(f for f in STATE_FIELDS if f not in BUFFER_FIELDS)
 # Their dim 2 is a length: the tokens (codes: grows by every call), the anchors or the window
 # (change with the flush, so traced graphs take them as unbacked sizes).
 UNBACKED_FIELDS = tuple(f for f in STATE_FIELDS if f != "codes")
+# What an unused slot of a capacity buffer holds (0 elsewhere): an empty anchor slot.
+EMPTY_SLOT = {"anchor_pos": -1, "anchor_score": float("-inf")}
 
 
 class Book(NamedTuple):
@@ -336,13 +338,12 @@ STATIC_BUFFERS = (*STATE_FIELDS, "lengths")  # what a call writes (the book is o
 def static_empty(batch: int, bk: Book, dtype: torch.dtype, capacity: int, settings: CacheSettings = CacheSettings()) -> dict:
     """The STATIC_FIELDS tensors of an empty static side for `capacity` tokens."""
     side = empty(batch, bk, dtype, settings)
-    rows = {"codes": capacity, "window": settings.window, "anchor": math.ceil(settings.anchor_frac * capacity)}
-    fills = {"anchor_pos": -1, "anchor_score": float("-inf")}
+    rows = {**dict.fromkeys(BUFFER_FIELDS, math.ceil(settings.anchor_frac * capacity)), "codes": capacity,
+            **dict.fromkeys(WINDOW_FIELDS, settings.window)}  # fmt: skip
     out = {}
     for f in STATE_FIELDS:
         t = getattr(side, f)
-        n = rows["anchor" if f.startswith("anchor") else f if f == "codes" else "window"]
-        out[f] = t.new_full((*t.shape[:2], n, *t.shape[3:]), fills.get(f, 0))
+        out[f] = t.new_full((*t.shape[:2], rows[f], *t.shape[3:]), EMPTY_SLOT.get(f, 0))
     out.update(zip(BOOK_FIELDS, bk))
     out["lengths"] = torch.zeros(3, dtype=torch.int64, device=side.codes.device)
     return out
@@ -367,5 +368,4 @@ def static_side(fields: dict, lengths: tuple | None = None) -> Side:
     """The Side a static side holds: views of its filled prefixes (`lengths`: (tokens, anchors,
     window) if already read, else read from the tensor)."""
     T, A, Tw = fields["lengths"].tolist() if lengths is None else lengths
-    n = {"codes": T, "anchor_rows": A, "anchor_pos": A, "anchor_score": A}
-    return Side(*(fields[f][:, :, : n.get(f, Tw)] if f in STATE_FIELDS else fields[f] for f in Side._fields))
+    return Side(**{f: fields[f] for f in BOOK_FIELDS}, **filled(fields, T, A), **{f: fields[f][:, :, :Tw] for f in WINDOW_FIELDS})

@@ -30,6 +30,8 @@ Checks, in order (each prints PASS / FAIL and the run goes on):
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import platform
 import subprocess
@@ -92,12 +94,25 @@ def check_lowering(torch, ak, report):
     report("lowering", emitted and err < 2e-2, f"templates emitted: {emitted}, max |compiled - reference| = {err:.2e}")
 
 
-def check_end_to_end(torch, ak, report):
+@functools.cache
+def _smollm2(torch, ak):
     from antkv_compile.evaluation import load_smollm2, load_wikitext_ids
 
     model, tok = load_smollm2(torch.float16)
     model = model.cuda()
     books = ak.calibrate(model, load_wikitext_ids(tok)[:8192].cuda(), bits=1.0, seq_len=1024, max_tokens=8192)
+    return model, tok, books
+
+
+def smollm2_and_codebooks(torch, ak):
+    """SmolLM2-135M-Instruct in float16 on the GPU (a fresh copy: checks patch it) and 1-bit
+    codebooks calibrated on it, loaded and calibrated once per run."""
+    model, tok, books = _smollm2(torch, ak)
+    return copy.deepcopy(model), tok, books
+
+
+def check_end_to_end(torch, ak, report):
+    model, tok, books = smollm2_and_codebooks(torch, ak)
     ids = tok(["The history of the Roman Empire", "In computer science, a hash table"], return_tensors="pt", padding=True).to("cuda")
     kw = dict(max_new_tokens=64, do_sample=False, pad_token_id=tok.eos_token_id)
     ak.use_antkv_attention(model)
@@ -117,11 +132,7 @@ def check_static(torch, ak, report):
     attention kernels composed, the lengths read on the host) through patch() with
     generate(cache_implementation="static"), against the eager AntKVStaticCache and the eager
     growing AntKVCache (the same outputs by construction), with the decode graphs counted."""
-    from antkv_compile.evaluation import load_smollm2, load_wikitext_ids
-
-    model, tok = load_smollm2(torch.float16)
-    model = model.cuda()
-    books = ak.calibrate(model, load_wikitext_ids(tok)[:8192].cuda(), bits=1.0, seq_len=1024, max_tokens=8192)
+    model, tok, books = smollm2_and_codebooks(torch, ak)
     ids = tok(["The history of the Roman Empire"], return_tensors="pt").to("cuda")
     n = 48
     kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)

@@ -453,8 +453,9 @@ class E2E:
             for i, layer in enumerate(cache.layers):
                 k, v = (ak.StaticVQTensor.from_cache(synthetic_side(T, self.books[i], side, self.settings, dtype, self.gen), T + steps)
                         for side in ("key", "value"))  # fmt: skip
-                layer.keys, layer.values, layer.dtype, layer.device, layer.is_initialized = k, v, dtype, k.device, True
-                layer.cumulative_length = torch.tensor(T)
+                layer.initialize(1, dtype, k.device)
+                layer.keys, layer.values = k, v
+                layer.cumulative_length.fill_(T)
             return cache
         cache = DynamicCache(config=self.model.config)
         for i, layer in enumerate(cache.layers):

@@ -81,7 +81,10 @@ def mark_growing(cache: VQTensor) -> VQTensor:
 
 
 def inner_tensors(cache) -> list:
-    """A compressed cache's inner tensors, in its flatten order (what the rewritten graph takes)."""
+    """A compressed cache's inner tensors, in its flatten order (what the rewritten graph takes);
+    a VQTensor's through `.side`, which raises on a superseded state."""
+    if isinstance(cache, VQTensor):
+        return list(cache.side)
     return [getattr(cache, f) for f in cache.__tensor_flatten__()[0]]
 
 

@@ -110,7 +110,7 @@ class StaticSide:
         return tuple(_val(self.buffer).shape)
 
     @property
-    def past(self) -> fx.Node:
+    def past(self) -> fx.Node:  # where the cache comes from, as CacheSide.past
         return self.buffer
 
 
@@ -636,7 +636,7 @@ def kv_cache_pass(
         layer = None
         try:
             k = _trace_side(sdpa, args["key"], "key", outputs)
-            layer = _layer_index(k.buffer if isinstance(k, StaticSide) else k.past, ordinal)
+            layer = _layer_index(k.past, ordinal)
             v = _trace_side(sdpa, args["value"], "value", outputs)
             book = codebooks[layer] if codebooks is not None and layer < len(codebooks) else None
             _check_site(sdpa, args, k, v, book, online)

@@ -175,17 +175,11 @@ def append_(side: Side, length: int, anchors: int, new: torch.Tensor, window: in
 
 
 def static_supported(q: torch.Tensor, key: list, key_book: list, value: list, value_book: list, k_new: torch.Tensor) -> bool:
-    """Whether write.cpp's static step takes this call: the write kernel's dtypes for both sides
-    (as `append_supported`: codes, exact rows, new rows, anchor positions) and the attention
-    kernel's query rows (as `supported`)."""
-    for buffers, book in ((key, key_book), (value, value_book)):
-        codes, rows, pos = buffers[0], buffers[1], buffers[2]
-        if codes.dtype != (torch.uint8 if book[0].shape[2] <= 256 else torch.int16) or rows.dtype not in _ROW_DTYPES:
-            return False
-        if buffers[4].dtype != rows.dtype or pos.dtype != torch.int32:
-            return False
-    Hq, L, Hkv = q.shape[1], q.shape[2], key[0].shape[1]
-    return k_new.dtype in _ROW_DTYPES and Hkv > 0 and Hq % Hkv == 0 and (Hq // Hkv) * L <= MAX_ROWS and extension()
+    """Whether write.cpp's static step takes this call: what `append_supported` and `supported`
+    ask, of each side's buffers at full capacity (`state.STATIC_BUFFERS` is STATE_FIELDS then the
+    lengths: the same dtypes as the filled prefix, without slicing it)."""
+    k, v = Side(*key[:-1], *key_book), Side(*value[:-1], *value_book)
+    return append_supported(k, k_new) and append_supported(v, k_new) and supported(q, k)
 
 
 def static_step(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error):

@@ -488,7 +488,6 @@ std::tuple<at::Tensor, int64_t> vq_static_step(
     TORCH_CHECK_VALUE(!leaks, "antkv static cache: attn_mask lets queries attend to the unfilled slots past ", T + n, "; mask them out");
     mask = m.narrow(-1, 0, T + n);
   }
-  const bool actual = actual_error;
   int64_t nonfinite = 0;
   // 1. Encode the new tokens (no flush: the stored window holds at most `window` rows).
   auto anchors_in = flush_lengths(T, A, Tw, n, window, anchor_frac).first;
@@ -500,7 +499,7 @@ std::tuple<at::Tensor, int64_t> vq_static_step(
     RECORD_FUNCTION("antkv::static_write", std::vector<c10::IValue>());  // profiler ranges: speed.py's write share
     at::TensorList b = sides[s], bk = books[s];
     auto out = write_side(b[0], b[1], b[2], b[3], b[4].narrow(2, 0, Tw), b[5].narrow(2, 0, Tw), b[6].narrow(2, 0, Tw), bk[0],
-                          bk[1], bk[2], *news[s], *cts[s], *csqs[s], window, anchors_in, actual, true, T, A);
+                          bk[1], bk[2], *news[s], *cts[s], *csqs[s], window, anchors_in, actual_error, true, T, A);
     win[s] = std::get<0>(out);
     nonfinite += std::get<1>(out);
   }
@@ -530,7 +529,7 @@ std::tuple<at::Tensor, int64_t> vq_static_step(
     at::TensorList b = sides[s], bk = books[s];
     win[s][6].add_(att[1]);
     auto out = write_side(b[0], b[1], b[2], b[3], win[s][4], win[s][5], win[s][6], bk[0], bk[1], bk[2], news[s]->narrow(2, 0, 0),
-                          *cts[s], *csqs[s], window, A2, actual, true, T + n, A1);
+                          *cts[s], *csqs[s], window, A2, actual_error, true, T + n, A1);
     const auto& w = std::get<0>(out);
     nonfinite += std::get<1>(out);
     for (int f = 4; f < 7; ++f) b[f].narrow(2, 0, Tw2).copy_(w[f]);
