@@ -331,12 +331,28 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
 # --- the static compressed cache ----------------------------------------------------------------
 
 
+class SharedBook:
+    """A static cache side's codebook (`state.Book`) in its `__tensor_flatten__` context rather
+    than among its inner tensors: Dynamo guards every inner tensor of a graph input on every call
+    (4 of a side's 12, 240 guards per SmolLM2 step), while the context is compared with `==`, which
+    is identity here (deepcopy keeps the object). A compiled graph takes the book as constants
+    (the pass), valid for as long as the cache holds this same object."""
+
+    __slots__ = ("book",)
+
+    def __init__(self, book: state.Book):
+        self.book = book
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class StaticVQTensor(torch.Tensor):
     """A compressed cache side preallocated for `capacity` tokens, for the static-cache pattern
     (HF StaticCache, gpt-fast's KVCache): the dense [B, H, capacity, D] buffer such a model writes in
     place (`index_copy_` along the sequence, or `buf[:, :, pos] = new`) and hands whole to SDPA
-    with a mask hiding the unfilled slots. Its inner tensors are `state.STATIC_FIELDS` (fixed
-    shapes: one compiled graph serves every decode step); the graph pass rewrites the write + SDPA
+    with a mask hiding the unfilled slots. Its inner tensors are `state.STATIC_BUFFERS` (fixed
+    shapes: one compiled graph serves every decode step; the book is in the context, `SharedBook`); the graph pass rewrites the write + SDPA
     into `ops.static_attention_`.
 
     Eagerly, a write records the new tokens (they must be the next positions) and the SDPA that
@@ -357,6 +373,8 @@ class StaticVQTensor(torch.Tensor):
         for name in state.STATIC_FIELDS:
             setattr(self, name, fields[name])
         self.settings, self._pending = settings, None
+        book = fields.get("_book")  # a clone / unflatten keeps the original's, so its guard still holds
+        self._book = book if book is not None else SharedBook(state.Book(*(fields[f] for f in state.BOOK_FIELDS)))
 
     @classmethod
     def empty(cls, batch: int, codebook, capacity: int, settings: CacheSettings = CacheSettings(), dtype=torch.float32, device=None):
@@ -382,11 +400,13 @@ class StaticVQTensor(torch.Tensor):
         return state.static_side({f: getattr(self, f) for f in state.STATIC_FIELDS})
 
     def __tensor_flatten__(self):
-        return list(state.STATIC_FIELDS), (self.settings, self.dtype)
+        """Inner tensors: the STATIC_BUFFERS only; the book travels in the context (SharedBook)."""
+        return list(state.STATIC_BUFFERS), (self.settings, self.dtype, self._book)
 
     @staticmethod
     def __tensor_unflatten__(inner, context, outer_size, outer_stride):
-        return StaticVQTensor(inner, *context)
+        settings, dtype, book = context
+        return StaticVQTensor({**inner, **book.book._asdict(), "_book": book}, settings, dtype)
 
     def __repr__(self):
         return f"StaticVQTensor(shape={tuple(self.shape)}, dtype={self.dtype}, held={self.lengths.tolist()[0]})"
@@ -449,7 +469,8 @@ class StaticVQTensor(torch.Tensor):
             return args[0]
         if func is aten.clone.default:
             self = args[0]
-            return StaticVQTensor({f: getattr(self, f).clone() for f in state.STATIC_FIELDS}, self.settings, self.dtype)
+            return StaticVQTensor({**{f: getattr(self, f).clone() for f in state.STATIC_BUFFERS}, **self._book.book._asdict(),
+                                   "_book": self._book}, self.settings, self.dtype)  # fmt: skip
         if func._schema.is_mutable:
             raise RuntimeError(
                 f"antkv static cache: {func} would write into the compressed cache; it supports index_copy_ along the "
@@ -462,6 +483,8 @@ class StaticVQTensor(torch.Tensor):
 def _static_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """ops.static_attention_ on a call's pending writes when K and V are both static caches."""
     if not (isinstance(key, StaticVQTensor) and isinstance(value, StaticVQTensor)) or dropout_p > 0:
+        return NotImplemented
+    if torch.compiler.is_compiling():  # traced: an SDPA node, which the pass rewrites (with the book as constants)
         return NotImplemented
     if (key._pending is None) != (value._pending is None):
         raise RuntimeError("antkv static cache: only one of key and value was written before attention")

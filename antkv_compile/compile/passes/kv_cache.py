@@ -456,7 +456,7 @@ class _Rewriter:
         self.inner: dict[fx.Node, dict[str, fx.Node]] = {}
 
     def inner_of(self, placeholder: fx.Node) -> dict[str, fx.Node]:
-        """Placeholders for a compressed input's inner tensors (its flatten order: Side fields, or STATIC_FIELDS), before it."""
+        """Placeholders for a compressed input's inner tensors (its flatten order: Side fields, or STATIC_BUFFERS), before it."""
         if placeholder not in self.inner:
             val = _val(placeholder)
             nodes = {}
@@ -520,11 +520,13 @@ class _Rewriter:
     def rewrite_static(self, sdpa: fx.Node, args: dict, k: StaticSide, v: StaticSide) -> None:
         """write + SDPA over static caches -> antkv::static_attention_ (which mutates their buffers)."""
         kin, vin = self.inner_of(k.buffer), self.inner_of(v.buffer)
+        # the book is no inner tensor (cache.SharedBook): constants of this graph, as the growing path's codebooks
+        kbook, vbook = ([self.constant(f"{s.buffer.name}_{f}", getattr(_val(s.buffer), f)) for f in BOOK_FIELDS] for s in (k, v))
         with self.graph.inserting_before(sdpa):
             out = self.graph.call_function(
                 torch.ops.antkv.static_attention_.default,
-                (args["query"], [kin[f] for f in STATIC_BUFFERS], [kin[f] for f in BOOK_FIELDS],
-                 [vin[f] for f in STATIC_BUFFERS], [vin[f] for f in BOOK_FIELDS], k.new, v.new, k.pos,
+                (args["query"], [kin[f] for f in STATIC_BUFFERS], kbook,
+                 [vin[f] for f in STATIC_BUFFERS], vbook, k.new, v.new, k.pos,
                  args["attn_mask"], args["is_causal"], args["scale"], *settings_args(_val(k.buffer).settings)),
             )  # fmt: skip
         sdpa.replace_all_uses_with(out)
