@@ -493,5 +493,5 @@ def _static_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         key._pending = value._pending = (torch.arange(0, device=query.device), empty)
     (pos, k_new), (_, v_new) = key._pending, value._pending
     key._pending = value._pending = None
-    return ops.direct(ops.static_attention_, query.device, query, *key.op_args(), *value.op_args(), k_new, v_new, pos, attn_mask,
-                      is_causal, scale, *ops.settings_args(key.settings))  # fmt: skip
+    return ops.static_attention_(query, *key.op_args(), *value.op_args(), k_new, v_new, pos, attn_mask,
+                                 is_causal, scale, *ops.settings_args(key.settings))  # fmt: skip

@@ -12,7 +12,7 @@ from helpers import random_codebooks
 from transformers import DynamicCache
 
 import antkv_compile as ak
-from antkv_compile import VQTensor
+from antkv_compile import StaticVQTensor, VQTensor
 from antkv_compile.quant.codebook import model_fingerprint
 
 TINY = dict(vocab_size=64, intermediate_size=32, max_position_embeddings=256, pad_token_id=0)
@@ -219,6 +219,23 @@ def test_non_finite_rows_stay_exact_like_the_dense_cache():
     ref_keys = torch.cat([rows, dense[:, :, 8:]], 2)
     ref = torch.nn.functional.scaled_dot_product_attention(q, ref_keys, ak.dequantize(value), enable_gqa=True)
     assert ref.isnan().any() and torch.equal(torch.isfinite(out), torch.isfinite(ref))
+
+
+def test_non_finite_rows_leaving_a_static_window_warn_and_stay_exact():
+    """The static cache's C++ step (write.cpp) keeps the growing cache's rule and warning: a row
+    with NaN / Inf that leaves the window stays exact as an anchor."""
+    g = torch.Generator().manual_seed(2)
+    book = random_codebooks(1, 2, 16, seed=6)[0]
+    settings = ak.CacheSettings(window=2, anchor_frac=0.5)
+    ks, vs = (StaticVQTensor.empty(1, side, 12, settings) for side in (book.key, book.value))
+    rows = torch.randn(1, 2, 6, 16, generator=g)
+    rows[0, 1, 0, 3] = float("inf")  # in the keys and the values: 2 rows
+    with pytest.warns(UserWarning, match="2 cache rows with NaN / Inf left the exact window"):
+        for t in range(6):  # one token per call: the row at 0 leaves the window in the call at 2
+            ks.index_copy_(2, torch.tensor([t]), rows[:, :, t : t + 1]), vs.index_copy_(2, torch.tensor([t]), rows[:, :, t : t + 1])
+            torch.nn.functional.scaled_dot_product_attention(torch.randn(1, 2, 1, 16, generator=g), ks, vs)
+    assert 0 in ks.side.anchor_pos[0, 1].tolist()
+    assert torch.isinf(ks.dequantize()[0, 1, 0, 3])
 
 
 def test_a_saved_cache_loads_with_torch_load_defaults(tmp_path):

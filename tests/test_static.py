@@ -19,6 +19,7 @@ from reference import dense_from_parts
 
 import antkv_compile as ak
 from antkv_compile import StaticVQTensor, VQTensor, state
+from antkv_compile import ops
 from antkv_compile.ops import cpu
 from antkv_compile.settings import CacheSettings
 
@@ -63,9 +64,16 @@ def test_static_calls_equal_the_growing_cache_and_sdpa_on_the_dense_cache(seed, 
     cache held before it plus the call's tokens exact, and equals the growing cache's output; with
     write.cpp's whole-call kernel and with the op's body (the device kernels composed in Python)."""
     with pytest.MonkeyPatch.context() as m:
-        if not kernel:
-            m.setattr(cpu, "static_supported", lambda *a: False)
+        if not kernel:  # the op's body (what write.cpp's kernel hands the calls it does not take)
+            m.setattr(ops, "static_attention_", ops.static_step_composed)
         _static_calls(seed, spec, window, anchor_frac, groups, calls)
+
+
+def test_calls_the_cpu_kernel_does_not_take_run_the_ops_body():
+    """A prefill of more query rows per kv head than write.cpp's kernel takes (cpu.MAX_ROWS) goes
+    to the op's body from C++ (antkv::static_step_composed), then decode steps to the kernel:
+    the same contract on every call."""
+    _static_calls(7, (4, 8), 3, 0.1, 3, [cpu.MAX_ROWS // 3 + 5, 1, 1, 2])
 
 
 def _static_calls(seed, spec, window, anchor_frac, groups, calls):

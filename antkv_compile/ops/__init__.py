@@ -338,13 +338,15 @@ def _(q, key, value, attn_mask, is_causal, scale):
 # Declared with torch.library.define, not custom_op: custom_op wraps a mutating op's every call in
 # three Python layers (autograd, version bump, backend select), ~0.2 ms per call measured in a
 # SmolLM2 decode step (speed.md profile, antkv-static @ 4K: 6.3 ms self time for 30 calls), more
-# than the C++ step itself at 1K. Here the dispatcher's own C++ fallbacks run those keys, and the
-# device kernel is the only Python hop. No autograd: the cache is written under no_grad.
-torch.library.define(
-    "antkv::static_attention_",
+# than the C++ step itself at 1K. Here the dispatcher's own C++ fallbacks run those keys, and on CPU
+# the kernel is C++ too (write.cpp registers it): no Python hop at all (a Python CPU kernel cost
+# 1.4-1.6 ms per step, its argument checks and the boxing of ~30 tensors into Python and back).
+# No autograd: the cache is written under no_grad.
+_STATIC_SCHEMA = (
     "(Tensor q, Tensor(a!)[] key, Tensor[] key_book, Tensor(b!)[] value, Tensor[] value_book, Tensor k_new, Tensor v_new, "
-    f"Tensor pos, Tensor? attn_mask, bool is_causal, float? scale, {_SETTINGS}) -> Tensor",
+    f"Tensor pos, Tensor? attn_mask, bool is_causal, float? scale, {_SETTINGS}) -> Tensor"
 )
+torch.library.define("antkv::static_attention_", _STATIC_SCHEMA)
 static_attention_ = torch.ops.antkv.static_attention_.default
 """One call of a layer over a static cache: each side as its `state.STATIC_BUFFERS` (fixed-capacity
 buffers and their `lengths`, declared mutated) and its book (read only: declared mutated, its
@@ -353,8 +355,13 @@ version counter would change every call and the CPU encoder's prepared codebook 
 written in order), then SDPA of q over the filled length: the cache stands for its filled prefix
 (an attn_mask's columns past it must mask them out; with none, as HF passes for one query, the
 prefix is attended), then the window flushed down to `window` rows. Returns the attention output.
-Kernels: `_static_step` (the device kernels of `append_` and `attention` composed, every device)
-and write.cpp's whole step on CPU."""
+Kernels: write.cpp's `static_attention_cpu` on CPU (the whole call in C++), `static_step_composed`
+(the op's body: the device kernels of `append_` and `attention` composed) on every other device
+and for the CPU calls write.cpp does not take."""
+torch.library.define("antkv::static_step_composed", _STATIC_SCHEMA)
+static_step_composed = torch.ops.antkv.static_step_composed.default
+"""`static_attention_` composed from the device kernels (`_static_step`); write.cpp's CPU kernel
+calls it for what it does not take (dtypes, query rows)."""
 
 
 def _static_step(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error,
@@ -401,25 +408,24 @@ def _profiled(name: str):
     return torch.profiler.record_function(name) if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext()
 
 
-@_kernel(static_attention_, "cpu")
-def _(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error, exact_dtype):
-    """On CPU: write.cpp's `vq_static_step` (`cpu.static_step`), the whole call in C++; outside
-    its dtypes or query rows, the op's body (whose kernels fall back the same way)."""
+torch.library.impl("antkv::static_step_composed", "CompositeExplicitAutograd")(_static_step)
+
+
+@torch.library.impl("antkv::static_attention_", "CompositeExplicitAutograd")
+def _(q, *args):
+    """Every device without a kernel of its own runs the body. On CPU this runs until write.cpp's
+    kernel is registered, which happens when the extension loads: load it, dispatch again."""
     from . import cpu
 
-    if not cpu.static_supported(q, key, key_book, value, value_book, k_new):
-        return _static_step(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac,
-                            error, exact_dtype)  # fmt: skip
-    return cpu.static_step(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac,
-                           error)  # fmt: skip
+    if q.device.type == "cpu" and cpu.extension() and torch._C._dispatch_has_kernel_for_dispatch_key(static_attention_.name(), "CPU"):
+        return static_attention_(q, *args)
+    return static_step_composed(q, *args)
 
 
-_kernel(static_attention_, "cuda")(_static_step)  # the body composes the device kernels itself; `direct` calls it without the dispatch
-
-
-@torch.library.register_fake("antkv::static_attention_")
-def _(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error, exact_dtype):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+for _name in ("antkv::static_attention_", "antkv::static_step_composed"):
+    @torch.library.register_fake(_name)
+    def _(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error, exact_dtype):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 # --- dequantize ------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import math
 import os
 import warnings
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -43,8 +44,8 @@ CHUNK_TOKENS = 2048
 
 @functools.cache
 def extension():
-    """Build / load the kernels (registers torch.ops.antkv_cpu.vq_attention and vq_append); False
-    if they cannot be built here."""
+    """Build / load the kernels (registers torch.ops.antkv_cpu.vq_attention, vq_append, ... and
+    antkv::static_attention_'s CPU kernel); False if they cannot be built here."""
     from torch.utils.cpp_extension import load
 
     flags = ["-O3"]
@@ -55,7 +56,7 @@ def extension():
     sources = [os.path.join(os.path.dirname(__file__), f) for f in ("attention.cpp", "write.cpp")]
     # One build cache entry per version of the sources (their hash in the name): two checkouts or
     # installed versions never rebuild over each other's entry, nor load each other's library.
-    digest = hashlib.sha256(b"".join(open(f, "rb").read() for f in sources)).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in sources)).hexdigest()[:12]
     try:
         load(
             name=f"antkv_cpu_kernels_{digest}" + ("_avx2" if wide else ""),
@@ -63,6 +64,7 @@ def extension():
             extra_cflags=flags,
             is_python_module=False,
         )
+        torch.ops.antkv_cpu.vq_configure.default(MAX_ROWS, CHUNK_TOKENS)  # write.cpp's static step reads them
         return True
     except Exception as e:  # noqa: BLE001 - no compiler / ninja: the reference still works
         warnings.warn(f"antkv: CPU kernels (attention, write) not built ({e}); using the PyTorch reference", stacklevel=2)
@@ -172,26 +174,6 @@ def append_(side: Side, length: int, anchors: int, new: torch.Tensor, window: in
     if nonfinite:
         state.warn_nonfinite(nonfinite, A_out)
     return tuple(out)
-
-
-def static_supported(q: torch.Tensor, key: list, key_book: list, value: list, value_book: list, k_new: torch.Tensor) -> bool:
-    """Whether write.cpp's static step takes this call: what `append_supported` and `supported`
-    ask, of each side's buffers at full capacity (`state.STATIC_BUFFERS` is STATE_FIELDS then the
-    lengths: the same dtypes as the filled prefix, without slicing it)."""
-    k, v = Side(*key[:-1], *key_book), Side(*value[:-1], *value_book)
-    return append_supported(k, k_new) and append_supported(v, k_new) and supported(q, k)
-
-
-def static_step(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window, anchor_frac, error):
-    """`antkv::static_attention_` on CPU tensors: write.cpp's `vq_static_step`, the whole call (write,
-    attention, flush) in one C++ call. Same warning as `append` for leaving rows with NaN / Inf."""
-    out, nonfinite = torch.ops.antkv_cpu.vq_static_step.default(
-        q, key, key_book, *prepared(key_book[0]), value, value_book, *prepared(value_book[0]), k_new, v_new, pos, attn_mask,
-        bool(is_causal), scale, window, anchor_frac, error == "actual", CHUNK_TOKENS,
-    )  # fmt: skip
-    if nonfinite:
-        state.warn_nonfinite(nonfinite, int(key[-1][1]))
-    return out
 
 
 # id(centroids) -> (weak reference, version counter, transposed codebook, |c|^2)

@@ -41,16 +41,16 @@ struct Side {  // one side (K or V) of the cache, raw pointers and sizes
   const void* codes;
   int64_t code_sb, code_sh;  // batch / head strides of codes; token stride is S, subspace stride 1
   const float* cent;         // [H, S, K, d]
-  const float* arows;        // [B, H, A, D]
-  const int32_t* apos;       // [B, H, A]
+  const float* arows;        // [B, H, As, D], the first A slots of each (b, h) used
+  const int32_t* apos;       // [B, H, As]
   const float* win;          // [B, H, Tw, D]
-  int64_t S, K, d, A;
+  int64_t S, K, d, A, As;
 };
 
 Side side(const at::Tensor& codes, const at::Tensor& cent, const at::Tensor& arows, const at::Tensor& apos,
-          const at::Tensor& win) {
+          const at::Tensor& win, int64_t A) {
   return {codes.data_ptr(), codes.stride(0), codes.stride(1), cent.data_ptr<float>(), arows.data_ptr<float>(),
-          apos.data_ptr<int32_t>(), win.data_ptr<float>(), cent.size(1), cent.size(2), cent.size(3), arows.size(2)};
+          apos.data_ptr<int32_t>(), win.data_ptr<float>(), cent.size(1), cent.size(2), cent.size(3), A, arows.size(2)};
 }
 
 struct Mask {  // attn_mask expanded to [B, Hq, L, T]; null data = no mask
@@ -155,8 +155,8 @@ void chunk_task(const Problem& P, const Side& k, const Side& v, const Mask& mask
     for (int j = 0; j < nreal; ++j) sc[(t - t0) * RB + j] = P.scale * dot(q + (rb * RB + j) * P.D, row, P.D);
   };
   for (int64_t a = 0; a < k.A; ++a) {
-    int64_t pos = k.apos[bh * k.A + a];
-    if (pos >= t0 && pos < tc1) exact(pos, k.arows + (bh * k.A + a) * P.D);
+    int64_t pos = k.apos[bh * k.As + a];
+    if (pos >= t0 && pos < tc1) exact(pos, k.arows + (bh * k.As + a) * P.D);
   }
   for (int64_t t = std::max(t0, P.Tc); t < t1; ++t) exact(t, k.win + (bh * P.Tw + t - P.Tc) * P.D);
 
@@ -192,9 +192,9 @@ void chunk_task(const Problem& P, const Side& k, const Side& v, const Mask& mask
   };
   // V anchors exactly, and out of the histogram
   for (int64_t a = 0; a < v.A; ++a) {
-    int64_t pos = v.apos[bh * v.A + a];
+    int64_t pos = v.apos[bh * v.As + a];
     if (pos >= t0 && pos < tc1) {
-      add_row(vec<RB>(&sc[(pos - t0) * RB]), v.arows + (bh * v.A + a) * P.D);
+      add_row(vec<RB>(&sc[(pos - t0) * RB]), v.arows + (bh * v.As + a) * P.D);
       vec<RB>(&sc[(pos - t0) * RB]) = zero;
     }
   }
@@ -341,19 +341,23 @@ void dispatch(const Problem& P, const Side& k, const Side& v, const Mask& mask, 
 // anchor rows [B, H, A, D], window [B, H, Tw, D], errors [B, H, Tw]: float32 contiguous; anchor
 // positions int32 contiguous; mask None, bool or float32 expanded to [B, H * G, L, T].
 // Returns (out [B, H, R, D] float32, score [B, H, Tw] float32).
-std::vector<at::Tensor> vq_attention(const at::Tensor& qg, const at::Tensor& k_codes, const at::Tensor& k_cent,
-                                     const at::Tensor& k_arows, const at::Tensor& k_apos, const at::Tensor& k_win,
-                                     const at::Tensor& k_err, const at::Tensor& v_codes, const at::Tensor& v_cent,
-                                     const at::Tensor& v_arows, const at::Tensor& v_apos, const at::Tensor& v_win,
-                                     const at::Tensor& v_err, const c10::optional<at::Tensor>& attn_mask,
-                                     bool is_causal, double scale, int64_t L, int64_t chunk_tokens) {
+//
+// vq_attention_filled: the same over buffers filled in part (a static side, write.cpp): the first T
+// tokens of the codes and the first Ak / Av anchor slots of each (batch, head); the mask covers T.
+std::vector<at::Tensor> vq_attention_filled(const at::Tensor& qg, int64_t T, const at::Tensor& k_codes, const at::Tensor& k_cent,
+                                            const at::Tensor& k_arows, const at::Tensor& k_apos, int64_t Ak,
+                                            const at::Tensor& k_win, const at::Tensor& k_err, const at::Tensor& v_codes,
+                                            const at::Tensor& v_cent, const at::Tensor& v_arows, const at::Tensor& v_apos,
+                                            int64_t Av, const at::Tensor& v_win, const at::Tensor& v_err,
+                                            const c10::optional<at::Tensor>& attn_mask, bool is_causal, double scale, int64_t L,
+                                            int64_t chunk_tokens) {
   // The Python wrapper (cpu/__init__.py) prepares the layouts; a direct call with others fails here.
   auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous() && t.is_cpu(); };
   TORCH_CHECK(qg.dim() == 4 && f32(qg) && L > 0 && qg.size(2) % L == 0, "qg: float32 contiguous [B, H, G * L, D]");
   for (const auto* side : {&k_codes, &v_codes}) {
     const at::Tensor& c = *side;
     TORCH_CHECK(c.dim() == 4 && c.is_cpu() && (c.scalar_type() == at::kByte || c.scalar_type() == at::kShort) &&
-                    c.size(0) == qg.size(0) && c.size(1) == qg.size(1) && c.size(2) == k_codes.size(2) &&
+                    c.size(0) == qg.size(0) && c.size(1) == qg.size(1) && c.size(2) >= T &&
                     (c.stride(3) == 1 || c.size(3) <= 1) && (c.stride(2) == c.size(3) || c.size(2) <= 1),
                 "codes: uint8 / int16 [B, H, T, S], token-major (token stride S, subspace stride 1)");
   }
@@ -361,14 +365,17 @@ std::vector<at::Tensor> vq_attention(const at::Tensor& qg, const at::Tensor& k_c
     TORCH_CHECK(f32(*t), "centroids, anchor rows, windows and errors must be float32 contiguous");
   for (const auto* t : {&k_apos, &v_apos})
     TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "anchor positions must be int32 contiguous");
+  TORCH_CHECK(k_apos.size(2) == k_arows.size(2) && v_apos.size(2) == v_arows.size(2) && Ak >= 0 && Ak <= k_arows.size(2) &&
+                  Av >= 0 && Av <= v_arows.size(2),
+              "anchor slots: rows and positions of one capacity, holding the anchors used");
   TORCH_CHECK(k_cent.size(1) * k_cent.size(3) == qg.size(3) && v_cent.size(1) * v_cent.size(3) == qg.size(3) &&
                   k_cent.size(1) == k_codes.size(3) && v_cent.size(1) == v_codes.size(3) &&
-                  k_win.size(2) == v_win.size(2) && k_win.size(2) <= k_codes.size(2),
+                  k_win.size(2) == v_win.size(2) && k_win.size(2) <= T,
               "inconsistent cache shapes");
 
   Problem P;
   P.B = qg.size(0), P.H = qg.size(1), P.R = qg.size(2), P.D = qg.size(3);
-  P.T = k_codes.size(2), P.Tw = k_win.size(2), P.Tc = P.T - P.Tw, P.L = L, P.G = P.R / L;
+  P.T = T, P.Tw = k_win.size(2), P.Tc = P.T - P.Tw, P.L = L, P.G = P.R / L;
   P.scale = static_cast<float>(scale), P.causal = is_causal, P.q = qg.data_ptr<float>();
   const int RB = P.R <= 4 ? 4 : 8;
   P.NRB = (P.R + RB - 1) / RB;
@@ -386,7 +393,7 @@ std::vector<at::Tensor> vq_attention(const at::Tensor& qg, const at::Tensor& k_c
     else mask.add = mt.data_ptr<float>();
     mask.sb = mt.stride(0), mask.sh = mt.stride(1), mask.sl = mt.stride(2), mask.st = mt.stride(3);
   }
-  const Side k = side(k_codes, k_cent, k_arows, k_apos, k_win), v = side(v_codes, v_cent, v_arows, v_apos, v_win);
+  const Side k = side(k_codes, k_cent, k_arows, k_apos, k_win, Ak), v = side(v_codes, v_cent, v_arows, v_apos, v_win, Av);
   auto out = at::empty({P.B, P.H, P.R, P.D}, qg.options());
   auto score = at::empty({P.B, P.H, P.Tw}, qg.options());
   if (P.B * P.H * P.R == 0) {
@@ -400,6 +407,17 @@ std::vector<at::Tensor> vq_attention(const at::Tensor& qg, const at::Tensor& k_c
   if (RB == 4) go(std::integral_constant<int, 4>{});
   else go(std::integral_constant<int, 8>{});
   return {out, score};
+}
+
+std::vector<at::Tensor> vq_attention(const at::Tensor& qg, const at::Tensor& k_codes, const at::Tensor& k_cent,
+                                     const at::Tensor& k_arows, const at::Tensor& k_apos, const at::Tensor& k_win,
+                                     const at::Tensor& k_err, const at::Tensor& v_codes, const at::Tensor& v_cent,
+                                     const at::Tensor& v_arows, const at::Tensor& v_apos, const at::Tensor& v_win,
+                                     const at::Tensor& v_err, const c10::optional<at::Tensor>& attn_mask,
+                                     bool is_causal, double scale, int64_t L, int64_t chunk_tokens) {
+  TORCH_CHECK(k_codes.dim() == 4 && k_arows.dim() == 4 && v_arows.dim() == 4, "codes and anchor rows: [B, H, ., .]");
+  return vq_attention_filled(qg, k_codes.size(2), k_codes, k_cent, k_arows, k_apos, k_arows.size(2), k_win, k_err, v_codes,
+                             v_cent, v_arows, v_apos, v_arows.size(2), v_win, v_err, attn_mask, is_causal, scale, L, chunk_tokens);
 }
 
 // torch.ops.antkv_cpu.vq_attention (a plain library op; antkv::attention's CPU kernel calls it).

@@ -28,6 +28,8 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,7 +37,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <tuple>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -189,12 +193,16 @@ static std::tuple<std::vector<at::Tensor>, int64_t> write_side(
     const at::Tensor& anchor_score_in, const at::Tensor& window_in, const at::Tensor& window_err_in,
     const at::Tensor& window_score_in, const at::Tensor& centroids_in, const at::Tensor& expected_err_in,
     const at::Tensor& basis_in, const at::Tensor& new_in, const at::Tensor& ct_in, const at::Tensor& csq_in, int64_t window,
-    int64_t anchors, bool actual_error, bool in_place = false, int64_t T_in = -1, int64_t A_in = -1) {
+    int64_t anchors, bool actual_error, bool in_place = false, int64_t T_in = -1, int64_t A_in = -1, int64_t Tw_in = -1,
+    at::TensorList window_dst = {}) {
   TORCH_CHECK(codes.dim() == 4 && new_in.dim() == 4 && centroids_in.dim() == 4, "codes, new and centroids must be 4-d");
   const int64_t B = codes.size(0), H = codes.size(1), S = codes.size(3);
   const int64_t T = T_in >= 0 ? T_in : codes.size(2);  // in place: the buffers' filled lengths
   const int64_t K = centroids_in.size(2), d = centroids_in.size(3), D = S * d, n = new_in.size(2);
-  const int64_t A = A_in >= 0 ? A_in : anchor_pos_in.size(2), Tw = window_in.size(2);
+  const int64_t A = A_in >= 0 ? A_in : anchor_pos_in.size(2);
+  // The window inputs hold Tw rows per (batch, head) at a stride of w_sbh rows (a static side's
+  // window buffers: Tw_in filled of their capacity).
+  const int64_t w_sbh = window_in.size(2), Tw = Tw_in >= 0 ? Tw_in : w_sbh;
   const at::ScalarType ct = codes.scalar_type(), et = window_in.scalar_type(), nt = new_in.scalar_type();
   auto is_float = [](at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; };
   TORCH_CHECK((ct == at::kByte && K <= 256) || (ct == at::kShort && K > 256 && K <= 32768),
@@ -209,8 +217,8 @@ static std::tuple<std::vector<at::Tensor>, int64_t> write_side(
   TORCH_CHECK(centroids_in.size(0) == H && centroids_in.size(1) == S && new_in.size(0) == B && new_in.size(1) == H &&
                   new_in.size(3) == D && window_in.size(3) == D && anchor_rows_in.size(3) == D &&
                   anchor_rows_in.size(2) >= A && anchor_score_in.size(2) == anchor_rows_in.size(2) &&
-                  anchor_pos_in.size(2) == anchor_rows_in.size(2) && window_err_in.size(2) == Tw &&
-                  window_score_in.size(2) == Tw && Tw <= T && expected_err_in.numel() == H,
+                  anchor_pos_in.size(2) == anchor_rows_in.size(2) && window_err_in.size(2) == w_sbh &&
+                  window_score_in.size(2) == w_sbh && Tw <= w_sbh && Tw <= T && expected_err_in.numel() == H,
               "inconsistent cache shapes");
   const bool has_basis = basis_in.size(-1) != 0;
   TORCH_CHECK(!has_basis || (basis_in.dim() == 3 && basis_in.size(0) == H && basis_in.size(1) == D && basis_in.size(2) == D),
@@ -247,9 +255,24 @@ static std::tuple<std::vector<at::Tensor>, int64_t> write_side(
   // Per-(batch, head) strides of the outputs: the buffers' capacities in place.
   const int64_t code_sbh = in_place ? codes_out.size(2) * S : (T + n) * S;
   const int64_t a_sbh = in_place ? arows_out.size(2) : A_out;
-  auto win_out = at::empty({B, H, Tw_out, D}, win.options());
-  auto werr_out = at::empty({B, H, Tw_out}, f32);
-  auto wscore_out = at::empty({B, H, Tw_out}, f32);
+  // The window outputs: fresh, or `window_dst` (window, errors, scores buffers, not the inputs) at a
+  // stride of their capacity.
+  at::Tensor win_out, werr_out, wscore_out;
+  if (window_dst.empty()) {
+    win_out = at::empty({B, H, Tw_out, D}, win.options());
+    werr_out = at::empty({B, H, Tw_out}, f32);
+    wscore_out = at::empty({B, H, Tw_out}, f32);
+  } else {
+    TORCH_CHECK(window_dst.size() == 3, "window outputs: window, errors, scores");
+    win_out = window_dst[0], werr_out = window_dst[1], wscore_out = window_dst[2];
+    const int64_t cap = win_out.size(2);
+    TORCH_CHECK(win_out.is_contiguous() && werr_out.is_contiguous() && wscore_out.is_contiguous() && cap >= Tw_out &&
+                    werr_out.size(2) == cap && wscore_out.size(2) == cap && win_out.scalar_type() == et &&
+                    werr_out.scalar_type() == at::kFloat && wscore_out.scalar_type() == at::kFloat &&
+                    win_out.numel() == B * H * cap * D && werr_out.numel() == B * H * cap,
+                "window outputs: contiguous buffers of the window's dtype with room for the window");
+  }
+  const int64_t wo_sbh = win_out.size(2);
 
   // 1. Per (batch, head): old codes, the flush, what stays in the window.
   const int64_t cs = codes.element_size();
@@ -274,7 +297,7 @@ static std::tuple<std::vector<at::Tensor>, int64_t> write_side(
       const char* src = codes_p + (b * codes.stride(0) + h * codes.stride(1)) * cs;
       std::memcpy(codes_o + bh * code_sbh * cs, src, T * S * cs);
     }
-    const char* wrows = win_p + bh * Tw * row_bytes;
+    const char* wrows = win_p + bh * w_sbh * row_bytes;
     if (n_leave == 0) {
       if (!in_place) {
         std::memcpy(arows_o + bh * A * row_bytes, arows_p + bh * ain * row_bytes, A * row_bytes);
@@ -287,7 +310,7 @@ static std::tuple<std::vector<at::Tensor>, int64_t> write_side(
         q[j] = {std::isnan(s) ? -kInf : s, j};
       }
       for (int64_t j = 0; j < n_leave; ++j) {
-        float s = wscore_p[bh * Tw + j];
+        float s = wscore_p[bh * w_sbh + j];
         s = std::isnan(s) ? -kInf : s;
         if (!finite_row(wrows + j * row_bytes, et, D, buf.data())) s = kInf, ++nonfinite;
         q[A + j] = {s, A + j};
@@ -328,10 +351,10 @@ static std::tuple<std::vector<at::Tensor>, int64_t> write_side(
       }
     }
     const int64_t stay = Tw - n_leave;
-    std::memcpy(win_o + bh * Tw_out * row_bytes, wrows + n_leave * row_bytes, stay * row_bytes);
-    std::memcpy(werr_o + bh * Tw_out, werr_p + bh * Tw + n_leave, stay * sizeof(float));
-    std::memcpy(wscore_o + bh * Tw_out, wscore_p + bh * Tw + n_leave, stay * sizeof(float));
-    std::fill(wscore_o + bh * Tw_out + stay, wscore_o + (bh + 1) * Tw_out, 0.f);
+    std::memcpy(win_o + bh * wo_sbh * row_bytes, wrows + n_leave * row_bytes, stay * row_bytes);
+    std::memcpy(werr_o + bh * wo_sbh, werr_p + bh * w_sbh + n_leave, stay * sizeof(float));
+    std::memcpy(wscore_o + bh * wo_sbh, wscore_p + bh * w_sbh + n_leave, stay * sizeof(float));
+    std::fill(wscore_o + bh * wo_sbh + stay, wscore_o + bh * wo_sbh + Tw_out, 0.f);
   }
 
   // 2. The new rows: basis map and rounding (stored to the window), then codes and errors.
@@ -364,7 +387,7 @@ static std::tuple<std::vector<at::Tensor>, int64_t> write_side(
           load_row(new_p + r * D * ns, nt, D, x);
         }
         round_row(x, et, D);
-        store_row(win_o + (bh * Tw_out + stay + t) * row_bytes, et, D, x);
+        store_row(win_o + (bh * wo_sbh + stay + t) * row_bytes, et, D, x);
       }
     });
     const int64_t Kp = (K + 7) / 8 * 8;
@@ -374,10 +397,10 @@ static std::tuple<std::vector<at::Tensor>, int64_t> write_side(
     const float *cent_p = cent.data_ptr<float>(), *ct_p = ct_in.data_ptr<float>(), *csq_p = csq_in.data_ptr<float>();
     if (ct == at::kByte)
       encode_rows<uint8_t>(X, cent_p, ct_p, csq_p, B, H, n, S, K, d, codes_out.data_ptr<uint8_t>(), code_sbh, T, werr_o,
-                           Tw_out, stay, expected.data_ptr<float>(), actual_error);
+                           wo_sbh, stay, expected.data_ptr<float>(), actual_error);
     else
       encode_rows<int16_t>(X, cent_p, ct_p, csq_p, B, H, n, S, K, d, codes_out.data_ptr<int16_t>(), code_sbh, T, werr_o,
-                           Tw_out, stay, expected.data_ptr<float>(), actual_error);
+                           wo_sbh, stay, expected.data_ptr<float>(), actual_error);
   }
   return {{codes_out, arows_out, apos_out, ascore_out, win_out, werr_out, wscore_out}, nonfinite};
 }
@@ -434,13 +457,98 @@ std::tuple<at::Tensor, at::Tensor> vq_prepare(const at::Tensor& centroids_in) {
   return {ct, csq};
 }
 
+// A function of a codebook tensor, memoized per tensor, as ops/cpu/__init__.py `prepared` does for
+// the Python callers: used only for the very tensor it was made from (weak reference; expired
+// entries are dropped on the next insert) at the same version counter; inference tensors are not
+// memoized. `tag` tells the functions apart.
+template <typename F>
+static std::vector<at::Tensor> memoized(int tag, const at::Tensor& t, F fn) {
+  if (t.is_inference()) return fn(t);
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> ref;
+    uint32_t version;
+    std::vector<at::Tensor> value;
+  };
+  static std::mutex mu;
+  static std::unordered_map<const c10::TensorImpl*, Entry> memo[2];
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  const uint32_t version = t._version();
+  std::lock_guard<std::mutex> lock(mu);
+  auto& m = memo[tag];
+  auto it = m.find(impl);
+  if (it != m.end() && !it->second.ref.expired() && it->second.ref.lock().get() == impl && it->second.version == version)
+    return it->second.value;
+  for (auto e = m.begin(); e != m.end();) e = e->second.ref.expired() ? m.erase(e) : std::next(e);
+  auto value = fn(t);
+  m.insert_or_assign(impl, Entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()), version, value});
+  return value;
+}
+
+// The encoder's codebook (vq_prepare), memoized.
+static std::vector<at::Tensor> prepared(const at::Tensor& centroids) {
+  return memoized(0, centroids, [](const at::Tensor& c) {
+    auto [ct, csq] = vq_prepare(c);
+    return std::vector<at::Tensor>{ct, csq};
+  });
+}
+
+// q [B, H, R, D] (contiguous float32) mapped into the key basis: q A^-T per head, A^-1 [H, D, D]
+// read transposed (memoized) so the sum runs over contiguous rows; rounded to `dtype` as
+// query_to_basis rounds (ops/__init__.py). Summed in ascending order in float32, so it may differ
+// from the reference's BLAS matmul by a rounding.
+static at::Tensor query_to_basis(const at::Tensor& q, const at::Tensor& basis_inv, at::ScalarType dtype) {
+  const auto inv_t = memoized(1, basis_inv, [](const at::Tensor& a) {
+    return std::vector<at::Tensor>{a.to(at::kFloat).transpose(-1, -2).contiguous()};
+  })[0];
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3);
+  TORCH_CHECK(inv_t.size(0) == H && inv_t.size(1) == D && inv_t.size(2) == D, "key basis: [H, D, D]");
+  auto out = at::zeros_like(q);
+  const float *x = q.data_ptr<float>(), *a = inv_t.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const float* ah = a + (bh % H) * D * D;
+    for (int64_t r = 0; r < R; ++r) {
+      const float* xr = x + (bh * R + r) * D;
+      float* orow = o + (bh * R + r) * D;
+      for (int64_t i = 0; i < D; ++i) {
+        const float xi = xr[i];
+        const float* arow = ah + i * D;
+        for (int64_t e = 0; e < D; ++e) orow[e] += xi * arow[e];
+      }
+      round_row(orow, dtype, D);
+    }
+  }
+  return out;
+}
+
 // attention.cpp
-std::vector<at::Tensor> vq_attention(const at::Tensor& qg, const at::Tensor& k_codes, const at::Tensor& k_cent,
-                                     const at::Tensor& k_arows, const at::Tensor& k_apos, const at::Tensor& k_win,
-                                     const at::Tensor& k_err, const at::Tensor& v_codes, const at::Tensor& v_cent,
-                                     const at::Tensor& v_arows, const at::Tensor& v_apos, const at::Tensor& v_win,
-                                     const at::Tensor& v_err, const c10::optional<at::Tensor>& attn_mask,
-                                     bool is_causal, double scale, int64_t L, int64_t chunk_tokens);
+std::vector<at::Tensor> vq_attention_filled(const at::Tensor& qg, int64_t T, const at::Tensor& k_codes, const at::Tensor& k_cent,
+                                            const at::Tensor& k_arows, const at::Tensor& k_apos, int64_t Ak,
+                                            const at::Tensor& k_win, const at::Tensor& k_err, const at::Tensor& v_codes,
+                                            const at::Tensor& v_cent, const at::Tensor& v_arows, const at::Tensor& v_apos,
+                                            int64_t Av, const at::Tensor& v_win, const at::Tensor& v_err,
+                                            const c10::optional<at::Tensor>& attn_mask, bool is_causal, double scale, int64_t L,
+                                            int64_t chunk_tokens);
+
+// Whether a [., ., ., capacity] mask (bool: keep; float: additive) lets a query see a column >= from:
+// a loop over its strides, no tensor ops (a decode step's mask is one row).
+static bool mask_leaks(const at::Tensor& m, int64_t from) {
+  if (m.dim() != 4 || (m.scalar_type() != at::kBool && m.scalar_type() != at::kFloat)) {
+    const auto rest = m.narrow(-1, from, m.size(-1) - from);
+    return m.scalar_type() == at::kBool ? rest.any().item<bool>() : rest.ne(-std::numeric_limits<double>::infinity()).any().item<bool>();
+  }
+  const bool keep = m.scalar_type() == at::kBool;
+  const char* base = static_cast<const char*>(m.data_ptr());
+  const int64_t es = m.element_size();
+  for (int64_t i = 0; i < m.size(0); ++i)
+    for (int64_t j = 0; j < m.size(1); ++j)
+      for (int64_t l = 0; l < m.size(2); ++l)
+        for (int64_t t = from; t < m.size(3); ++t) {
+          const char* e = base + (i * m.stride(0) + j * m.stride(1) + l * m.stride(2) + t * m.stride(3)) * es;
+          if (keep ? *reinterpret_cast<const bool*>(e) : *reinterpret_cast<const float*>(e) != -kInf) return true;
+        }
+  return false;
+}
 
 // state.flush_lengths: (anchors, window) after appending n tokens to T tokens, A anchors, Tw window rows.
 static std::pair<int64_t, int64_t> flush_lengths(int64_t T, int64_t A, int64_t Tw, int64_t n, int64_t window, double frac) {
@@ -474,22 +582,27 @@ std::tuple<at::Tensor, int64_t> vq_static_step(
   TORCH_CHECK(vl[0] == T && vl[2] == Tw && value[0].size(2) == capacity, "static step: key and value caches hold different tokens");
   TORCH_CHECK_VALUE(T + n <= capacity, "antkv static cache full: ", T, " tokens held + ", n, " new > max_cache_len ", capacity,
               "; make the cache larger");
-  const auto p = pos.reshape({-1}).to(at::kLong).contiguous();
-  bool in_order = p.numel() == n;
-  for (int64_t i = 0; in_order && i < n; ++i) in_order = p.data_ptr<int64_t>()[i] == T + i;
+  bool in_order = pos.numel() == n;
+  if (in_order && pos.dim() == 1 && pos.scalar_type() == at::kLong) {  // the usual case, read in place
+    const int64_t* p = pos.data_ptr<int64_t>();
+    for (int64_t i = 0; in_order && i < n; ++i) in_order = p[i * pos.stride(0)] == T + i;
+  } else if (in_order) {
+    const auto p = pos.reshape({-1}).to(at::kLong).contiguous();
+    for (int64_t i = 0; in_order && i < n; ++i) in_order = p.data_ptr<int64_t>()[i] == T + i;
+  }
   TORCH_CHECK_VALUE(in_order, "antkv static cache: the ", n, " new tokens must be written at positions ", T, "..", T + n - 1,
               " (right after the ", T, " held, in order): a static compressed cache cannot overwrite or skip slots");
   c10::optional<at::Tensor> mask;
   if (attn_mask && attn_mask->defined()) {
     const at::Tensor& m = *attn_mask;
     TORCH_CHECK(m.size(-1) == capacity, "attn_mask must cover the cache's ", capacity, " slots");
-    const auto rest = m.narrow(-1, T + n, capacity - T - n);
-    const bool leaks = m.scalar_type() == at::kBool ? rest.any().item<bool>() : rest.ne(-std::numeric_limits<double>::infinity()).any().item<bool>();
-    TORCH_CHECK_VALUE(!leaks, "antkv static cache: attn_mask lets queries attend to the unfilled slots past ", T + n, "; mask them out");
+    TORCH_CHECK_VALUE(!mask_leaks(m, T + n), "antkv static cache: attn_mask lets queries attend to the unfilled slots past ", T + n,
+                      "; mask them out");
     mask = m.narrow(-1, 0, T + n);
   }
   int64_t nonfinite = 0;
-  // 1. Encode the new tokens (no flush: the stored window holds at most `window` rows).
+  // 1. Encode the new tokens (no flush: the stored window holds at most `window` rows): codes in
+  // place, the window (Tw + n rows) fresh.
   auto anchors_in = flush_lengths(T, A, Tw, n, window, anchor_frac).first;
   std::vector<at::Tensor> win[2];
   at::TensorList sides[2] = {key, value}, books[2] = {key_book, value_book};
@@ -498,8 +611,8 @@ std::tuple<at::Tensor, int64_t> vq_static_step(
   for (int s = 0; s < 2; ++s) {
     RECORD_FUNCTION("antkv::static_write", std::vector<c10::IValue>());  // profiler ranges: speed.py's write share
     at::TensorList b = sides[s], bk = books[s];
-    auto out = write_side(b[0], b[1], b[2], b[3], b[4].narrow(2, 0, Tw), b[5].narrow(2, 0, Tw), b[6].narrow(2, 0, Tw), bk[0],
-                          bk[1], bk[2], *news[s], *cts[s], *csqs[s], window, anchors_in, actual_error, true, T, A);
+    auto out = write_side(b[0], b[1], b[2], b[3], b[4], b[5], b[6], bk[0], bk[1], bk[2], *news[s], *cts[s], *csqs[s], window,
+                          anchors_in, actual_error, true, T, A, Tw);
     win[s] = std::get<0>(out);
     nonfinite += std::get<1>(out);
   }
@@ -507,40 +620,93 @@ std::tuple<at::Tensor, int64_t> vq_static_step(
   // 2. Attention over T + n tokens, q in the key basis (query_to_basis, rounded to q's dtype as there).
   const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3), H = key[0].size(1), G = Hq / H;
   TORCH_CHECK(Hq % H == 0, Hq, " query heads do not share ", H, " kv heads");
-  auto qg = q.reshape({B, H, G * L, D});
+  auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous(); };
+  auto qg = f32(q.reshape({B, H, G * L, D}));
   const at::Tensor& kinv = key_book[3];
-  if (kinv.size(-1) != 0) qg = at::matmul(qg.to(at::kFloat), kinv.transpose(-1, -2)).to(q.scalar_type());
-  qg = qg.to(at::kFloat).contiguous();
-  auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
-  auto codes_of = [&](const at::Tensor& c) { return c.narrow(2, 0, T + n); };
+  if (kinv.size(-1) != 0) qg = query_to_basis(qg, kinv, q.scalar_type());
+  // Anchor rows in float32 are read in their buffers (the first A1 slots); others converted.
+  auto anchor_rows = [&](const at::Tensor& buf) { return buf.scalar_type() == at::kFloat ? buf : f32(buf.narrow(2, 0, A1)); };
   c10::optional<at::Tensor> mx;
   if (mask) {
     auto m = mask->scalar_type() == at::kBool || mask->scalar_type() == at::kFloat ? *mask : mask->to(at::kFloat);
     mx = m.expand({B, Hq, L, T + n});
   }
   const double sc = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
-  auto att = vq_attention(qg, codes_of(key[0]), f32(key_book[0]), f32(key[1].narrow(2, 0, A1)), key[2].narrow(2, 0, A1).contiguous(),
-                          f32(win[0][4]), f32(win[0][5]), codes_of(value[0]), f32(value_book[0]), f32(value[1].narrow(2, 0, A1)),
-                          value[2].narrow(2, 0, A1).contiguous(), f32(win[1][4]), f32(win[1][5]), mx, is_causal, sc, L, chunk_tokens);
-  // 3. The window's Anchor Score, the flush down to `window` rows, the window stored back.
+  auto att = vq_attention_filled(qg, T + n, key[0], f32(key_book[0]), anchor_rows(key[1]), key[2], A1, f32(win[0][4]), win[0][5],
+                                 value[0], f32(value_book[0]), anchor_rows(value[1]), value[2], A1, f32(win[1][4]), win[1][5], mx,
+                                 is_causal, sc, L, chunk_tokens);
+  // 3. The window's Anchor Score, the flush down to `window` rows (anchor slots in place), written
+  // into the window buffers.
   const auto [A2, Tw2] = flush_lengths(T + n, A1, Tw + n, 0, window, anchor_frac);
   for (int s = 0; s < 2; ++s) {
     RECORD_FUNCTION("antkv::static_flush", std::vector<c10::IValue>());
     at::TensorList b = sides[s], bk = books[s];
     win[s][6].add_(att[1]);
     auto out = write_side(b[0], b[1], b[2], b[3], win[s][4], win[s][5], win[s][6], bk[0], bk[1], bk[2], news[s]->narrow(2, 0, 0),
-                          *cts[s], *csqs[s], window, A2, actual_error, true, T + n, A1);
-    const auto& w = std::get<0>(out);
+                          *cts[s], *csqs[s], window, A2, actual_error, true, T + n, A1, -1, {b[4], b[5], b[6]});
     nonfinite += std::get<1>(out);
-    for (int f = 4; f < 7; ++f) b[f].narrow(2, 0, Tw2).copy_(w[f]);
   }
   for (int64_t* l : {kl, vl}) l[0] = T + n, l[1] = A2, l[2] = Tw2;
   return {att[0].view({B, Hq, L, D}).to(q.scalar_type()), nonfinite};
 }
 
+// What Python sets once the library is loaded (ops/cpu/__init__.py `extension`, where they are
+// defined and measured): query rows per kv head the attention kernel takes (MAX_ROWS), shortest
+// sequence chunk per thread (CHUNK_TOKENS).
+static int64_t max_rows = 0, chunk_tokens = 0;
+
+void vq_configure(int64_t rows, int64_t chunk) { max_rows = rows, chunk_tokens = chunk; }
+
+static bool row_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+// Whether vq_static_step takes this call (ops/cpu/__init__.py `append_supported` and `supported`,
+// asked of both sides): codes uint8 for up to 256 centroids (int16 above), exact rows and new rows in a
+// row dtype, anchor positions int32, at most max_rows query rows per kv head, all on the CPU.
+static bool static_supported(const at::Tensor& q, at::TensorList key, at::TensorList key_book, at::TensorList value,
+                             at::TensorList value_book, const at::Tensor& k_new, const at::Tensor& v_new) {
+  if (key.size() != 8 || value.size() != 8 || key_book.size() != 4 || value_book.size() != 4 || max_rows == 0) return false;
+  const int64_t Hq = q.size(1), L = q.size(2), H = key[0].size(1);
+  if (!q.is_cpu() || H == 0 || Hq % H != 0 || (Hq / H) * L > max_rows) return false;
+  for (auto [b, bk, nw] : {std::make_tuple(key, key_book, &k_new), std::make_tuple(value, value_book, &v_new)}) {
+    const auto codes = bk[0].size(2) <= 256 ? at::kByte : at::kShort;
+    if (b[0].scalar_type() != codes || !row_dtype(b[4].scalar_type()) || b[1].scalar_type() != b[4].scalar_type() ||
+        !row_dtype(nw->scalar_type()) || b[2].scalar_type() != at::kInt || !nw->is_cpu())
+      return false;
+  }
+  return true;
+}
+
+// antkv::static_attention_'s CPU kernel (the op is declared in ops/__init__.py; registered below, so
+// a compiled graph's call reaches C++ without a Python hop): vq_static_step with the prepared
+// codebooks; any call it does not take goes to antkv::static_step_composed, the op's body in Python.
+at::Tensor static_attention_cpu(const at::Tensor& q, at::TensorList key, at::TensorList key_book, at::TensorList value,
+                                at::TensorList value_book, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& pos,
+                                const c10::optional<at::Tensor>& attn_mask, bool is_causal, c10::optional<double> scale,
+                                int64_t window, double anchor_frac, c10::string_view error,
+                                c10::optional<at::ScalarType> exact_dtype) {
+  if (!static_supported(q, key, key_book, value, value_book, k_new, v_new)) {
+    static auto composed = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("antkv::static_step_composed", "")
+                               .typed<decltype(static_attention_cpu)>();
+    return composed.call(q, key, key_book, value, value_book, k_new, v_new, pos, attn_mask, is_causal, scale, window,
+                         anchor_frac, error, exact_dtype);
+  }
+  const auto kp = prepared(key_book[0]), vp = prepared(value_book[0]);
+  auto [out, nonfinite] = vq_static_step(q, key, key_book, kp[0], kp[1], value, value_book, vp[0], vp[1], k_new, v_new, pos, attn_mask,
+                                         is_causal, scale, window, anchor_frac, error == "actual", chunk_tokens);
+  if (nonfinite)  // the text of state.warn_nonfinite (the Python callers' warning)
+    TORCH_WARN("antkv: ", nonfinite, " cache rows with NaN / Inf left the exact window: they stay exact as anchors (attention ",
+               "output non-finite, as with a dense cache) while the anchor budget (", key[7].data_ptr<int64_t>()[1],
+               " per head) allows, beyond it they are encoded to finite codes. Check the model's keys and values (overflow in float16?).");
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(antkv, CPU, m) { m.impl("static_attention_", &static_attention_cpu); }
+
 // torch.ops.antkv_cpu.vq_append / vq_prepare (antkv::append's CPU kernel calls them); a fragment:
 // attention.cpp defines the library.
 TORCH_LIBRARY_FRAGMENT(antkv_cpu, m) {
+  m.def("vq_configure", &vq_configure);
   m.def("vq_append", &vq_append);
   m.def("vq_append_(Tensor(a!) codes, Tensor(b!) anchor_rows, Tensor(c!) anchor_pos, Tensor(d!) anchor_score, int T, int A, "
         "Tensor window, Tensor window_err, Tensor window_score, Tensor centroids, Tensor expected_err, Tensor basis, "
