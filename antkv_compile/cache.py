@@ -76,6 +76,7 @@ _SUPERSEDED = (
 class VQTensor(torch.Tensor):
     """A compressed cache side; `x.side` is its `state.Side`, each field also an attribute."""
 
+    graph_fields = Side._fields  # what a compiled graph takes for it, in order: its inner tensors
     settings: CacheSettings
     seq_dim: int
     capacity: int | None = None  # preallocate codes for this many tokens (eager appends); None: grow
@@ -335,13 +336,23 @@ class SharedBook:
     """A static cache side's codebook (`state.Book`) in its `__tensor_flatten__` context rather
     than among its inner tensors: Dynamo guards every inner tensor of a graph input on every call
     (4 of a side's 12, 240 guards per SmolLM2 step), while the context is compared with `==`, which
-    is identity here (deepcopy keeps the object). A compiled graph takes the book as constants
-    (the pass), valid for as long as the cache holds this same object."""
+    compares the book's layout here (shapes, dtypes, devices), not its values: the compiled graph
+    takes the book as inputs that the backend reads from the cache at every call
+    (`StaticVQTensor.graph_fields`), so one graph serves every cache of that layout (a new
+    generation's, a data-free book fitted to its prompt). deepcopy (Dynamo's saved context) keeps it."""
 
     __slots__ = ("book",)
 
     def __init__(self, book: state.Book):
         self.book = book
+
+    def _layout(self) -> tuple:
+        return tuple((tuple(t.shape), t.dtype, t.device) for t in self.book)
+
+    def __eq__(self, other):
+        return isinstance(other, SharedBook) and self._layout() == other._layout()
+
+    __hash__ = None
 
     def __deepcopy__(self, memo):
         return self
@@ -362,6 +373,9 @@ class StaticVQTensor(torch.Tensor):
     `cache.reset()`) empties it."""
 
     settings: CacheSettings
+    # What a compiled graph takes for it, in order (the pass's placeholders, the backend's
+    # arguments): its buffers, then its book, which is no inner tensor (SharedBook).
+    graph_fields = (*state.STATIC_BUFFERS, *state.BOOK_FIELDS)
 
     @staticmethod
     def __new__(cls, fields: dict, settings: CacheSettings = CacheSettings(), dtype: torch.dtype = torch.float32):

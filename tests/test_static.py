@@ -218,6 +218,27 @@ def test_generate_with_a_static_cache_through_patch_compresses_and_equals_eager(
     assert model.antkv_backend.sites and all(s.rewritten for s in model.antkv_backend.sites)
 
 
+def test_one_decode_graph_serves_every_generation_and_reads_each_ones_codebook():
+    """Without codebooks each generation's static cache fits data-free books to its own prompt.
+    The decode graph takes a cache's book as inputs read at every call (not guarded, not baked in):
+    a second generation reuses the graph, and both give eager AntKVStaticCache's tokens."""
+    model, _ = tiny_hf_model("llama")
+    ak.use_antkv_attention(model)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    prompts = [torch.randint(3, 64, (1, 12), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    with torch.no_grad():
+        # window 2: the codes (and so the book) are read from the first decode step on
+        want = [model.generate(ids, **{ak.cache_keyword(model): ak.AntKVStaticCache(18, config=model.config, window=2)}, **kw)
+                for ids in prompts]
+        ak.patch(model, inductor=False, window=2)
+        torch._dynamo.utils.counters.clear()
+        got = [model.generate(ids, cache_implementation="static", **kw) for ids in prompts]
+    for g, w in zip(got, want):  # the logits of every step (the tiny model's tokens barely depend on the book)
+        assert torch.equal(g.sequences, w.sequences)
+        torch.testing.assert_close(torch.stack(g.logits), torch.stack(w.logits), rtol=0, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == (1 if int(transformers.__version__.split(".")[0]) >= 5 else 3)
+
+
 def test_static_cache_without_codebooks_fits_data_free_ones_and_holds_fewer_bytes():
     model, _ = tiny_hf_model("qwen2")
     ids = torch.randint(3, 64, (1, 16))

@@ -81,11 +81,12 @@ def mark_growing(cache: VQTensor) -> VQTensor:
 
 
 def inner_tensors(cache) -> list:
-    """A compressed cache's inner tensors, in its flatten order (what the rewritten graph takes);
-    a VQTensor's through `.side`, which raises on a superseded state."""
+    """What the rewritten graph takes for a compressed cache, in order (`graph_fields`: a
+    VQTensor's inner tensors, through `.side`, which raises on a superseded state; a static
+    cache's buffers and book)."""
     if isinstance(cache, VQTensor):
         return list(cache.side)
-    return [getattr(cache, f) for f in cache.__tensor_flatten__()[0]]
+    return [getattr(cache, f) for f in cache.graph_fields]
 
 
 class _CompiledGraph:
@@ -168,9 +169,14 @@ class AntKVBackend:
         if refusal is not None:
             return refusal
         flat_inputs = []
-        for arg, is_vq in zip(example_inputs, vq_inputs):
-            flat_inputs.extend(inner_tensors(arg)) if is_vq else flat_inputs.append(arg)
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        for arg, is_vq in zip(example_inputs, vq_inputs):
+            if not is_vq:
+                flat_inputs.append(arg)
+                continue
+            inner = set(arg.__tensor_flatten__()[0])  # Dynamo's inputs; a static cache's book is ours, as the extra inputs
+            for name, t in zip(type(arg).graph_fields, inner_tensors(arg)):
+                flat_inputs.append(t if name in inner or fake_mode is None else fake_mode.from_tensor(t, static_shapes=True))
         for t in result.extra_inputs:
             flat_inputs.append(fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t)
         fn = gm

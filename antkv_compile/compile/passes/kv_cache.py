@@ -456,16 +456,19 @@ class _Rewriter:
         self.inner: dict[fx.Node, dict[str, fx.Node]] = {}
 
     def inner_of(self, placeholder: fx.Node) -> dict[str, fx.Node]:
-        """Placeholders for a compressed input's inner tensors (its flatten order: Side fields, or STATIC_BUFFERS), before it."""
+        """Placeholders for what the graph takes for a compressed input (its `graph_fields`: Side
+        fields, or a static cache's buffers and book), before it."""
         if placeholder not in self.inner:
             val = _val(placeholder)
             nodes = {}
             with self.graph.inserting_before(placeholder):
-                for name in val.__tensor_flatten__()[0]:
+                inner = set(val.__tensor_flatten__()[0])
+                for name in type(val).graph_fields:
                     node = self.graph.placeholder(f"{placeholder.name}_{name}")
                     node.meta["example_value"] = node.meta["val"] = getattr(val, name)
                     source = getattr(placeholder, "_dynamo_source", None)
-                    node._dynamo_source = source and AttrSource(source, name)  # for AOTAutograd
+                    # for AOTAutograd; a static cache's book is no inner tensor, so no Dynamo source
+                    node._dynamo_source = (source and AttrSource(source, name)) if name in inner else None
                     nodes[name] = node
             self.inner[placeholder] = nodes
             self.result.vq_inputs.add(placeholder.name)
@@ -520,8 +523,7 @@ class _Rewriter:
     def rewrite_static(self, sdpa: fx.Node, args: dict, k: StaticSide, v: StaticSide) -> None:
         """write + SDPA over static caches -> antkv::static_attention_ (which mutates their buffers)."""
         kin, vin = self.inner_of(k.buffer), self.inner_of(v.buffer)
-        # the book is no inner tensor (cache.SharedBook): constants of this graph, as the growing path's codebooks
-        kbook, vbook = ([self.constant(f"{s.buffer.name}_{f}", getattr(_val(s.buffer), f)) for f in BOOK_FIELDS] for s in (k, v))
+        kbook, vbook = [kin[f] for f in BOOK_FIELDS], [vin[f] for f in BOOK_FIELDS]
         with self.graph.inserting_before(sdpa):
             out = self.graph.call_function(
                 torch.ops.antkv.static_attention_.default,
