@@ -611,7 +611,8 @@ def run_e2e(args, records: list, progress) -> None:
                             twin = _clone_cache(cache)
                             if ours:
                                 ak.use_antkv_attention(model)
-                            _, eager_logits = _step(model, ids, twin, kwarg)
+                            # patch() replaced model.forward with the compiled one after the first context: run the original
+                            _, eager_logits = _step(getattr(model, "antkv_original_forward", model), ids, twin, kwarg)
                             del twin
                             _free()
                         if fwd is None:
