@@ -81,6 +81,11 @@ def _check_batch(keys, batch: int) -> None:
 # 1.136x FP, 1 bit 1.566x -> 1.408x (1 bit was not compared on development windows first).
 REFINE_TOKENS = (128, 2048)
 REFINE_ITERS = 10
+# Where each switch's centroids start: "held" (the codebook the cache holds: data-free at the first
+# switch, then the last refined one) or "moments" (the Gaussian codebook placed again by the moments
+# of every token held, quant/datafree.place); then REFINE_ITERS Lloyd iterations.
+REFINE_INIT = "held"
+REFINE_INITS = ("held", "moments")
 _DEFAULT = object()
 
 
@@ -146,13 +151,14 @@ class RefiningLayer(DynamicLayer):
 
     refine: tuple[int, ...] | None = None  # the switches still to come (token counts)
     refine_iters: int = REFINE_ITERS
+    refine_init: str = REFINE_INIT
     # Plain attributes, so that everything measuring the layer's tensors counts the sample.
     sample_keys: torch.Tensor | None = None
     sample_values: torch.Tensor | None = None
     refining = False  # a sample is being collected
 
-    def start_refining(self, schedule: tuple[int, ...] | None, refine_iters: int) -> None:
-        self.refine, self.refine_iters = schedule or None, refine_iters
+    def start_refining(self, schedule: tuple[int, ...] | None, refine_iters: int, refine_init: str = REFINE_INIT) -> None:
+        self.refine, self.refine_iters, self.refine_init = schedule or None, refine_iters, refine_init
         self.sample_keys = self.sample_values = None
         self.refining = self.refine is not None
 
@@ -174,7 +180,7 @@ class RefiningLayer(DynamicLayer):
         """Refine the codebook on the sample, re-encode every token held with it (state.refine);
         later tokens are written with the refined codebook. The sample is dropped after the
         schedule's last switch, kept for the next one otherwise."""
-        self.keys, self.values = (cache._with(state.refine(cache.side, rows, cache.settings, self.refine_iters), view=True)
+        self.keys, self.values = (cache._with(state.refine(cache.side, rows, cache.settings, self.refine_iters, self.refine_init), view=True)
                                   for cache, rows in ((self.keys, self.sample_keys), (self.values, self.sample_values)))  # fmt: skip
         held = self.sample_keys.shape[2]
         self.refine = tuple(t for t in self.refine if t > held) or None
@@ -250,11 +256,12 @@ class AntKVLayer(RefiningLayer):
     and, with a `refine` schedule, refines it as tokens arrive (see AntKVCache)."""
 
     def __init__(self, codebook: LayerCodebook | None, settings: CacheSettings, bits: float = 1.0, seed: int = 0,
-                 refine: tuple[int, ...] | None = None, refine_iters: int = REFINE_ITERS, max_cache_len: int | None = None):  # fmt: skip
+                 refine: tuple[int, ...] | None = None, refine_iters: int = REFINE_ITERS, max_cache_len: int | None = None,
+                 refine_init: str = REFINE_INIT):  # fmt: skip
         super().__init__()
         self.codebook, self.settings, self.bits, self.seed = codebook, settings, bits, seed
         self.max_cache_len = max_cache_len
-        self.refine_setting = (refine, refine_iters)
+        self.refine_setting = (refine, refine_iters, refine_init)
         self.is_initialized = False  # transformers < 5 has no such flag (it tests keys is None)
 
     def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
@@ -319,16 +326,18 @@ class AntKVCache(Cache):
 
     def __init__(self, codebooks: Codebooks | None = None, settings: CacheSettings | None = None, config=None, bits: float = 1.0,
                  refine: int | tuple[int, int] | None = _DEFAULT, refine_iters: int = REFINE_ITERS, max_cache_len: int | None = None,
-                 **setting_kwargs):  # fmt: skip
+                 refine_init: str = REFINE_INIT, **setting_kwargs):  # fmt: skip
         self.settings = resolve(codebooks, settings, **setting_kwargs)
         if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1):
             raise ValueError(f"max_cache_len must be a number of tokens >= 1 (or None: grow as needed), got {max_cache_len!r}")
         refine = refine_setting(codebooks, refine, refine_iters)
+        if refine_init not in REFINE_INITS:
+            raise ValueError(f"refine_init must be one of {REFINE_INITS}, got {refine_init!r}")
         if codebooks is None:
             spec_for_bits(bits)  # a bad budget fails here, not at the first update
             count = iter(range(1 << 30))
             super().__init__(layer_class_to_replicate=lambda: AntKVLayer(None, self.settings, bits, next(count), refine, refine_iters,
-                                                                         max_cache_len))  # fmt: skip
+                                                                         max_cache_len, refine_init))  # fmt: skip
             return
         if config is not None:
             codebooks.check_model(config)

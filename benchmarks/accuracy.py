@@ -378,6 +378,38 @@ for _bits in (4.0, 2.0, 1.0):
     register(_refined_row(_bits))
 
 
+def _online_row(name: str, bits: float, notes: str, **cache_kwargs) -> Row:
+    """No calibration, an online-refinement variant: AntKVCache(bits=bits, **cache_kwargs) (refine
+    schedule, Lloyd iterations, where each switch starts: hf.REFINE_INIT)."""
+
+    def setup(ctx: Context) -> Setup:
+        ak.use_antkv_attention(ctx.model)
+        return Setup(lambda n: ak.AntKVCache(bits=bits, max_cache_len=n, **cache_kwargs),
+                     codebooks=lambda cache: [t for layer in cache.layers for t in layer.codebook.tensors()],
+                     details="codebooks per cache (not shared), data-free from its first call, switched online")
+
+    return Row(name, bits, setup, kind="ours", notes=notes)
+
+
+# Issue 15 candidates (development windows first; see hf.REFINE_TOKENS): moment re-fits (the
+# Gaussian codebook placed again by the moments of every token held, no k-means) at the refine
+# schedule's switches; Lloyd switches from the moment re-fit; denser / longer schedules.
+for _bits in (2.0, 1.0):
+    register(_online_row(f"antkv-datafree-{_bits:g}bit-refit", _bits,
+                         "no calibration, no k-means: the Gaussian codebook placed again by the moments of every token held "
+                         "after 128, 256, ..., 2048 tokens, every token re-encoded; window 32, anchors 1%",
+                         refine_iters=0, refine_init="moments"))
+    register(_online_row(f"antkv-refined-{_bits:g}bit-moments", _bits,
+                         "no calibration: at each switch (128, ..., 2048) the Gaussian codebook placed by the moments of every "
+                         "token held, then 10 Lloyd iterations; window 32, anchors 1%",
+                         refine_init="moments"))
+    register(_online_row(f"antkv-refined-{_bits:g}bit-from32", _bits,
+                         "no calibration: switches after 32, 64, ..., 2048 tokens (the first at the prompt), 10 Lloyd iterations",
+                         refine=(32, 2048)))
+    register(_online_row(f"antkv-refined-{_bits:g}bit-iters20", _bits,
+                         "no calibration: switches after 128, ..., 2048 tokens, 20 Lloyd iterations", refine_iters=20))
+
+
 # --- running -------------------------------------------------------------------------------------
 
 def select_rows(spec: str | None) -> list[Row]:
