@@ -82,10 +82,11 @@ def _check_batch(keys, batch: int) -> None:
 REFINE_TOKENS = (128, 2048)
 REFINE_ITERS = 10
 # Where each switch's centroids start: "held" (the codebook the cache holds: data-free at the first
-# switch, then the last refined one) or "moments" (the Gaussian codebook placed again by the moments
-# of every token held, quant/datafree.place); then REFINE_ITERS Lloyd iterations.
+# switch, then the last refined one), "moments" (the Gaussian codebook placed again by the moments
+# of every token held, quant/datafree.place) or "covariance" (placed by each sub-vector's mean and
+# full covariance); then REFINE_ITERS Lloyd iterations.
 REFINE_INIT = "held"
-REFINE_INITS = ("held", "moments")
+REFINE_INITS = ("held", "moments", "covariance")
 _DEFAULT = object()
 
 

@@ -307,11 +307,11 @@ def refine(side: Side, rows: Tensor, settings: CacheSettings, iters: int, init: 
     if tuple(rows.shape) != tuple(bhtd(side)):
         raise ValueError(f"refine needs one row per token of the side {tuple(bhtd(side))}, got {tuple(rows.shape)}")
     centroids = side.centroids
-    if init == "moments":
+    if init in ("moments", "covariance"):
         K, d = centroids.shape[-2:]
-        centroids = datafree.place(rows, PQSpec(d, K.bit_length() - 1)).to(centroids.dtype).contiguous()
+        centroids = datafree.place(rows, PQSpec(d, K.bit_length() - 1), full=init == "covariance").to(centroids.dtype).contiguous()
     elif init != "held":
-        raise ValueError(f"refine init must be 'held' or 'moments', got {init!r}")
+        raise ValueError(f"refine init must be 'held', 'moments' or 'covariance', got {init!r}")
     if iters > 0:
         centroids = datafree.refine(rows, centroids, iters).to(side.centroids.dtype).contiguous()
     codes, err = encode_with_error(rows, centroids, True)  # err [B, H, T]

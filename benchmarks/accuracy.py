@@ -399,6 +399,14 @@ for _bits in (2.0, 1.0):
                          "no calibration, no k-means: the Gaussian codebook placed again by the moments of every token held "
                          "after 128, 256, ..., 2048 tokens, every token re-encoded; window 32, anchors 1%",
                          refine_iters=0, refine_init="moments"))
+    register(_online_row(f"antkv-datafree-{_bits:g}bit-refit-cov", _bits,
+                         "no calibration, no k-means: the Gaussian codebook placed again by the mean and full covariance of each "
+                         "sub-vector over every token held after 128, 256, ..., 2048 tokens, every token re-encoded",
+                         refine_iters=0, refine_init="covariance"))
+    register(_online_row(f"antkv-refined-{_bits:g}bit-cov", _bits,
+                         "no calibration: at each switch (128, ..., 2048) the Gaussian codebook placed by each sub-vector's mean "
+                         "and full covariance over every token held, then 10 Lloyd iterations",
+                         refine_init="covariance"))
     register(_online_row(f"antkv-refined-{_bits:g}bit-moments", _bits,
                          "no calibration: at each switch (128, ..., 2048) the Gaussian codebook placed by the moments of every "
                          "token held, then 10 Lloyd iterations; window 32, anchors 1%",

@@ -399,7 +399,7 @@ def test_patch_follows_a_refine_schedule(fresh_dynamo):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("init", ["held", "moments"])
+@pytest.mark.parametrize("init", ["held", "moments", "covariance"])
 def test_nonfinite_rows_do_not_poison_the_refined_codebook(init):
     """NaN / Inf rows arriving after the first call (an overflowing float16 model) stay out of the
     refinement fit (Lloyd iterations and the moment re-fit): the refined centroids are finite, and
@@ -432,11 +432,13 @@ def test_the_sample_grows_in_its_buffer_without_copying():
     torch.testing.assert_close(layer.sample_values, torch.cat(rows, 2), rtol=0, atol=0)
 
 
-def _moment_placement(rows, g, shrink):
+def _moment_placement(rows, g, shrink, full=False):
     """float64 reference of a moment re-fit: the Gaussian codebook g [K, d] placed per (kv head,
     coordinate) by the moments of rows [B, H, T, S*d] (every token held, in the basis): mean =
     sum / (n + shrink), variance about it shrunk towards the head's pooled variance by `shrink`
-    pseudo-tokens; centroid = mean + std * g. Returns [H, S, K, d]."""
+    pseudo-tokens; centroid = mean + std * g. `full`: centroid = mean + L g, L the Cholesky factor
+    of the sub-vector's covariance (that variance on the diagonal, the products about the mean
+    over n + shrink off it). Returns [H, S, K, d]."""
     x = rows.double().transpose(0, 1).reshape(rows.shape[1], -1, rows.shape[-1])  # [H, N, D]
     n = x.shape[1]
     mean = x.sum(1) / (n + shrink)
@@ -444,18 +446,28 @@ def _moment_placement(rows, g, shrink):
     var = (n * var + shrink * var.mean(1, keepdim=True)) / (n + shrink)
     H, D = mean.shape
     K, d = g.shape
-    return mean.view(H, D // d, 1, d) + var.sqrt().view(H, D // d, 1, d) * g.double()
+    if not full:
+        return mean.view(H, D // d, 1, d) + var.sqrt().view(H, D // d, 1, d) * g.double()
+    out = torch.empty(H, D // d, K, d, dtype=torch.float64)
+    for h in range(H):
+        for s in range(D // d):
+            z = x[h, :, s * d : (s + 1) * d] - mean[h, s * d : (s + 1) * d]
+            cov = z.T @ z / (n + shrink)
+            cov[range(d), range(d)] = var[h, s * d : (s + 1) * d]
+            out[h, s] = mean[h, s * d : (s + 1) * d] + g.double() @ torch.linalg.cholesky(cov).T
+    return out
 
 
-@given(case=schedule_cases(), iters=st.sampled_from([0, 1]))
-def test_moment_refit_places_the_gaussian_codebook_by_every_token_held(case, iters):
-    """refine_init="moments": at each switch the centroids are the Gaussian codebook placed again
-    by the moments of every token held (then `iters` Lloyd iterations from there), against a
-    float64 reference; between switches the codebook stays; every code is the nearest centroid
-    of its row under the codebook held; attention equals SDPA on the dequantized cache."""
+@given(case=schedule_cases(), iters=st.sampled_from([0, 1]), init=st.sampled_from(["moments", "covariance"]))
+def test_moment_refit_places_the_gaussian_codebook_by_every_token_held(case, iters, init):
+    """refine_init="moments" / "covariance": at each switch the centroids are the Gaussian
+    codebook placed again by the moments (per coordinate / with each sub-vector's full covariance)
+    of every token held (then `iters` Lloyd iterations from there), against a float64 reference;
+    between switches the codebook stays; every code is the nearest centroid of its row under the
+    codebook held; attention equals SDPA on the dequantized cache."""
     g = torch.Generator().manual_seed(case["seed"])
     B, H, D = case["batch"], case["kv_heads"], 32
-    cache = ak.AntKVCache(bits=case["bits"], refine=(case["first"], case["cap"]), refine_iters=iters, refine_init="moments",
+    cache = ak.AntKVCache(bits=case["bits"], refine=(case["first"], case["cap"]), refine_iters=iters, refine_init=init,
                           window=case["window"], anchor_frac=0.1)  # fmt: skip
     spec = PRESETS[case["bits"]]
     shape = datafree.gaussian_codebook(spec.sub_dim, spec.num_centroids)  # the fixed codebook shape (an input here)
@@ -473,7 +485,7 @@ def test_moment_refit_places_the_gaussian_codebook_by_every_token_held(case, ite
         crossed = any(held < p <= held + n for p in points)
         for side, old, x in ((keys, before[0], raw[0]), (values, before[1], raw[1])):
             if crossed:
-                ref = _moment_placement(_rows(x, side.basis), shape, datafree.SHRINK)
+                ref = _moment_placement(_rows(x, side.basis), shape, datafree.SHRINK, init == "covariance")
                 sure = torch.ones(ref.shape[:-1], dtype=torch.bool)
                 if iters:
                     ref, sure = _lloyd_step(_rows(x, side.basis), ref)

@@ -80,14 +80,30 @@ def fit_side(x: torch.Tensor, spec: PQSpec, rotate: bool, seed: int) -> Codebook
     return CodebookSide(spec, centroids, error, basis, basis_inv)
 
 
-def place(x: torch.Tensor, spec: PQSpec, shrink: float = SHRINK) -> torch.Tensor:
+def place(x: torch.Tensor, spec: PQSpec, shrink: float = SHRINK, full: bool = False) -> torch.Tensor:
     """Centroids [H, S, K, d] of the Gaussian codebook placed and scaled by the moments of tokens
-    x [B, H, T, D] (already in the codebook's basis): mean + std * g per head and coordinate."""
+    x [B, H, T, D] (already in the codebook's basis): mean + std * g per head and coordinate; with
+    `full`, mean + L g per (head, subspace), L L^T the sub-vector's covariance (its diagonal the
+    shrunk variances of `moments`, its off-diagonal the sample's, shrunk towards 0 alike), so
+    correlated coordinates of a sub-vector share the codes."""
     H, D = x.shape[1], x.shape[-1]
     S, d = spec.num_subspaces(D), spec.sub_dim
     mean, std = moments(x, shrink)
     g = gaussian_codebook(d, spec.num_centroids).to(x.device)  # [K, d]
-    return mean.view(H, S, 1, d) + std.view(H, S, 1, d) * g
+    if not full:
+        return mean.view(H, S, 1, d) + std.view(H, S, 1, d) * g
+    z = x.float().transpose(0, 1).flatten(1, 2)  # [H, N, D]
+    finite = torch.isfinite(z).all(-1, keepdim=True)
+    z = torch.where(finite, z - mean[:, None], 0.0).unflatten(-1, (S, d)).transpose(1, 2)  # [H, S, N, d]
+    n = finite.sum(1).float()[:, None, :, None]  # [H, 1, 1, 1]
+    cov = z.transpose(-1, -2) @ z / (n + shrink)  # off-diagonal shrunk towards 0 by `shrink` pseudo-tokens
+    eye = torch.eye(d, device=x.device, dtype=torch.bool)
+    var = std.pow(2).view(H, S, d)
+    cov = torch.where(eye, torch.diag_embed(var), cov)
+    L, info = torch.linalg.cholesky_ex(cov.double())
+    bad = info != 0  # not positive definite (rounding): diagonal only
+    L = torch.where(bad[..., None, None], torch.diag_embed(var.double().sqrt()), L).float()
+    return mean.view(H, S, 1, d) + g @ L.transpose(-1, -2)
 
 
 def refine(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
