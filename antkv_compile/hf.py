@@ -317,6 +317,10 @@ class AntKVCache(Cache):
     the sample counts in `cache_nbytes()`: a buffer of [B, H, CAP, D] rows per side (allocated for
     the last switch at the first update), as a dense cache of CAP tokens, so until the last switch
     the cache holds more than a dense one would (codes and window too).
+    refine_init (default REFINE_INIT): where each switch's iterations start: "held" (the codebook
+    the cache holds), "moments" (the Gaussian codebook placed again by the moments of every token
+    held, quant/datafree.place) or "covariance" (by each sub-vector's mean and covariance). With
+    refine_iters=0 and "moments" a switch is a data-free moment re-fit, no k-means.
     The same keywords work for `patch(model)` without codebooks.
     max_cache_len: tokens to preallocate the codes and anchor slots for (prompt + new tokens, as
     HF's StaticCache); appends then write in place and never copy the codes (cache.py). None: the
