@@ -79,6 +79,16 @@ def _check_batch(keys, batch: int) -> None:
 # next 1500 as well as one refitted as they arrive: refit at 128, 256, ..., 2048 tokens. Run once
 # on the evaluation windows after the choice (accuracy.py, 4 x 2048 from 100000): 2 bit 1.205x ->
 # 1.136x FP, 1 bit 1.566x -> 1.408x (1 bit was not compared on development windows first).
+# Issue 15 follow-up, 2026-12-06, token by token (accuracy.py defaults: 64-token prompt, one token
+# per call) on the development windows (`python benchmarks/accuracy.py --rows ROW --eval-offset
+# 50000 --windows 2`, FP 24.010), ppl / FP. 1 bit: this default 1.1939 (windows 1.233 / 1.156);
+# each switch from the moment re-fit (refine_init="moments") 1.1820 (1.206 / 1.159); 20 iterations
+# 1.1968; a first switch at the prompt (refine=(32, 2048): 256 centroids fitted to 64 tokens)
+# 1.3240; (256, 2048) 1.2201, from the moments 1.1980. The moments start is the 1 bit pick (one
+# window better, the other a little worse) but is not the default: 2 bit was not measured with it
+# (accuracy.py row antkv-refined-1bit-moments). No k-means (refine_iters=0, refine_init="moments":
+# the data-free codebook placed again by the moments of every token held at each switch): 2 bit
+# 1.2459 -> 1.1326, the data-free row now (accuracy.py antkv-datafree-*).
 REFINE_TOKENS = (128, 2048)
 REFINE_ITERS = 10
 # Where each switch's centroids start: "held" (the codebook the cache holds: data-free at the first
