@@ -88,7 +88,10 @@ def _check_batch(keys, batch: int) -> None:
 # window better, the other a little worse) but is not the default: 2 bit was not measured with it
 # (accuracy.py row antkv-refined-1bit-moments). No k-means (refine_iters=0, refine_init="moments":
 # the data-free codebook placed again by the moments of every token held at each switch): 2 bit
-# 1.2459 -> 1.1326, the data-free row now (accuracy.py antkv-datafree-*).
+# 1.2459 -> 1.1326, the data-free row now (accuracy.py antkv-datafree-*). Run once on the
+# evaluation windows after the choice (`python benchmarks/accuracy.py --rows ROW --merge --out
+# /work/runs/df/eval`): 2 bit data-free 1.3531x -> 1.2080x with moment re-fits (target 1.10x), 1 bit
+# refined from the moments 1.3771x (default 1.4079x; target 1.35x).
 REFINE_TOKENS = (128, 2048)
 REFINE_ITERS = 10
 # Where each switch's centroids start: "held" (the codebook the cache holds: data-free at the first
