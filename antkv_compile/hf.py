@@ -79,8 +79,27 @@ def _check_batch(keys, batch: int) -> None:
 # next 1500 as well as one refitted as they arrive: refit at 128, 256, ..., 2048 tokens. Run once
 # on the evaluation windows after the choice (accuracy.py, 4 x 2048 from 100000): 2 bit 1.205x ->
 # 1.136x FP, 1 bit 1.566x -> 1.408x (1 bit was not compared on development windows first).
+# Issue 15 follow-up, 2026-12-06, token by token (accuracy.py defaults: 64-token prompt, one token
+# per call) on the development windows (`python benchmarks/accuracy.py --rows ROW --eval-offset
+# 50000 --windows 2`, FP 24.010), ppl / FP. 1 bit: this default 1.1939 (windows 1.233 / 1.156);
+# each switch from the moment re-fit (refine_init="moments") 1.1820 (1.206 / 1.159); 20 iterations
+# 1.1968; a first switch at the prompt (refine=(32, 2048): 256 centroids fitted to 64 tokens)
+# 1.3240; (256, 2048) 1.2201, from the moments 1.1980. The moments start is the 1 bit pick (one
+# window better, the other a little worse) but is not the default: 2 bit was not measured with it
+# (accuracy.py row antkv-refined-1bit-moments). No k-means (refine_iters=0, refine_init="moments":
+# the data-free codebook placed again by the moments of every token held at each switch): 2 bit
+# 1.2459 -> 1.1326, the data-free row now (accuracy.py antkv-datafree-*). Run once on the
+# evaluation windows after the choice (`python benchmarks/accuracy.py --rows ROW --merge --out
+# /work/runs/df/eval`): 2 bit data-free 1.3531x -> 1.2080x with moment re-fits (target 1.10x), 1 bit
+# refined from the moments 1.3771x (default 1.4079x; target 1.35x).
 REFINE_TOKENS = (128, 2048)
 REFINE_ITERS = 10
+# Where each switch's centroids start: "held" (the codebook the cache holds: data-free at the first
+# switch, then the last refined one), "moments" (the Gaussian codebook placed again by the moments
+# of every token held, quant/datafree.place) or "covariance" (placed by each sub-vector's mean and
+# full covariance); then REFINE_ITERS Lloyd iterations.
+REFINE_INIT = "held"
+REFINE_INITS = ("held", "moments", "covariance")
 _DEFAULT = object()
 
 
@@ -146,13 +165,14 @@ class RefiningLayer(DynamicLayer):
 
     refine: tuple[int, ...] | None = None  # the switches still to come (token counts)
     refine_iters: int = REFINE_ITERS
+    refine_init: str = REFINE_INIT
     # Plain attributes, so that everything measuring the layer's tensors counts the sample.
     sample_keys: torch.Tensor | None = None
     sample_values: torch.Tensor | None = None
     refining = False  # a sample is being collected
 
-    def start_refining(self, schedule: tuple[int, ...] | None, refine_iters: int) -> None:
-        self.refine, self.refine_iters = schedule or None, refine_iters
+    def start_refining(self, schedule: tuple[int, ...] | None, refine_iters: int, refine_init: str = REFINE_INIT) -> None:
+        self.refine, self.refine_iters, self.refine_init = schedule or None, refine_iters, refine_init
         self.sample_keys = self.sample_values = None
         self.refining = self.refine is not None
 
@@ -174,7 +194,7 @@ class RefiningLayer(DynamicLayer):
         """Refine the codebook on the sample, re-encode every token held with it (state.refine);
         later tokens are written with the refined codebook. The sample is dropped after the
         schedule's last switch, kept for the next one otherwise."""
-        self.keys, self.values = (cache._with(state.refine(cache.side, rows, cache.settings, self.refine_iters), view=True)
+        self.keys, self.values = (cache._with(state.refine(cache.side, rows, cache.settings, self.refine_iters, self.refine_init), view=True)
                                   for cache, rows in ((self.keys, self.sample_keys), (self.values, self.sample_values)))  # fmt: skip
         held = self.sample_keys.shape[2]
         self.refine = tuple(t for t in self.refine if t > held) or None
@@ -250,11 +270,12 @@ class AntKVLayer(RefiningLayer):
     and, with a `refine` schedule, refines it as tokens arrive (see AntKVCache)."""
 
     def __init__(self, codebook: LayerCodebook | None, settings: CacheSettings, bits: float = 1.0, seed: int = 0,
-                 refine: tuple[int, ...] | None = None, refine_iters: int = REFINE_ITERS, max_cache_len: int | None = None):  # fmt: skip
+                 refine: tuple[int, ...] | None = None, refine_iters: int = REFINE_ITERS, max_cache_len: int | None = None,
+                 refine_init: str = REFINE_INIT):  # fmt: skip
         super().__init__()
         self.codebook, self.settings, self.bits, self.seed = codebook, settings, bits, seed
         self.max_cache_len = max_cache_len
-        self.refine_setting = (refine, refine_iters)
+        self.refine_setting = (refine, refine_iters, refine_init)
         self.is_initialized = False  # transformers < 5 has no such flag (it tests keys is None)
 
     def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
@@ -309,6 +330,10 @@ class AntKVCache(Cache):
     the sample counts in `cache_nbytes()`: a buffer of [B, H, CAP, D] rows per side (allocated for
     the last switch at the first update), as a dense cache of CAP tokens, so until the last switch
     the cache holds more than a dense one would (codes and window too).
+    refine_init (default REFINE_INIT): where each switch's iterations start: "held" (the codebook
+    the cache holds), "moments" (the Gaussian codebook placed again by the moments of every token
+    held, quant/datafree.place) or "covariance" (by each sub-vector's mean and covariance). With
+    refine_iters=0 and "moments" a switch is a data-free moment re-fit, no k-means.
     The same keywords work for `patch(model)` without codebooks.
     max_cache_len: tokens to preallocate the codes and anchor slots for (prompt + new tokens, as
     HF's StaticCache); appends then write in place and never copy the codes (cache.py). None: the
@@ -319,16 +344,18 @@ class AntKVCache(Cache):
 
     def __init__(self, codebooks: Codebooks | None = None, settings: CacheSettings | None = None, config=None, bits: float = 1.0,
                  refine: int | tuple[int, int] | None = _DEFAULT, refine_iters: int = REFINE_ITERS, max_cache_len: int | None = None,
-                 **setting_kwargs):  # fmt: skip
+                 refine_init: str = REFINE_INIT, **setting_kwargs):  # fmt: skip
         self.settings = resolve(codebooks, settings, **setting_kwargs)
         if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1):
             raise ValueError(f"max_cache_len must be a number of tokens >= 1 (or None: grow as needed), got {max_cache_len!r}")
         refine = refine_setting(codebooks, refine, refine_iters)
+        if refine_init not in REFINE_INITS:
+            raise ValueError(f"refine_init must be one of {REFINE_INITS}, got {refine_init!r}")
         if codebooks is None:
             spec_for_bits(bits)  # a bad budget fails here, not at the first update
             count = iter(range(1 << 30))
             super().__init__(layer_class_to_replicate=lambda: AntKVLayer(None, self.settings, bits, next(count), refine, refine_iters,
-                                                                         max_cache_len))  # fmt: skip
+                                                                         max_cache_len, refine_init))  # fmt: skip
             return
         if config is not None:
             codebooks.check_model(config)

@@ -295,7 +295,7 @@ def learn_book(x: Tensor, sub_dim: int, code_bits: int, rotate: bool, seed: int)
     return book(datafree.fit_side(x, PQSpec(sub_dim, code_bits), rotate, seed))
 
 
-def refine(side: Side, rows: Tensor, settings: CacheSettings, iters: int) -> Side:
+def refine(side: Side, rows: Tensor, settings: CacheSettings, iters: int, init: str = "held") -> Side:
     """The side re-written with a codebook refined on its own tokens (online refinement).
 
     rows [B, H, T, D]: the stored row of each of the side's T tokens, in its basis and exact-row
@@ -307,6 +307,11 @@ def refine(side: Side, rows: Tensor, settings: CacheSettings, iters: int) -> Sid
     if tuple(rows.shape) != tuple(bhtd(side)):
         raise ValueError(f"refine needs one row per token of the side {tuple(bhtd(side))}, got {tuple(rows.shape)}")
     centroids = side.centroids
+    if init in ("moments", "covariance"):
+        K, d = centroids.shape[-2:]
+        centroids = datafree.place(rows, PQSpec(d, K.bit_length() - 1), full=init == "covariance").to(centroids.dtype).contiguous()
+    elif init != "held":
+        raise ValueError(f"refine init must be 'held', 'moments' or 'covariance', got {init!r}")
     if iters > 0:
         centroids = datafree.refine(rows, centroids, iters).to(side.centroids.dtype).contiguous()
     codes, err = encode_with_error(rows, centroids, True)  # err [B, H, T]

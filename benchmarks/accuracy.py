@@ -343,16 +343,38 @@ register(_antkv_row("antkv-2bit-window64-anchors2-fp16rows", 2.0, "window 64, an
 
 
 def _datafree_row(bits: float) -> Row:
+    """No calibration, no k-means: each layer fits a data-free codebook (quant/datafree.py) to the
+    first call of each window (its prompt) and places it again by the moments of every token held
+    at the default schedule's switches (AntKVCache(refine_iters=0, refine_init="moments"); the
+    sample counts in the bytes while it exists, the effective bits are measured at the window's
+    end, after it is dropped)."""
+    from antkv_compile.hf import REFINE_TOKENS, refine_schedule
+
+    def setup(ctx: Context) -> Setup:
+        ak.use_antkv_attention(ctx.model)
+        return Setup(lambda n: ak.AntKVCache(bits=bits, refine_iters=0, refine_init="moments", max_cache_len=n),
+                     codebooks=lambda cache: [t for layer in cache.layers for t in layer.codebook.tensors()],
+                     details="codebooks per cache (not shared), fitted to its first call, moments re-fitted online")
+
+    return Row(f"antkv-datafree-{bits:g}bit", bits, setup, kind="ours",
+               notes=f"no calibration, no k-means: random rotation of keys, Gaussian codebook placed by the first call's moments, "
+                     f"placed again by the moments of every token held after {', '.join(map(str, refine_schedule(REFINE_TOKENS)))} "
+                     f"tokens, every token re-encoded; window 32, anchors 1%; bits at the window's end: until the last re-fit each "
+                     f"layer also holds its tokens' rows (a dense copy)")
+
+
+def _prompt_row(bits: float) -> Row:
     """No calibration: each layer fits a data-free codebook (quant/datafree.py) to the first call
-    of each window (its prompt), as AntKVCache() does for a prompt."""
+    of each window (its prompt) and keeps it (AntKVCache(refine=None)): the ablation of the
+    data-free row's online moment re-fits."""
 
     def setup(ctx: Context) -> Setup:
         ak.use_antkv_attention(ctx.model)
         return Setup(lambda n: ak.AntKVCache(bits=bits, refine=None, max_cache_len=n), codebooks=lambda cache: [t for layer in cache.layers for t in layer.codebook.tensors()],
                      details="codebooks per cache (not shared), fitted to its first call")
 
-    return Row(f"antkv-datafree-{bits:g}bit", bits, setup, kind="ours",
-               notes="no calibration: random rotation of keys, Gaussian codebook placed by the first call's moments; window 32, anchors 1%")
+    return Row(f"antkv-datafree-{bits:g}bit-prompt", bits, setup, kind="ours",
+               notes="no calibration: random rotation of keys, Gaussian codebook placed by the first call's moments, kept; window 32, anchors 1%")
 
 
 def _refined_row(bits: float) -> Row:
@@ -375,7 +397,49 @@ def _refined_row(bits: float) -> Row:
 
 for _bits in (4.0, 2.0, 1.0):
     register(_datafree_row(_bits))
+    register(_prompt_row(_bits))
     register(_refined_row(_bits))
+
+
+def _online_row(name: str, bits: float, notes: str, **cache_kwargs) -> Row:
+    """No calibration, an online-refinement variant: AntKVCache(bits=bits, **cache_kwargs) (refine
+    schedule, Lloyd iterations, where each switch starts: hf.REFINE_INIT)."""
+
+    def setup(ctx: Context) -> Setup:
+        ak.use_antkv_attention(ctx.model)
+        return Setup(lambda n: ak.AntKVCache(bits=bits, max_cache_len=n, **cache_kwargs),
+                     codebooks=lambda cache: [t for layer in cache.layers for t in layer.codebook.tensors()],
+                     details="codebooks per cache (not shared), data-free from its first call, switched online")
+
+    return Row(name, bits, setup, kind="ours", notes=notes)
+
+
+# Issue 15 candidates (development windows first; see hf.REFINE_TOKENS): moment re-fits (the
+# Gaussian codebook placed again by the moments of every token held, no k-means) at the refine
+# schedule's switches; Lloyd switches from the moment re-fit; denser / longer schedules.
+for _bits in (2.0, 1.0):
+    register(_online_row(f"antkv-datafree-{_bits:g}bit-refit-cov", _bits,
+                         "no calibration, no k-means: the Gaussian codebook placed again by the mean and full covariance of each "
+                         "sub-vector over every token held after 128, 256, ..., 2048 tokens, every token re-encoded",
+                         refine_iters=0, refine_init="covariance"))
+    register(_online_row(f"antkv-refined-{_bits:g}bit-cov", _bits,
+                         "no calibration: at each switch (128, ..., 2048) the Gaussian codebook placed by each sub-vector's mean "
+                         "and full covariance over every token held, then 10 Lloyd iterations",
+                         refine_init="covariance"))
+    register(_online_row(f"antkv-refined-{_bits:g}bit-moments", _bits,
+                         "no calibration: at each switch (128, ..., 2048) the Gaussian codebook placed by the moments of every "
+                         "token held, then 10 Lloyd iterations; window 32, anchors 1%",
+                         refine_init="moments"))
+    register(_online_row(f"antkv-refined-{_bits:g}bit-from32", _bits,
+                         "no calibration: switches after 32, 64, ..., 2048 tokens (the first at the prompt), 10 Lloyd iterations",
+                         refine=(32, 2048)))
+    register(_online_row(f"antkv-refined-{_bits:g}bit-from256", _bits,
+                         "no calibration: switches after 256, 512, 1024, 2048 tokens, 10 Lloyd iterations", refine=(256, 2048)))
+    register(_online_row(f"antkv-refined-{_bits:g}bit-from256-moments", _bits,
+                         "no calibration: switches after 256, 512, 1024, 2048 tokens, each from the Gaussian codebook placed by the "
+                         "moments of every token held, then 10 Lloyd iterations", refine=(256, 2048), refine_init="moments"))
+    register(_online_row(f"antkv-refined-{_bits:g}bit-iters20", _bits,
+                         "no calibration: switches after 128, ..., 2048 tokens, 20 Lloyd iterations", refine_iters=20))
 
 
 # --- running -------------------------------------------------------------------------------------

@@ -399,13 +399,15 @@ def test_patch_follows_a_refine_schedule(fresh_dynamo):
     assert torch.equal(out, ref)
 
 
-def test_nonfinite_rows_do_not_poison_the_refined_codebook():
+@pytest.mark.parametrize("init", ["held", "moments", "covariance"])
+def test_nonfinite_rows_do_not_poison_the_refined_codebook(init):
     """NaN / Inf rows arriving after the first call (an overflowing float16 model) stay out of the
-    refinement fit: the refined centroids are finite, and the finite rows still moved them."""
+    refinement fit (Lloyd iterations and the moment re-fit): the refined centroids are finite, and
+    the finite rows still moved them."""
     g = torch.Generator().manual_seed(5)
     k, v = torch.randn(1, 2, 30, 32, generator=g), torch.randn(1, 2, 30, 32, generator=g) * 3 + 1
     v[0, 1, 12, 3], v[0, 0, 20, :] = float("nan"), float("inf")
-    cache = ak.AntKVCache(bits=2.0, refine=30, window=0, anchor_frac=0.0)
+    cache = ak.AntKVCache(bits=2.0, refine=30, window=0, anchor_frac=0.0, refine_init=init)
     cache.update(k[:, :, :10], v[:, :, :10], 0)
     datafree_centroids = cache.layers[0].values.centroids
     cache.update(k[:, :, 10:], v[:, :, 10:], 0)  # the bad rows are this call's: in the window, exact
@@ -428,3 +430,74 @@ def test_the_sample_grows_in_its_buffer_without_copying():
         buffers.add(layer.sample_values.data_ptr())
     assert len(buffers) == 1  # allocated once, for the 64 tokens of the last switch
     torch.testing.assert_close(layer.sample_values, torch.cat(rows, 2), rtol=0, atol=0)
+
+
+def _moment_placement(rows, g, shrink, full=False):
+    """float64 reference of a moment re-fit: the Gaussian codebook g [K, d] placed per (kv head,
+    coordinate) by the moments of rows [B, H, T, S*d] (every token held, in the basis): mean =
+    sum / (n + shrink), variance about it shrunk towards the head's pooled variance by `shrink`
+    pseudo-tokens; centroid = mean + std * g. `full`: centroid = mean + L g, L the Cholesky factor
+    of the sub-vector's covariance (that variance on the diagonal, the products about the mean
+    over n + shrink off it). Returns [H, S, K, d]."""
+    x = rows.double().transpose(0, 1).reshape(rows.shape[1], -1, rows.shape[-1])  # [H, N, D]
+    n = x.shape[1]
+    mean = x.sum(1) / (n + shrink)
+    var = ((x - mean[:, None]) ** 2).sum(1) / n
+    var = (n * var + shrink * var.mean(1, keepdim=True)) / (n + shrink)
+    H, D = mean.shape
+    K, d = g.shape
+    if not full:
+        return mean.view(H, D // d, 1, d) + var.sqrt().view(H, D // d, 1, d) * g.double()
+    out = torch.empty(H, D // d, K, d, dtype=torch.float64)
+    for h in range(H):
+        for s in range(D // d):
+            z = x[h, :, s * d : (s + 1) * d] - mean[h, s * d : (s + 1) * d]
+            cov = z.T @ z / (n + shrink)
+            cov[range(d), range(d)] = var[h, s * d : (s + 1) * d]
+            out[h, s] = mean[h, s * d : (s + 1) * d] + g.double() @ torch.linalg.cholesky(cov).T
+    return out
+
+
+@given(case=schedule_cases(), iters=st.sampled_from([0, 1]), init=st.sampled_from(["moments", "covariance"]))
+def test_moment_refit_places_the_gaussian_codebook_by_every_token_held(case, iters, init):
+    """refine_init="moments" / "covariance": at each switch the centroids are the Gaussian
+    codebook placed again by the moments (per coordinate / with each sub-vector's full covariance)
+    of every token held (then `iters` Lloyd iterations from there), against a float64 reference;
+    between switches the codebook stays; every code is the nearest centroid of its row under the
+    codebook held; attention equals SDPA on the dequantized cache."""
+    g = torch.Generator().manual_seed(case["seed"])
+    B, H, D = case["batch"], case["kv_heads"], 32
+    cache = ak.AntKVCache(bits=case["bits"], refine=(case["first"], case["cap"]), refine_iters=iters, refine_init=init,
+                          window=case["window"], anchor_frac=0.1)  # fmt: skip
+    spec = PRESETS[case["bits"]]
+    shape = datafree.gaussian_codebook(spec.sub_dim, spec.num_centroids)  # the fixed codebook shape (an input here)
+    raw = [torch.zeros(B, H, 0, D)] * 2
+    points = refine_schedule((case["first"], case["cap"]))
+    before = None
+    for n in case["sizes"]:
+        k = torch.randn(B, H, n, D, generator=g) * torch.linspace(0.2, 3, D) + 1
+        v = torch.randn(B, H, n, D, generator=g) * torch.linspace(3, 0.2, D) - 0.5
+        if before is None:
+            before = (datafree.fit_side(k, spec, rotate=True, seed=0).centroids, datafree.fit_side(v, spec, rotate=False, seed=1).centroids)
+        held = raw[0].shape[2]
+        keys, values = cache.update(k, v, 0)
+        raw = [torch.cat([raw[0], k], 2), torch.cat([raw[1], v], 2)]
+        crossed = any(held < p <= held + n for p in points)
+        for side, old, x in ((keys, before[0], raw[0]), (values, before[1], raw[1])):
+            if crossed:
+                ref = _moment_placement(_rows(x, side.basis), shape, datafree.SHRINK, init == "covariance")
+                sure = torch.ones(ref.shape[:-1], dtype=torch.bool)
+                if iters:
+                    ref, sure = _lloyd_step(_rows(x, side.basis), ref)
+                torch.testing.assert_close(side.centroids.double()[sure], ref[sure], rtol=1e-4, atol=1e-4)
+            else:
+                assert torch.equal(side.centroids, old)
+            _check_codes(side, x)
+        _check_attention(torch.randn(B, 2 * H, n, D, generator=g), keys, values)
+        before = (keys.centroids, values.centroids)
+    assert cache.layers[0].sample_keys is None
+
+
+def test_bad_refine_init_is_refused():
+    with pytest.raises(ValueError, match="refine_init must be one of"):
+        ak.AntKVCache(refine_init="kmeans")

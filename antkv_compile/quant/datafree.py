@@ -50,9 +50,17 @@ def moments(x: torch.Tensor, shrink: float = SHRINK) -> tuple[torch.Tensor, torc
     """(mean, std) [H, D] per head and channel of tokens x [B, H, T, D], each shrunk towards the
     head's pooled value by `shrink` pseudo-tokens (the pooled mean is 0)."""
     x = x.float().transpose(0, 1).flatten(1, 2)  # [H, N, D]
-    n = x.shape[1]
-    mean = x.mean(1) * (n / (n + shrink))
-    var = (x - mean[:, None]).pow(2).mean(1)
+    finite = torch.isfinite(x).all(-1)  # [H, N]
+    if finite.all():
+        n = x.shape[1]
+        mean = x.mean(1) * (n / (n + shrink))
+        var = (x - mean[:, None]).pow(2).mean(1)
+    else:  # a token with a NaN / Inf entry does not count
+        w = finite.float()[..., None]
+        x = x.masked_fill(~finite[..., None], 0.0)
+        n = w.sum(1)  # [H, 1]
+        mean = (w * x).sum(1) / (n + shrink)
+        var = (w * (x - mean[:, None]).pow(2)).sum(1) / n.clamp_min(1)
     pooled = var.mean(1, keepdim=True)
     var = (n * var + shrink * pooled) / (n + shrink)
     return mean, var.clamp_min(1e-12).sqrt()
@@ -61,18 +69,41 @@ def moments(x: torch.Tensor, shrink: float = SHRINK) -> tuple[torch.Tensor, torc
 def fit_side(x: torch.Tensor, spec: PQSpec, rotate: bool, seed: int) -> CodebookSide:
     """A codebook side for tokens like x [B, H, T, D] (the first call's), see the module doc."""
     B, H, T, D = x.shape
-    S = spec.num_subspaces(D)
     basis = basis_inv = None
     x = x.float()
     if rotate:
         basis = random_rotation(H, D, seed).to(x.device)
         basis_inv = basis.transpose(1, 2).contiguous()
         x = torch.einsum("bhtd,hde->bhte", x, basis)
-    mean, std = moments(x)
-    g = gaussian_codebook(spec.sub_dim, spec.num_centroids).to(x.device)  # [K, d]
-    centroids = mean.view(H, S, 1, spec.sub_dim) + std.view(H, S, 1, spec.sub_dim) * g  # [H, S, K, d]
+    centroids = place(x, spec)
     error = (x - decode(encode(x, centroids), centroids)).norm(dim=-1).mean((0, 2))
     return CodebookSide(spec, centroids, error, basis, basis_inv)
+
+
+def place(x: torch.Tensor, spec: PQSpec, shrink: float = SHRINK, full: bool = False) -> torch.Tensor:
+    """Centroids [H, S, K, d] of the Gaussian codebook placed and scaled by the moments of tokens
+    x [B, H, T, D] (already in the codebook's basis): mean + std * g per head and coordinate; with
+    `full`, mean + L g per (head, subspace), L L^T the sub-vector's covariance (its diagonal the
+    shrunk variances of `moments`, its off-diagonal the sample's, shrunk towards 0 alike), so
+    correlated coordinates of a sub-vector share the codes."""
+    H, D = x.shape[1], x.shape[-1]
+    S, d = spec.num_subspaces(D), spec.sub_dim
+    mean, std = moments(x, shrink)
+    g = gaussian_codebook(d, spec.num_centroids).to(x.device)  # [K, d]
+    if not full:
+        return mean.view(H, S, 1, d) + std.view(H, S, 1, d) * g
+    z = x.float().transpose(0, 1).flatten(1, 2)  # [H, N, D]
+    finite = torch.isfinite(z).all(-1, keepdim=True)
+    z = torch.where(finite, z - mean[:, None], 0.0).unflatten(-1, (S, d)).transpose(1, 2)  # [H, S, N, d]
+    n = finite.sum(1).float()[:, None, :, None]  # [H, 1, 1, 1]
+    cov = z.transpose(-1, -2) @ z / (n + shrink)  # off-diagonal shrunk towards 0 by `shrink` pseudo-tokens
+    eye = torch.eye(d, device=x.device, dtype=torch.bool)
+    var = std.pow(2).view(H, S, d)
+    cov = torch.where(eye, torch.diag_embed(var), cov)
+    L, info = torch.linalg.cholesky_ex(cov.double())
+    bad = info != 0  # not positive definite (rounding): diagonal only
+    L = torch.where(bad[..., None, None], torch.diag_embed(var.double().sqrt()), L).float()
+    return mean.view(H, S, 1, d) + g @ L.transpose(-1, -2)
 
 
 def refine(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
