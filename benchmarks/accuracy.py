@@ -342,6 +342,18 @@ register(_antkv_row("antkv-2bit-window64-anchors2-fp16rows", 2.0, "window 64, an
 
 
 
+def _own_codebooks_setup(details: str, **cache_kwargs):
+    """The setup of a row whose caches fit their own codebooks, counted per cache:
+    AntKVCache(**cache_kwargs) preallocated for the window."""
+
+    def setup(ctx: Context) -> Setup:
+        ak.use_antkv_attention(ctx.model)
+        return Setup(lambda n: ak.AntKVCache(max_cache_len=n, **cache_kwargs),
+                     codebooks=lambda cache: [t for layer in cache.layers for t in layer.codebook.tensors()], details=details)
+
+    return setup
+
+
 def _datafree_row(bits: float) -> Row:
     """No calibration, no k-means: each layer fits a data-free codebook (quant/datafree.py) to the
     first call of each window (its prompt) and places it again by the moments of every token held
@@ -350,12 +362,8 @@ def _datafree_row(bits: float) -> Row:
     end, after it is dropped)."""
     from antkv_compile.hf import REFINE_TOKENS, refine_schedule
 
-    def setup(ctx: Context) -> Setup:
-        ak.use_antkv_attention(ctx.model)
-        return Setup(lambda n: ak.AntKVCache(bits=bits, refine_iters=0, refine_init="moments", max_cache_len=n),
-                     codebooks=lambda cache: [t for layer in cache.layers for t in layer.codebook.tensors()],
-                     details="codebooks per cache (not shared), fitted to its first call, moments re-fitted online")
-
+    setup = _own_codebooks_setup("codebooks per cache (not shared), fitted to its first call, moments re-fitted online",
+                                 bits=bits, refine_iters=0, refine_init="moments")
     return Row(f"antkv-datafree-{bits:g}bit", bits, setup, kind="ours",
                notes=f"no calibration, no k-means: random rotation of keys, Gaussian codebook placed by the first call's moments, "
                      f"placed again by the moments of every token held after {', '.join(map(str, refine_schedule(REFINE_TOKENS)))} "
@@ -368,11 +376,7 @@ def _prompt_row(bits: float) -> Row:
     of each window (its prompt) and keeps it (AntKVCache(refine=None)): the ablation of the
     data-free row's online moment re-fits."""
 
-    def setup(ctx: Context) -> Setup:
-        ak.use_antkv_attention(ctx.model)
-        return Setup(lambda n: ak.AntKVCache(bits=bits, refine=None, max_cache_len=n), codebooks=lambda cache: [t for layer in cache.layers for t in layer.codebook.tensors()],
-                     details="codebooks per cache (not shared), fitted to its first call")
-
+    setup = _own_codebooks_setup("codebooks per cache (not shared), fitted to its first call", bits=bits, refine=None)
     return Row(f"antkv-datafree-{bits:g}bit-prompt", bits, setup, kind="ours",
                notes="no calibration: random rotation of keys, Gaussian codebook placed by the first call's moments, kept; window 32, anchors 1%")
 
@@ -383,11 +387,7 @@ def _refined_row(bits: float) -> Row:
     exists, the effective bits are measured at the end of the window, after it is dropped)."""
     from antkv_compile.hf import REFINE_ITERS, REFINE_TOKENS, refine_schedule
 
-    def setup(ctx: Context) -> Setup:
-        ak.use_antkv_attention(ctx.model)
-        return Setup(lambda n: ak.AntKVCache(bits=bits, max_cache_len=n), codebooks=lambda cache: [t for layer in cache.layers for t in layer.codebook.tensors()],
-                     details="codebooks per cache (not shared), data-free from its first call, refined online")
-
+    setup = _own_codebooks_setup("codebooks per cache (not shared), data-free from its first call, refined online", bits=bits)
     return Row(f"antkv-refined-{bits:g}bit", bits, setup, kind="ours",
                notes=f"no calibration: data-free codebook refined by k-means on every token held after "
                      f"{', '.join(map(str, refine_schedule(REFINE_TOKENS)))} tokens ({REFINE_ITERS} Lloyd iterations each), every "
@@ -405,12 +405,8 @@ def _online_row(name: str, bits: float, notes: str, **cache_kwargs) -> Row:
     """No calibration, an online-refinement variant: AntKVCache(bits=bits, **cache_kwargs) (refine
     schedule, Lloyd iterations, where each switch starts: hf.REFINE_INIT)."""
 
-    def setup(ctx: Context) -> Setup:
-        ak.use_antkv_attention(ctx.model)
-        return Setup(lambda n: ak.AntKVCache(bits=bits, max_cache_len=n, **cache_kwargs),
-                     codebooks=lambda cache: [t for layer in cache.layers for t in layer.codebook.tensors()],
-                     details="codebooks per cache (not shared), data-free from its first call, switched online")
-
+    setup = _own_codebooks_setup("codebooks per cache (not shared), data-free from its first call, switched online", bits=bits,
+                                 **cache_kwargs)
     return Row(name, bits, setup, kind="ours", notes=notes)
 
 
