@@ -363,8 +363,8 @@ class StaticVQTensor(torch.Tensor):
     (HF StaticCache, gpt-fast's KVCache): the dense [B, H, capacity, D] buffer such a model writes in
     place (`index_copy_` along the sequence, or `buf[:, :, pos] = new`) and hands whole to SDPA
     with a mask hiding the unfilled slots. Its inner tensors are `state.STATIC_BUFFERS` (fixed
-    shapes: one compiled graph serves every decode step; the book is in the context, `SharedBook`); the graph pass rewrites the write + SDPA
-    into `ops.static_attention_`.
+    shapes: one compiled graph serves every decode step; the book is in the context, `SharedBook`);
+    the graph pass rewrites the write + SDPA into `ops.static_attention_`.
 
     Eagerly, a write records the new tokens (they must be the next positions) and the SDPA that
     reads the cache runs `ops.static_attention_` on them (one kernel call per layer: encode, attend,
@@ -498,7 +498,7 @@ def _static_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     """ops.static_attention_ on a call's pending writes when K and V are both static caches."""
     if not (isinstance(key, StaticVQTensor) and isinstance(value, StaticVQTensor)) or dropout_p > 0:
         return NotImplemented
-    if torch.compiler.is_compiling():  # traced: an SDPA node, which the pass rewrites (with the book as constants)
+    if torch.compiler.is_compiling():  # traced: an SDPA node, which the pass rewrites
         return NotImplemented
     if (key._pending is None) != (value._pending is None):
         raise RuntimeError("antkv static cache: only one of key and value was written before attention")

@@ -60,6 +60,17 @@ void store_row(void* p, at::ScalarType t, int64_t n, const float* in) {
   else for (int64_t i = 0; i < n; ++i) static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(in[i]);
 }
 
+// out [D] = x [D] M [D, D] (M row-major), summed over i in ascending order in float32: the basis
+// map of a key row (write_side) and of a query row (query_to_basis, with M = (A^-1)^T).
+void row_times(const float* x, const float* M, int64_t D, float* out) {
+  std::fill(out, out + D, 0.f);
+  for (int64_t i = 0; i < D; ++i) {
+    const float xi = x[i];
+    const float* mrow = M + i * D;
+    for (int64_t e = 0; e < D; ++e) out[e] += xi * mrow[e];
+  }
+}
+
 // x rounded to dtype t's precision, in place (what `.to(t)` then `.float()` gives).
 void round_row(float* x, at::ScalarType t, int64_t n) {
   if (t == at::kHalf) for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(c10::Half(x[i]));
@@ -375,13 +386,7 @@ static std::tuple<std::vector<at::Tensor>, int64_t> write_side(
         float* x = X + r * D;
         if (has_basis) {
           load_row(new_p + r * D * ns, nt, D, in.data());
-          const float* Ab = basis_p + h * D * D;
-          std::fill(x, x + D, 0.f);
-          for (int64_t i = 0; i < D; ++i) {
-            const float xi = in[i];
-            const float* arow = Ab + i * D;
-            for (int64_t e = 0; e < D; ++e) x[e] += xi * arow[e];
-          }
+          row_times(in.data(), basis_p + h * D * D, D, x);
           round_row(x, nt, D);
         } else {
           load_row(new_p + r * D * ns, nt, D, x);
@@ -502,22 +507,15 @@ static at::Tensor query_to_basis(const at::Tensor& q, const at::Tensor& basis_in
   })[0];
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3);
   TORCH_CHECK(inv_t.size(0) == H && inv_t.size(1) == D && inv_t.size(2) == D, "key basis: [H, D, D]");
-  auto out = at::zeros_like(q);
+  auto out = at::empty_like(q);
   const float *x = q.data_ptr<float>(), *a = inv_t.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    const float* ah = a + (bh % H) * D * D;
+  for (int64_t bh = 0; bh < B * H; ++bh)
     for (int64_t r = 0; r < R; ++r) {
-      const float* xr = x + (bh * R + r) * D;
       float* orow = o + (bh * R + r) * D;
-      for (int64_t i = 0; i < D; ++i) {
-        const float xi = xr[i];
-        const float* arow = ah + i * D;
-        for (int64_t e = 0; e < D; ++e) orow[e] += xi * arow[e];
-      }
+      row_times(x + (bh * R + r) * D, a + (bh % H) * D * D, D, orow);
       round_row(orow, dtype, D);
     }
-  }
   return out;
 }
 
