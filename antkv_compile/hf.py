@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -123,10 +123,20 @@ def refine_schedule(refine) -> tuple[int, ...] | None:
     return tuple(points) + ((cap,) if cap > first else ())
 
 
-def refine_setting(codebooks, refine, refine_iters: int) -> tuple[int, ...] | None:
-    """The refinement schedule `refine` stands for (refine_schedule; None: off), validated: the
-    default (REFINE_TOKENS) without codebooks, off with them (calibrated codebooks are used as
-    they are; asking for refinement with them raises)."""
+class Refinement(NamedTuple):
+    """How a cache without codebooks refines them online (AntKVCache / patch keywords refine,
+    refine_iters, refine_init): the schedule's token counts, Lloyd iterations per switch, where each
+    switch's iterations start."""
+
+    schedule: tuple[int, ...]
+    iters: int = REFINE_ITERS
+    init: str = REFINE_INIT
+
+
+def refine_setting(codebooks, refine, refine_iters: int, refine_init: str = REFINE_INIT) -> Refinement | None:
+    """The `Refinement` the keywords stand for (None: off), validated: the default schedule
+    (REFINE_TOKENS) without codebooks, off with them (calibrated codebooks are used as they are;
+    asking for refinement with them raises)."""
     if codebooks is not None:
         if refine is not _DEFAULT and refine:
             raise ValueError(
@@ -137,7 +147,9 @@ def refine_setting(codebooks, refine, refine_iters: int) -> tuple[int, ...] | No
     schedule = refine_schedule(REFINE_TOKENS if refine is _DEFAULT else refine)
     if isinstance(refine_iters, bool) or not isinstance(refine_iters, int) or refine_iters < 0:
         raise ValueError(f"refine_iters must be an int >= 0 (Lloyd iterations), got {refine_iters!r}")
-    return schedule
+    if refine_init not in REFINE_INITS:
+        raise ValueError(f"refine_init must be one of {REFINE_INITS}, got {refine_init!r}")
+    return None if schedule is None else Refinement(schedule, refine_iters, refine_init)
 
 
 def _grown(sample: torch.Tensor | None, new: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -164,15 +176,15 @@ class RefiningLayer(DynamicLayer):
     turns the DynamicLayers of a generate() cache into one after the call that compressed them."""
 
     refine: tuple[int, ...] | None = None  # the switches still to come (token counts)
-    refine_iters: int = REFINE_ITERS
-    refine_init: str = REFINE_INIT
+    refinement: Refinement | None = None
     # Plain attributes, so that everything measuring the layer's tensors counts the sample.
     sample_keys: torch.Tensor | None = None
     sample_values: torch.Tensor | None = None
     refining = False  # a sample is being collected
 
-    def start_refining(self, schedule: tuple[int, ...] | None, refine_iters: int, refine_init: str = REFINE_INIT) -> None:
-        self.refine, self.refine_iters, self.refine_init = schedule or None, refine_iters, refine_init
+    def start_refining(self, refinement: Refinement | None) -> None:
+        self.refinement = refinement
+        self.refine = None if refinement is None else refinement.schedule
         self.sample_keys = self.sample_values = None
         self.refining = self.refine is not None
 
@@ -194,7 +206,7 @@ class RefiningLayer(DynamicLayer):
         """Refine the codebook on the sample, re-encode every token held with it (state.refine);
         later tokens are written with the refined codebook. The sample is dropped after the
         schedule's last switch, kept for the next one otherwise."""
-        self.keys, self.values = (cache._with(state.refine(cache.side, rows, cache.settings, self.refine_iters, self.refine_init), view=True)
+        self.keys, self.values = (cache._with(state.refine(cache.side, rows, cache.settings, self.refinement.iters, self.refinement.init), view=True)
                                   for cache, rows in ((self.keys, self.sample_keys), (self.values, self.sample_values)))  # fmt: skip
         held = self.sample_keys.shape[2]
         self.refine = tuple(t for t in self.refine if t > held) or None
@@ -236,7 +248,7 @@ class RefiningLayer(DynamicLayer):
         self._select(beam_idx)
 
 
-def collect_after_call(cache, lengths_before: list[int], refine: tuple[int, ...], refine_iters: int) -> list[RefiningLayer]:
+def collect_after_call(cache, lengths_before: list[int], refinement: Refinement) -> list[RefiningLayer]:
     """Online refinement for a cache compressed by compiled code (`patch`), called after each
     call with each layer's length before it: a DynamicLayer the call compressed from empty becomes
     a RefiningLayer (its class swapped in place: generate() made the cache, the layer's tensors are
@@ -250,7 +262,7 @@ def collect_after_call(cache, lengths_before: list[int], refine: tuple[int, ...]
             if before:  # compressed from a dense past: its rows are in codes now, the sample would miss them
                 continue
             layer.__class__ = RefiningLayer
-            layer.start_refining(refine, refine_iters)
+            layer.start_refining(refinement)
         if isinstance(layer, RefiningLayer) and layer.collect(layer.get_seq_length() - before):
             refined.append(layer)
     return refined
@@ -270,12 +282,11 @@ class AntKVLayer(RefiningLayer):
     and, with a `refine` schedule, refines it as tokens arrive (see AntKVCache)."""
 
     def __init__(self, codebook: LayerCodebook | None, settings: CacheSettings, bits: float = 1.0, seed: int = 0,
-                 refine: tuple[int, ...] | None = None, refine_iters: int = REFINE_ITERS, max_cache_len: int | None = None,
-                 refine_init: str = REFINE_INIT):  # fmt: skip
+                 refinement: Refinement | None = None, max_cache_len: int | None = None):
         super().__init__()
         self.codebook, self.settings, self.bits, self.seed = codebook, settings, bits, seed
         self.max_cache_len = max_cache_len
-        self.refine_setting = (refine, refine_iters, refine_init)
+        self.refinement = refinement
         self.is_initialized = False  # transformers < 5 has no such flag (it tests keys is None)
 
     def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
@@ -300,7 +311,7 @@ class AntKVLayer(RefiningLayer):
             _check_batch(self.keys, key_states.shape[0])
         elif self.codebook is None:  # data-free: fitted here, where both keys and values are at hand
             self.codebook = datafree_codebook(key_states, value_states, self.bits, self.seed)
-            self.start_refining(*self.refine_setting)
+            self.start_refining(self.refinement)
         super().update(key_states, value_states, *args, **kwargs)
         self.collect(key_states.shape[-2])
         return self.keys, self.values
@@ -348,14 +359,11 @@ class AntKVCache(Cache):
         self.settings = resolve(codebooks, settings, **setting_kwargs)
         if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1):
             raise ValueError(f"max_cache_len must be a number of tokens >= 1 (or None: grow as needed), got {max_cache_len!r}")
-        refine = refine_setting(codebooks, refine, refine_iters)
-        if refine_init not in REFINE_INITS:
-            raise ValueError(f"refine_init must be one of {REFINE_INITS}, got {refine_init!r}")
+        refinement = refine_setting(codebooks, refine, refine_iters, refine_init)
         if codebooks is None:
             spec_for_bits(bits)  # a bad budget fails here, not at the first update
             count = iter(range(1 << 30))
-            super().__init__(layer_class_to_replicate=lambda: AntKVLayer(None, self.settings, bits, next(count), refine, refine_iters,
-                                                                         max_cache_len, refine_init))  # fmt: skip
+            super().__init__(layer_class_to_replicate=lambda: AntKVLayer(None, self.settings, bits, next(count), refinement, max_cache_len))
             return
         if config is not None:
             codebooks.check_model(config)

@@ -378,23 +378,24 @@ def test_patch_refines_between_compiled_calls(arch, fresh_dynamo):
     assert torch.equal(out, ref)
 
 
-def test_patch_follows_a_refine_schedule(fresh_dynamo):
-    """patch(model, refine=(32, 100)): the 64-token prompt passes the first two switches (32, 64:
-    one refit), decode calls reach 100; the layers keep their sample until then, and the tokens
-    are the eager AntKVCache's with the same schedule."""
+@pytest.mark.parametrize("how", [dict(), dict(refine_iters=0, refine_init="moments")])
+def test_patch_follows_a_refine_schedule(how, fresh_dynamo):
+    """patch(model, refine=(32, 100), **how): the 64-token prompt passes the first two switches
+    (32, 64: one refit), decode calls reach 100; the layers keep their sample until then, and the
+    tokens are the eager AntKVCache's with the same refinement (schedule, iterations, start)."""
     model, _ = tiny_hf_model(next(iter(ARCHS)))
     ids = torch.randint(3, 96, (1, 64), generator=torch.Generator().manual_seed(6))
-    kw = dict(min_new_tokens=20, do_sample=False, pad_token_id=0)
+    kw = dict(do_sample=False, pad_token_id=0)
     ak.use_antkv_attention(model)
     with torch.no_grad():
-        ref = model.generate(ids, **{ak.cache_keyword(model): ak.AntKVCache(bits=2.0, refine=(32, 100))}, max_new_tokens=64, **kw)
-    ak.patch(model, inductor=False, refine=(32, 100))
+        ref = model.generate(ids, **{ak.cache_keyword(model): ak.AntKVCache(bits=2.0, refine=(32, 100), **how)}, max_new_tokens=64, min_new_tokens=64, **kw)
+    ak.patch(model, inductor=False, bits=2.0, refine=(32, 100), **how)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model.generate(ids, **{ak.cache_keyword(model): cache}, max_new_tokens=20, **kw)  # 83 tokens held: waiting for 100
+        model.generate(ids, **{ak.cache_keyword(model): cache}, max_new_tokens=20, min_new_tokens=20, **kw)  # 83 tokens held: waiting for 100
         assert all(isinstance(layer, RefiningLayer) and layer.refine == (100,) and layer.sample_keys.shape[2] == 83 for layer in cache.layers)
         cache = DynamicCache(config=model.config)
-        out = model.generate(ids, **{ak.cache_keyword(model): cache}, max_new_tokens=64, **kw)
+        out = model.generate(ids, **{ak.cache_keyword(model): cache}, max_new_tokens=64, min_new_tokens=64, **kw)
     assert all(layer.sample_keys is None and not layer.refining for layer in cache.layers)
     assert torch.equal(out, ref)
 
@@ -501,3 +502,5 @@ def test_moment_refit_places_the_gaussian_codebook_by_every_token_held(case, ite
 def test_bad_refine_init_is_refused():
     with pytest.raises(ValueError, match="refine_init must be one of"):
         ak.AntKVCache(refine_init="kmeans")
+    with pytest.raises(ValueError, match="refine_init must be one of"):
+        ak.patch(tiny_llama(), refine_init="kmeans")

@@ -22,14 +22,15 @@ import itertools
 
 import torch
 
-from ..hf import _DEFAULT, REFINE_ITERS, check_batch, collect_after_call, compress_static, refine_setting, use_antkv_attention
+from ..hf import _DEFAULT, REFINE_INIT, REFINE_ITERS, check_batch, collect_after_call, compress_static, refine_setting, use_antkv_attention
 from ..quant.codebook import Codebooks
 from .backend import AntKVBackend, mark_growing, own_code
 
 _MODEL_IDS = itertools.count()
 
 
-def patch(model, codebooks: Codebooks | None = None, *, refine: int | tuple[int, int] | None = _DEFAULT, refine_iters: int = REFINE_ITERS, **settings):
+def patch(model, codebooks: Codebooks | None = None, *, refine: int | tuple[int, int] | None = _DEFAULT, refine_iters: int = REFINE_ITERS,
+          refine_init: str = REFINE_INIT, **settings):
     """Compile `model.forward` with antkv_backend (in place) and return the model.
 
     codebooks: calibrated `Codebooks`, or None: each layer fits a data-free codebook (`bits`, default
@@ -37,7 +38,8 @@ def patch(model, codebooks: Codebooks | None = None, *, refine: int | tuple[int,
     hf.REFINE_TOKENS; None or 0: off), refines it online as AntKVCache does: between calls, this
     wrapper keeps the stored rows of each compressed layer's tokens (the newest window rows) in a
     sample on the cache layer and switches its caches to a refined codebook at each count of the
-    `refine` schedule (hf.refine_schedule: N, or (FIRST, CAP) doubling). `settings` are the cache settings (window, anchor_frac, error, exact_dtype), `inductor`,
+    `refine` schedule (hf.refine_schedule: N, or (FIRST, CAP) doubling; `refine_iters` and
+    `refine_init` as for AntKVCache). `settings` are the cache settings (window, anchor_frac, error, exact_dtype), `inductor`,
     `inductor_config` and `on_nothing_compressed` ("error", the default: a graph with a KV cache
     whose every attention site is declined raises `CompressionError`; "warn": it runs dense with a
     warning). The model switches to the "antkv" attention implementation (SDPA with enable_gqa on
@@ -45,7 +47,7 @@ def patch(model, codebooks: Codebooks | None = None, *, refine: int | tuple[int,
     """
     if codebooks is not None:
         codebooks.check_model(model.config)
-    refine = refine_setting(codebooks, refine, refine_iters)
+    refinement = refine_setting(codebooks, refine, refine_iters, refine_init)
     backend = AntKVBackend(codebooks, **settings)
     use_antkv_attention(model)
     original = getattr(model, "antkv_original_forward", model.forward)  # patching again replaces the first patch
@@ -60,11 +62,11 @@ def patch(model, codebooks: Codebooks | None = None, *, refine: int | tuple[int,
             check_batch(cache, ids.shape[0])
         if compress_static(cache, codebooks, backend.settings, backend.bits):  # a static cache's first call: eager
             return original(*args, **kwargs)
-        if refine is None or cache is None:
+        if refinement is None or cache is None:
             return compiled(*args, **kwargs)
         before = [layer.get_seq_length() for layer in getattr(cache, "layers", ())]
         out = compiled(*args, **kwargs)
-        for layer in collect_after_call(cache, before, refine, refine_iters):  # re-encoded: new caches
+        for layer in collect_after_call(cache, before, refinement):  # re-encoded: new caches
             layer.keys, layer.values = mark_growing(layer.keys), mark_growing(layer.values)
         return out
 
