@@ -251,6 +251,14 @@ for _bits in (2.0, 1.0):
     register(_antkv_row(f"antkv-{_bits:g}bit-paired-axes", _bits, "ablation: key basis axes dealt in variance-adjacent pairs",
                         fit={"basis_unit": 2}))
 register(_antkv_row("antkv-2bit-unweighted", 2.0, "ablation: plain (unweighted) k-means", fit={"weighted": False}))
+# What limits the 1 and 2 bit rows (issue 13): one side at the row's bits, the other at 4 bits
+# (antkv-4bit, both sides at 4, is the floor), on the development windows. Probes, not budget rows
+# (2.5 / 3 stored bits).
+for _bits in (1.0, 2.0):
+    register(_antkv_row(f"antkv-{_bits:g}bit-probe-values4", _bits, f"probe: keys at {_bits:g} bit, values at 4 bits",
+                        fit={"kv_split": (_bits, 4.0)}))
+    register(_antkv_row(f"antkv-{_bits:g}bit-probe-keys4", _bits, f"probe: keys at 4 bits, values at {_bits:g} bit",
+                        fit={"kv_split": (4.0, _bits)}))
 
 
 # Bits per layer and side. The probe (calibrate.side_errors) finds keys at 1 bit costing ~2x the
