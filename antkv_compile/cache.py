@@ -77,6 +77,7 @@ class VQTensor(torch.Tensor):
     """A compressed cache side; `x.side` is its `state.Side`, each field also an attribute."""
 
     graph_fields = Side._fields  # what a compiled graph takes for it, in order: its inner tensors
+    inner_fields = Side._fields  # its inner tensors (__tensor_flatten__): what Dynamo passes and guards
     settings: CacheSettings
     seq_dim: int
     capacity: int | None = None  # preallocate codes for this many tokens (eager appends); None: grow
@@ -132,7 +133,7 @@ class VQTensor(torch.Tensor):
     # --- tensor-subclass protocol -------------------------------------------------------------
 
     def __tensor_flatten__(self):
-        return list(Side._fields), (self.settings, self.dtype, self.seq_dim)
+        return list(self.inner_fields), (self.settings, self.dtype, self.seq_dim)
 
     @staticmethod
     def __tensor_unflatten__(inner, context, outer_size, outer_stride):
@@ -376,6 +377,7 @@ class StaticVQTensor(torch.Tensor):
     # What a compiled graph takes for it, in order (the pass's placeholders, the backend's
     # arguments): its buffers, then its book, which is no inner tensor (SharedBook).
     graph_fields = (*state.STATIC_BUFFERS, *state.BOOK_FIELDS)
+    inner_fields = state.STATIC_BUFFERS  # the backend passes the book itself (fakes while compiling)
 
     @staticmethod
     def __new__(cls, fields: dict, settings: CacheSettings = CacheSettings(), dtype: torch.dtype = torch.float32):
@@ -415,7 +417,7 @@ class StaticVQTensor(torch.Tensor):
 
     def __tensor_flatten__(self):
         """Inner tensors: the STATIC_BUFFERS only; the book travels in the context (SharedBook)."""
-        return list(state.STATIC_BUFFERS), (self.settings, self.dtype, self._book)
+        return list(self.inner_fields), (self.settings, self.dtype, self._book)
 
     @staticmethod
     def __tensor_unflatten__(inner, context, outer_size, outer_stride):

@@ -174,9 +174,8 @@ class AntKVBackend:
             if not is_vq:
                 flat_inputs.append(arg)
                 continue
-            inner = set(arg.__tensor_flatten__()[0])  # Dynamo's inputs; a static cache's book is ours, as the extra inputs
-            for name, t in zip(type(arg).graph_fields, inner_tensors(arg)):
-                flat_inputs.append(t if name in inner or fake_mode is None else fake_mode.from_tensor(t, static_shapes=True))
+            for name, t in zip(type(arg).graph_fields, inner_tensors(arg)):  # Dynamo's fakes; a static cache's book is ours
+                flat_inputs.append(t if name in arg.inner_fields or fake_mode is None else fake_mode.from_tensor(t, static_shapes=True))
         for t in result.extra_inputs:
             flat_inputs.append(fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t)
         fn = gm

@@ -462,13 +462,12 @@ class _Rewriter:
             val = _val(placeholder)
             nodes = {}
             with self.graph.inserting_before(placeholder):
-                inner = set(val.__tensor_flatten__()[0])
                 for name in type(val).graph_fields:
                     node = self.graph.placeholder(f"{placeholder.name}_{name}")
                     node.meta["example_value"] = node.meta["val"] = getattr(val, name)
                     source = getattr(placeholder, "_dynamo_source", None)
                     # for AOTAutograd; a static cache's book is no inner tensor, so no Dynamo source
-                    node._dynamo_source = (source and AttrSource(source, name)) if name in inner else None
+                    node._dynamo_source = (source and AttrSource(source, name)) if name in val.inner_fields else None
                     nodes[name] = node
             self.inner[placeholder] = nodes
             self.result.vq_inputs.add(placeholder.name)
