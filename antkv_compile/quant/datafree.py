@@ -14,7 +14,8 @@ The codebook here needs only the tokens of that first call, and only their first
   `SHRINK` pseudo-tokens, so one token gives a usable codebook and a long prompt a per-channel one.
 
 Values are not rotated (the cache has no value basis: attention would return its output in it);
-their per-channel scale is what the moments capture.
+their per-channel scale is what the moments capture. A rotation would not help them:
+benchmarks/datafree_probe.py --value-basis rotation / pca (DESIGN.md).
 """
 
 from __future__ import annotations
