@@ -76,6 +76,7 @@ class Context:
     model: torch.nn.Module
     tokenizer: object
     calib_ids: torch.Tensor
+    calib_seq_len: int = 1024  # calibration runs sequences of this many tokens: keys at positions below it only
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def _calibration_file(ctx: Context) -> Path:
     from antkv_compile.codebook_cache import model_digest
 
     ids = ctx.calib_ids.to("cpu", torch.int64).contiguous()
-    key = hashlib.sha256((model_digest(ctx.model) + hashlib.sha256(ids.numpy().tobytes()).hexdigest() + "seq1024").encode()).hexdigest()[:16]
+    key = hashlib.sha256((model_digest(ctx.model) + hashlib.sha256(ids.numpy().tobytes()).hexdigest() + f"seq{ctx.calib_seq_len}").encode()).hexdigest()[:16]
     return CALIB_CACHE / f"calibration-{ids.numel()}-{key}.pt"
 
 
@@ -172,7 +173,7 @@ def _calibration(ctx: Context) -> ak.CalibrationData:
             fields = torch.load(path, weights_only=True)
             _CALIBRATION[key] = ak.CalibrationData(**fields)
         else:
-            _CALIBRATION[key] = ak.collect_calibration(ctx.model, ctx.calib_ids, seq_len=1024, max_tokens=None)
+            _CALIBRATION[key] = ak.collect_calibration(ctx.model, ctx.calib_ids, seq_len=ctx.calib_seq_len, max_tokens=None)
             if path is not None:  # every field but the in-memory memo of fits
                 data = _CALIBRATION[key]
                 fields = {f.name: getattr(data, f.name) for f in dataclass_fields(data) if f.name != "fits"}
@@ -251,10 +252,9 @@ for _bits in (2.0, 1.0):
     register(_antkv_row(f"antkv-{_bits:g}bit-paired-axes", _bits, "ablation: key basis axes dealt in variance-adjacent pairs",
                         fit={"basis_unit": 2}))
 register(_antkv_row("antkv-2bit-unweighted", 2.0, "ablation: plain (unweighted) k-means", fit={"weighted": False}))
-# What limits the 1 and 2 bit rows (issue 13): one side at the row's bits, the other at 4 bits
-# (antkv-4bit, both sides at 4, is the floor), on the development windows. Probes, not budget rows
-# (2.5 / 3 stored bits).
-for _bits in (1.0, 2.0):
+# What limits the 1 bit row (issue 13): one side at 1 bit, the other at 4 bits (antkv-4bit, both
+# sides at 4, is the floor), on the development windows. Probes, not budget rows (2.5 stored bits).
+for _bits in (1.0,):
     register(_antkv_row(f"antkv-{_bits:g}bit-probe-values4", _bits, f"probe: keys at {_bits:g} bit, values at 4 bits",
                         fit={"kv_split": (_bits, 4.0)}))
     register(_antkv_row(f"antkv-{_bits:g}bit-probe-keys4", _bits, f"probe: keys at 4 bits, values at {_bits:g} bit",
@@ -639,6 +639,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # from [0, 8192), with the same 4096 k-means tokens per codebook (`--rows antkv-2bit
     # --eval-offset 50000 --windows 2 --calib-tokens N --out DIR`).
     p.add_argument("--calib-tokens", type=int, default=32768, help="calibration slice [0, N) (default: 32768)")
+    # Post-RoPE keys at positions past the calibration sequences are quantized badly (issue 13: 1 bit
+    # at 8192 tokens 4.96x FP calibrated on 1024-token sequences), so long windows want calibration
+    # sequences as long: --calib-seq-len 8192 for the 8192-token set.
+    p.add_argument("--calib-seq-len", type=int, default=1024,
+                   help="tokens per calibration sequence: keys are calibrated at positions below it (default: 1024)")
     p.add_argument("--calib-cache", type=Path,
                    help="directory where the collected calibration (keys, values, Anchor Score sums, query moments) is saved and "
                         "reused by later runs with the same model and slice (default: collect in every process)")
@@ -663,6 +668,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rows = args.rows or ""
     if not 0 <= args.prompt < args.context:
         p.error(f"--prompt {args.prompt} must be shorter than --context {args.context}")
+    if not 1 <= args.calib_seq_len <= args.calib_tokens:
+        p.error(f"--calib-seq-len {args.calib_seq_len} must be between 1 and --calib-tokens {args.calib_tokens}")
     if args.calib_tokens > args.eval_offset:
         p.error(f"--calib-tokens {args.calib_tokens} overlaps the evaluation slice starting at --eval-offset {args.eval_offset}")
     return args
@@ -676,7 +683,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model, tokenizer = load_smollm2()
     ids = load_wikitext_ids(tokenizer, args.data)
     windows = eval_windows(ids, args.eval_offset, args.context, args.windows)
-    ctx = Context(model, tokenizer, ids[: args.calib_tokens])
+    ctx = Context(model, tokenizer, ids[: args.calib_tokens], args.calib_seq_len)
 
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/accuracy.py", *argv])
     version = code_version()  # of the code that runs, read before the (long) run
@@ -685,6 +692,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     imported = [r for name, r in imported.items() if name not in {x["name"] for x in records}]
     for r in records:
         r.update(context=args.context, windows=args.windows, chunk=args.chunk, prompt=args.prompt, eval_offset=args.eval_offset,
+                 calib_seq_len=args.calib_seq_len,
                  command=command, code_version=version, date=datetime.now().astimezone().isoformat(timespec="seconds"))
 
     records += imported  # after the metadata: they keep their own run's
@@ -695,10 +703,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.merge and stem.with_suffix(".json").exists():
             fresh = {r["name"] for r in records}
             kept = [r for r in json.loads(stem.with_suffix(".json").read_text()) if r["name"] not in fresh]
-            protocol = {(r.get("context"), r.get("chunk"), r.get("prompt"), r.get("eval_offset"), r.get("windows")) for r in kept + records}
+            protocol = {(r.get("context"), r.get("chunk"), r.get("prompt"), r.get("eval_offset"), r.get("windows"),
+                         r.get("calib_seq_len", 1024)) for r in kept + records}
             if len(protocol) > 1:
                 raise SystemExit(f"--merge: {stem.with_suffix('.json')} holds rows of another protocol (context, chunk, prompt, "
-                                 f"offset, windows: {sorted(map(str, protocol))}); use another --name or --out")
+                                 f"offset, windows, calibration sequence length: {sorted(map(str, protocol))}); use another --name or --out")
             order = list(ROWS)
             records = sorted(kept + records, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
         write_results(args, records, model, ids)
@@ -723,7 +732,7 @@ def write_results(args: argparse.Namespace, records: list[dict], model, ids: tor
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"transformers {transformers.__version__}",
         "model": f"SmolLM2-135M-Instruct (GGUF Q4_1 weights dequantized), {model.dtype}",
-        "data": f"WikiText-2 test, {ids.numel()} tokens; calibration [0, {args.calib_tokens}), "
+        "data": f"WikiText-2 test, {ids.numel()} tokens; calibration [0, {args.calib_tokens}) in sequences of {args.calib_seq_len} tokens, "
                 f"evaluation from token {args.eval_offset}",
         "windows": f"{args.windows} x {args.context} tokens, {args.batch} per forward call (one cache of that batch)",
         "protocol": f"{calls}; scored: the predictions from the prompt's last position on ({records[0].get('predictions_per_window', '?')} per window), "
