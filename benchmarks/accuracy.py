@@ -219,7 +219,8 @@ def _antkv_row(name: str, bits: float, notes: str, fit: dict | None = None, **ca
         errors = ", ".join(f"{k} {v:.4f}" for k, v in books.settings["candidate_errors"].items())
         basis = "key basis" if any(books.settings["key_basis_used"]) else "no key basis"
         return Setup(lambda n: ak.AntKVCache(books, **cache_settings, max_cache_len=n), codebooks=books.tensors(),
-                     details=f"split {split}" + (f" (probe attention error {errors})" if errors else "") + f", {basis}")
+                     details=f"split {split}" + (f" (probe attention error {errors})" if errors else "") + f", {basis}, "
+                             f"calibrated on {ctx.calib_seq_len}-token sequences")
 
     return Row(name, bits, setup, kind="ours", notes=notes)
 
@@ -291,7 +292,8 @@ def _allocated_row(bits: float, options: tuple, suffix: str = "", notes: str = "
         ak.use_antkv_attention(ctx.model)
         chosen = " ".join(books.settings["chosen"])
         return Setup(lambda n: ak.AntKVCache(books, **cache_settings, max_cache_len=n), codebooks=books.tensors(),
-                     details=f"per layer {chosen} (mean stored bits {books.settings['mean_stored_bits']:.3f})")
+                     details=f"per layer {chosen} (mean stored bits {books.settings['mean_stored_bits']:.3f}), "
+                             f"calibrated on {ctx.calib_seq_len}-token sequences")
 
     return Row(f"antkv-{bits:g}bit-allocated{suffix}", bits, setup, kind="ours",
                notes=f"ablation: bits per layer and side from {', '.join(f'{b:g}' for b in options)} by measured attention error{notes}")
@@ -703,11 +705,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.merge and stem.with_suffix(".json").exists():
             fresh = {r["name"] for r in records}
             kept = [r for r in json.loads(stem.with_suffix(".json").read_text()) if r["name"] not in fresh]
-            protocol = {(r.get("context"), r.get("chunk"), r.get("prompt"), r.get("eval_offset"), r.get("windows"),
-                         r.get("calib_seq_len", 1024)) for r in kept + records}
+            protocol = {(r.get("context"), r.get("chunk"), r.get("prompt"), r.get("eval_offset"), r.get("windows")) for r in kept + records}
             if len(protocol) > 1:
                 raise SystemExit(f"--merge: {stem.with_suffix('.json')} holds rows of another protocol (context, chunk, prompt, "
-                                 f"offset, windows, calibration sequence length: {sorted(map(str, protocol))}); use another --name or --out")
+                                 f"offset, windows: {sorted(map(str, protocol))}); use another --name or --out")
             order = list(ROWS)
             records = sorted(kept + records, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
         write_results(args, records, model, ids)
