@@ -414,6 +414,9 @@ def fit_codebooks(
         # The cache these codebooks were fitted for: AntKVCache / patch default to it (settings.resolve).
         "cache": {"anchor_frac": anchor_frac},
         "calibration_tokens": data.num_tokens,
+        # Keys are post-RoPE: positions past the calibration sequences quantize with a growing error
+        # (Codebooks.check_positions warns when a cache goes there).
+        "calibration_positions": data.keys[0].shape[2],
         "kmeans_tokens": kmeans_tokens,
         "key_basis": key_basis,
         "basis_unit": basis_unit,

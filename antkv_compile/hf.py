@@ -287,6 +287,7 @@ class AntKVLayer(RefiningLayer):
         self.codebook, self.settings, self.bits, self.seed = codebook, settings, bits, seed
         self.max_cache_len = max_cache_len
         self.refinement = refinement
+        self.check_positions = None  # Codebooks.check_positions, set on one layer of a calibrated cache
         self.is_initialized = False  # transformers < 5 has no such flag (it tests keys is None)
 
     def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
@@ -314,6 +315,8 @@ class AntKVLayer(RefiningLayer):
             self.start_refining(self.refinement)
         super().update(key_states, value_states, *args, **kwargs)
         self.collect(key_states.shape[-2])
+        if self.check_positions is not None:  # calibrated codebooks, first layer (AntKVCache)
+            self.check_positions(self.get_seq_length())
         return self.keys, self.values
 
     def refine_now(self) -> None:
@@ -368,6 +371,7 @@ class AntKVCache(Cache):
         if config is not None:
             codebooks.check_model(config)
         super().__init__(layers=[AntKVLayer(book, self.settings, max_cache_len=max_cache_len) for book in codebooks.layers])
+        self.layers[0].check_positions = codebooks.check_positions
 
     def cache_nbytes(self) -> int:
         """Bytes held by the compressed K and V of all layers, and the refinement samples while
@@ -439,6 +443,8 @@ def compress_static(cache, codebooks: Codebooks | None, settings: CacheSettings,
         if type(layer) is StaticLayer and not _holds_tokens(layer):
             book = codebooks.layers[i] if codebooks is not None else None
             layers[i] = AntKVStaticLayer(layer.max_cache_len, book, settings, bits, i)
+            if book is not None and i == 0:
+                codebooks.check_positions(layer.max_cache_len)
     return any(isinstance(layer, AntKVStaticLayer) and not layer.is_initialized for layer in layers)
 
 
@@ -459,6 +465,7 @@ class AntKVStaticCache(Cache):
             if config is not None:
                 codebooks.check_model(config)
             books = codebooks.layers
+            codebooks.check_positions(max_cache_len)
         else:
             spec_for_bits(bits)
             n = num_layers or (config.get_text_config(decoder=True).num_hidden_layers if config is not None else None)

@@ -2,6 +2,7 @@
 checks the message against what actually works."""
 
 import inspect
+import warnings
 import re
 
 import pytest
@@ -74,3 +75,25 @@ def test_calibrate_on_too_few_tokens_says_how_many_and_names_seq_len(tiny_llama,
     assert (f"max_tokens={max_tokens} keeps {kept} of the {n} given" in msg) == (max_tokens is not None)
     # the suggested fix works
     ak.calibrate(tiny_llama, ids, seq_len=kept, max_tokens=max_tokens, kmeans_tokens=kept, iters=1, progress=False)
+
+
+def test_a_cache_past_the_calibrated_positions_warns_once(tiny_llama, tmp_path):
+    """Codebooks calibrated on 32-token sequences record it (and keep it through a file); a cache
+    of them warns once when it holds more tokens (eager AntKVCache: at the call that passes 32, not
+    before; AntKVStaticCache: at its allocation for more), naming seq_len as the fix."""
+    torch.manual_seed(1)
+    books = ak.calibrate(tiny_llama, torch.randint(0, 64, (64,)), seq_len=32, kmeans_tokens=64, iters=1, progress=False)
+    books.save(tmp_path / "b.safetensors")
+    books = ak.Codebooks.load(tmp_path / "b.safetensors")
+    assert books.settings["calibration_positions"] == 32
+    cache = ak.AntKVCache(books)
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        out = tiny_llama(torch.randint(0, 64, (1, 30)), **{CACHE_KW: cache})
+        assert not [w for w in seen if "calibrated on sequences of 32" in str(w.message)]
+        for _ in range(5):  # 31 .. 35 tokens: one warning, at 33
+            out = tiny_llama(out.logits[:, -1:].argmax(-1), **{CACHE_KW: cache})
+    hits = [str(w.message) for w in seen if "calibrated on sequences of 32" in str(w.message)]
+    assert len(hits) == 1 and "holds 33 tokens" in hits[0] and "seq_len=N" in hits[0], hits
+    with pytest.warns(UserWarning, match="holds 64 tokens, but its codebooks were calibrated on sequences of 32"):
+        ak.AntKVStaticCache(64, ak.Codebooks.load(tmp_path / "b.safetensors"), config=tiny_llama.config)

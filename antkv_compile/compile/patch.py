@@ -62,6 +62,10 @@ def patch(model, codebooks: Codebooks | None = None, *, refine: int | tuple[int,
             check_batch(cache, ids.shape[0])
         if compress_static(cache, codebooks, backend.settings, backend.bits):  # a static cache's first call: eager
             return original(*args, **kwargs)
+        if codebooks is not None and cache is not None:
+            out = compiled(*args, **kwargs)
+            codebooks.check_positions(cache.get_seq_length())
+            return out
         if refinement is None or cache is None:
             return compiled(*args, **kwargs)
         before = [layer.get_seq_length() for layer in getattr(cache, "layers", ())]
