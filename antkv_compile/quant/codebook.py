@@ -110,7 +110,8 @@ class Codebooks:
         calibration sequences had: its keys there are post-RoPE rotations the codebooks never saw,
         so their error grows with the position (SmolLM2, 1 bit, 1024-token sequences,
         benchmarks/position_probe.py: relative key error 0.025-0.038 below position 1024, 0.105 at
-        1024-2048, 0.321 at 4096-8192; perplexity 4.96x FP at 8192 tokens). Once per `Codebooks`; files without the record are not checked."""
+        1024-2048, 0.321 at 4096-8192; perplexity 4.96x FP at 8192 tokens). Once per `Codebooks`;
+        files without the record are not checked."""
         positions = (self.settings or {}).get("calibration_positions")
         if positions and tokens > positions and not getattr(self, "_warned_positions", False):
             self._warned_positions = True  # once per codebooks: every later step is past it too
