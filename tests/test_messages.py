@@ -97,3 +97,18 @@ def test_a_cache_past_the_calibrated_positions_warns_once(tiny_llama, tmp_path):
     assert len(hits) == 1 and "holds 33 tokens" in hits[0] and "seq_len=N" in hits[0], hits
     with pytest.warns(UserWarning, match="holds 64 tokens, but its codebooks were calibrated on sequences of 32"):
         ak.AntKVStaticCache(64, ak.Codebooks.load(tmp_path / "b.safetensors"), config=tiny_llama.config)
+
+
+def test_patch_warns_once_past_the_calibrated_positions():
+    """patch(model, codebooks) with a growing cache: the call that takes it past the calibration
+    sequences' length warns, once for the whole generation."""
+    from helpers import tiny_llama as fresh_llama
+
+    model = fresh_llama()
+    books = ak.calibrate(model, torch.randint(3, 96, (64,)), seq_len=32, kmeans_tokens=64, iters=1, progress=False)
+    ak.patch(model, books, inductor=False)
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        model.generate(torch.randint(3, 96, (1, 8)), max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
+    hits = [str(w.message) for w in seen if "calibrated on sequences of 32" in str(w.message)]
+    assert len(hits) == 1 and "holds 33 tokens" in hits[0], hits

@@ -64,7 +64,9 @@ def patch(model, codebooks: Codebooks | None = None, *, refine: int | tuple[int,
             return original(*args, **kwargs)
         if codebooks is not None and cache is not None:
             out = compiled(*args, **kwargs)
-            codebooks.check_positions(cache.get_seq_length())
+            length = cache.get_seq_length()
+            if isinstance(length, int):  # a growing cache (a static one is a tensor: checked at allocation, no device sync)
+                codebooks.check_positions(length)
             return out
         if refinement is None or cache is None:
             return compiled(*args, **kwargs)
