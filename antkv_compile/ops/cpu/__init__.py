@@ -56,7 +56,8 @@ def extension():
     sources = [os.path.join(os.path.dirname(__file__), f) for f in ("attention.cpp", "write.cpp")]
     # One build cache entry per version of the sources (their hash in the name): two checkouts or
     # installed versions never rebuild over each other's entry, nor load each other's library.
-    digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in sources)).hexdigest()[:12]
+    header = os.path.join(os.path.dirname(__file__), "vq_attention.h")  # included by both
+    digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in [*sources, header])).hexdigest()[:12]
     try:
         load(
             name=f"antkv_cpu_kernels_{digest}" + ("_avx2" if wide else ""),

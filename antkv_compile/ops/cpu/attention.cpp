@@ -21,6 +21,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "vq_attention.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>

@@ -32,6 +32,8 @@
 #include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
+#include "vq_attention.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -518,15 +520,6 @@ static at::Tensor query_to_basis(const at::Tensor& q, const at::Tensor& basis_in
     }
   return out;
 }
-
-// attention.cpp
-std::vector<at::Tensor> vq_attention_filled(const at::Tensor& qg, int64_t T, const at::Tensor& k_codes, const at::Tensor& k_cent,
-                                            const at::Tensor& k_arows, const at::Tensor& k_apos, int64_t Ak,
-                                            const at::Tensor& k_win, const at::Tensor& k_err, const at::Tensor& v_codes,
-                                            const at::Tensor& v_cent, const at::Tensor& v_arows, const at::Tensor& v_apos,
-                                            int64_t Av, const at::Tensor& v_win, const at::Tensor& v_err,
-                                            const c10::optional<at::Tensor>& attn_mask, bool is_causal, double scale, int64_t L,
-                                            int64_t chunk_tokens);
 
 // Whether a [., ., ., capacity] mask (bool: keep; float: additive) lets a query see a column >= from:
 // a loop over its strides, no tensor ops (a decode step's mask is one row).
