@@ -445,6 +445,10 @@ for _bits in (2.0, 1.0):
     register(_online_row(f"antkv-refined-{_bits:g}bit-from256-moments", _bits,
                          "no calibration: switches after 256, 512, 1024, 2048 tokens, each from the Gaussian codebook placed by the "
                          "moments of every token held, then 10 Lloyd iterations", refine=(256, 2048), refine_init="moments"))
+    register(_online_row(f"antkv-refined-{_bits:g}bit-moments-iters1", _bits,
+                         "no calibration: at each switch (128, ..., 2048) the Gaussian codebook placed by the moments of every "
+                         "token held, then one Lloyd iteration; window 32, anchors 1%",
+                         refine_iters=1, refine_init="moments"))
     register(_online_row(f"antkv-refined-{_bits:g}bit-iters20", _bits,
                          "no calibration: switches after 128, ..., 2048 tokens, 20 Lloyd iterations", refine_iters=20))
 
