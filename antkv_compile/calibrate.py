@@ -42,11 +42,17 @@ class CalibrationData:
     scale: list[float]
     fingerprint: dict
     query_moment: list[torch.Tensor] | None = None  # per layer [Hkv, D, D]: sum of q q^T over all queries
+    positions: int | None = None  # the positions the sequences were spread over (None: their length)
     fits: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_tokens(self) -> int:
         return self.keys[0].shape[0] * self.keys[0].shape[2]
+
+    @property
+    def covered_positions(self) -> int:
+        """Keys were seen at positions below this (post-RoPE keys depend on the position)."""
+        return self.positions or self.keys[0].shape[2]
 
 
 def _as_sequences(texts_or_ids, tokenizer, seq_len: int, max_tokens: int | None) -> torch.Tensor:
@@ -83,13 +89,34 @@ def _check_model_dtype(model) -> None:
         )
 
 
+def position_offsets(n_seq: int, seq_len: int, positions: int | None) -> list[int]:
+    """Where each calibration sequence starts (its first position id): 0 for all of them, or with
+    `positions` > seq_len spread evenly so the sequences together cover [0, positions)."""
+    if positions is None:
+        return [0] * n_seq
+    if isinstance(positions, bool) or not isinstance(positions, int) or positions < seq_len:
+        raise ValueError(f"positions must be a number of positions >= seq_len={seq_len} (the context the codebooks serve), "
+                         f"got {positions!r}")
+    span = positions - seq_len
+    return [round(i * span / (n_seq - 1)) if n_seq > 1 else 0 for i in range(n_seq)]
+
+
 @torch.no_grad()
-def collect_calibration(model, texts_or_ids, tokenizer=None, seq_len=1024, max_tokens=8192, probe=64, progress=True) -> CalibrationData:
-    """Run `model` over the calibration tokens and keep what codebook fitting needs (see module doc)."""
+def collect_calibration(model, texts_or_ids, tokenizer=None, seq_len=1024, max_tokens=8192, probe=64, progress=True,
+                        positions: int | None = None) -> CalibrationData:  # fmt: skip
+    """Run `model` over the calibration tokens and keep what codebook fitting needs (see module doc).
+
+    positions (default: seq_len): the positions the codebooks should serve. Keys are post-RoPE, so
+    a codebook serves the positions its keys were seen at. With positions > seq_len each sequence
+    runs at position ids shifted by an offset (position_offsets), spread so the sequences cover
+    [0, positions): under RoPE attention depends on relative positions only, so a sequence's
+    hidden states do not change and its keys are the ones the same text would have that far into a
+    context, at the cost of seq_len-token sequences (the Anchor Score pass is quadratic in it)."""
     from .hf import attention_hook
 
     _check_model_dtype(model)
     seqs = _as_sequences(texts_or_ids, tokenizer, seq_len, max_tokens)
+    offsets = position_offsets(len(seqs), seqs.shape[1], positions)
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     per_layer: list[list[tuple]] = [[] for _ in range(n_layers)]
     scales = [0.0] * n_layers
@@ -105,11 +132,12 @@ def collect_calibration(model, texts_or_ids, tokenizer=None, seq_len=1024, max_t
 
     device = next(model.parameters()).device
     with attention_hook(model, hook):
-        for seq in tqdm(seqs, desc="calibration forward", disable=not progress):
-            model(seq[None].to(device), use_cache=False)
+        for seq, offset in zip(tqdm(seqs, desc="calibration forward", disable=not progress), offsets):
+            shifted = {} if positions is None else {"position_ids": torch.arange(offset, offset + seq.numel(), device=device)[None]}
+            model(seq[None].to(device), use_cache=False, **shifted)
     cat = [[torch.cat(items, 0) for items in zip(*layer)] for layer in per_layer]
     k, v, s1, s0, pq = (list(x) for x in zip(*cat))
-    return CalibrationData(k, v, s1, s0, pq, scales, model_fingerprint(model.config), moments)
+    return CalibrationData(k, v, s1, s0, pq, scales, model_fingerprint(model.config), moments, positions)
 
 
 def _expected_error(x: torch.Tensor, spec: PQSpec) -> torch.Tensor:
@@ -414,9 +442,10 @@ def fit_codebooks(
         # The cache these codebooks were fitted for: AntKVCache / patch default to it (settings.resolve).
         "cache": {"anchor_frac": anchor_frac},
         "calibration_tokens": data.num_tokens,
-        # Keys are post-RoPE: positions past the calibration sequences quantize with a growing error
+        # Keys are post-RoPE: positions past the calibration's quantize with a growing error
         # (Codebooks.check_positions warns when a cache goes there).
-        "calibration_positions": data.keys[0].shape[2],
+        "calibration_positions": data.covered_positions,
+        "calibration_seq_len": data.keys[0].shape[2],
         "kmeans_tokens": kmeans_tokens,
         "key_basis": key_basis,
         "basis_unit": basis_unit,
@@ -427,7 +456,11 @@ def fit_codebooks(
     return Codebooks([books[c][l] for l, c in enumerate(chosen)], dict(data.fingerprint), settings).validate("fit_codebooks")
 
 
-def calibrate(model, texts_or_ids, bits: float = 1.0, tokenizer=None, seq_len=1024, max_tokens=8192, progress=True, **fit_kwargs) -> Codebooks:
-    """Codebooks for `model` at an average of `bits` per element, learned from calibration text or ids."""
-    data = collect_calibration(model, texts_or_ids, tokenizer, seq_len=seq_len, max_tokens=max_tokens, progress=progress)
+def calibrate(model, texts_or_ids, bits: float = 1.0, tokenizer=None, seq_len=1024, max_tokens=8192, progress=True,
+              positions: int | None = None, **fit_kwargs) -> Codebooks:  # fmt: skip
+    """Codebooks for `model` at an average of `bits` per element, learned from calibration text or
+    ids in sequences of seq_len tokens, serving positions below `positions` (default seq_len;
+    collect_calibration)."""
+    data = collect_calibration(model, texts_or_ids, tokenizer, seq_len=seq_len, max_tokens=max_tokens, progress=progress,
+                               positions=positions)  # fmt: skip
     return fit_codebooks(data, bits, progress=progress, **fit_kwargs)

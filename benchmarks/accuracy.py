@@ -78,6 +78,12 @@ class Context:
     tokenizer: object
     calib_ids: torch.Tensor
     calib_seq_len: int = 1024  # calibration runs sequences of this many tokens: keys at positions below it only
+    calib_positions: int | None = None  # ... or spread over this many positions (collect_calibration's positions)
+
+    @property
+    def calibrated_on(self) -> str:
+        spread = f" over positions [0, {self.calib_positions})" if self.calib_positions else ""
+        return f"calibrated on {self.calib_seq_len}-token sequences{spread}"
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,8 @@ def _calibration_file(ctx: Context) -> Path:
     from antkv_compile.codebook_cache import model_digest
 
     ids = ctx.calib_ids.to("cpu", torch.int64).contiguous()
-    key = hashlib.sha256((model_digest(ctx.model) + hashlib.sha256(ids.numpy().tobytes()).hexdigest() + f"seq{ctx.calib_seq_len}").encode()).hexdigest()[:16]
+    key = hashlib.sha256((model_digest(ctx.model) + hashlib.sha256(ids.numpy().tobytes()).hexdigest() + f"seq{ctx.calib_seq_len}"
+                          + (f"pos{ctx.calib_positions}" if ctx.calib_positions else "")).encode()).hexdigest()[:16]
     return CALIB_CACHE / f"calibration-{ids.numel()}-{key}.pt"
 
 
@@ -174,7 +181,8 @@ def _calibration(ctx: Context) -> ak.CalibrationData:
             fields = torch.load(path, weights_only=True)
             _CALIBRATION[key] = ak.CalibrationData(**fields)
         else:
-            _CALIBRATION[key] = ak.collect_calibration(ctx.model, ctx.calib_ids, seq_len=ctx.calib_seq_len, max_tokens=None)
+            _CALIBRATION[key] = ak.collect_calibration(ctx.model, ctx.calib_ids, seq_len=ctx.calib_seq_len, max_tokens=None,
+                                                             positions=ctx.calib_positions)  # fmt: skip
             if path is not None:  # every field but the in-memory memo of fits
                 data = _CALIBRATION[key]
                 fields = {f.name: getattr(data, f.name) for f in dataclass_fields(data) if f.name != "fits"}
@@ -220,8 +228,7 @@ def _antkv_row(name: str, bits: float, notes: str, fit: dict | None = None, **ca
         errors = ", ".join(f"{k} {v:.4f}" for k, v in books.settings["candidate_errors"].items())
         basis = "key basis" if any(books.settings["key_basis_used"]) else "no key basis"
         return Setup(lambda n: ak.AntKVCache(books, **cache_settings, max_cache_len=n), codebooks=books.tensors(),
-                     details=f"split {split}" + (f" (probe attention error {errors})" if errors else "") + f", {basis}, "
-                             f"calibrated on {ctx.calib_seq_len}-token sequences")
+                     details=f"split {split}" + (f" (probe attention error {errors})" if errors else "") + f", {basis}, " + ctx.calibrated_on)
 
     return Row(name, bits, setup, kind="ours", notes=notes)
 
@@ -294,7 +301,7 @@ def _allocated_row(bits: float, options: tuple, suffix: str = "", notes: str = "
         chosen = " ".join(books.settings["chosen"])
         return Setup(lambda n: ak.AntKVCache(books, **cache_settings, max_cache_len=n), codebooks=books.tensors(),
                      details=f"per layer {chosen} (mean stored bits {books.settings['mean_stored_bits']:.3f}), "
-                             f"calibrated on {ctx.calib_seq_len}-token sequences")
+                             + ctx.calibrated_on)
 
     return Row(f"antkv-{bits:g}bit-allocated{suffix}", bits, setup, kind="ours",
                notes=f"ablation: bits per layer and side from {', '.join(f'{b:g}' for b in options)} by measured attention error{notes}")
@@ -653,6 +660,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # sequences as long: --calib-seq-len 8192 for the 8192-token set.
     p.add_argument("--calib-seq-len", type=int, default=1024,
                    help="tokens per calibration sequence: keys are calibrated at positions below it (default: 1024)")
+    p.add_argument("--calib-positions", type=int,
+                   help="spread the calibration sequences over this many positions (shifted position ids, "
+                        "ak.collect_calibration(positions=N)): keys calibrated at positions below N at the cost of "
+                        "--calib-seq-len sequences (default: the sequences' length)")
     p.add_argument("--calib-cache", type=Path,
                    help="directory where the collected calibration (keys, values, Anchor Score sums, query moments) is saved and "
                         "reused by later runs with the same model and slice (default: collect in every process)")
@@ -679,6 +690,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--prompt {args.prompt} must be shorter than --context {args.context}")
     if not 1 <= args.calib_seq_len <= args.calib_tokens:
         p.error(f"--calib-seq-len {args.calib_seq_len} must be between 1 and --calib-tokens {args.calib_tokens}")
+    if args.calib_positions is not None and args.calib_positions < args.calib_seq_len:
+        p.error(f"--calib-positions {args.calib_positions} must be at least --calib-seq-len {args.calib_seq_len}")
     if args.calib_tokens > args.eval_offset:
         p.error(f"--calib-tokens {args.calib_tokens} overlaps the evaluation slice starting at --eval-offset {args.eval_offset}")
     return args
@@ -692,7 +705,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model, tokenizer = load_smollm2()
     ids = load_wikitext_ids(tokenizer, args.data)
     windows = eval_windows(ids, args.eval_offset, args.context, args.windows)
-    ctx = Context(model, tokenizer, ids[: args.calib_tokens], args.calib_seq_len)
+    ctx = Context(model, tokenizer, ids[: args.calib_tokens], args.calib_seq_len, args.calib_positions)
 
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "benchmarks/accuracy.py", *argv])
     version = code_version()  # of the code that runs, read before the (long) run
@@ -701,7 +714,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     imported = [r for name, r in imported.items() if name not in {x["name"] for x in records}]
     for r in records:
         r.update(context=args.context, windows=args.windows, chunk=args.chunk, prompt=args.prompt, eval_offset=args.eval_offset,
-                 calib_seq_len=args.calib_seq_len,
+                 calib_seq_len=args.calib_seq_len, calib_positions=args.calib_positions,
                  command=command, code_version=version, date=datetime.now().astimezone().isoformat(timespec="seconds"))
 
     records += imported  # after the metadata: they keep their own run's
@@ -740,7 +753,8 @@ def write_results(args: argparse.Namespace, records: list[dict], model, ids: tor
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"transformers {transformers.__version__}",
         "model": f"SmolLM2-135M-Instruct (GGUF Q4_1 weights dequantized), {model.dtype}",
-        "data": f"WikiText-2 test, {ids.numel()} tokens; calibration [0, {args.calib_tokens}) in sequences of {args.calib_seq_len} tokens, "
+        "data": f"WikiText-2 test, {ids.numel()} tokens; calibration [0, {args.calib_tokens}) in sequences of {args.calib_seq_len} tokens"
+                f"{f' spread over positions [0, {args.calib_positions})' if args.calib_positions else ''}, "
                 f"evaluation from token {args.eval_offset}",
         "windows": f"{args.windows} x {args.context} tokens, {args.batch} per forward call (one cache of that batch)",
         "protocol": f"{calls}; scored: the predictions from the prompt's last position on ({records[0].get('predictions_per_window', '?')} per window), "

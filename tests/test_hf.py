@@ -82,6 +82,31 @@ def test_codebooks_for_another_model_are_refused(tiny):
     ak.AntKVCache(books, config=model.config)  # the right model passes
 
 
+def test_calibration_spread_over_positions_sees_the_keys_of_those_positions(tiny):
+    """positions > seq_len runs each sequence at shifted position ids: its values do not change and
+    its keys are the unshifted ones rotated by RoPE at the offset (a float64 rotation by the
+    config's rope_theta, rotate-half pairs), so the codebooks serve [0, positions)."""
+    model, _ = tiny
+    ids = torch.randint(3, 96, (96,))
+    plain = ak.collect_calibration(model, ids, seq_len=32, max_tokens=None, progress=False)
+    spread = ak.collect_calibration(model, ids, seq_len=32, max_tokens=None, progress=False, positions=200)
+    offsets = [0, 84, 168]  # evenly over [0, 200 - 32]
+    D = plain.keys[0].shape[-1]
+    rope = getattr(model.config, "rope_parameters", None) or {"rope_theta": model.config.rope_theta}  # transformers 5 / 4
+    inv_freq = rope["rope_theta"] ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    for layer in range(model.config.num_hidden_layers):
+        torch.testing.assert_close(spread.values[layer], plain.values[layer], atol=2e-5, rtol=1e-4)
+        for s, offset in enumerate(offsets):
+            k = plain.keys[layer][s].double()
+            angle = (offset * inv_freq).repeat(2)
+            rotated = k * angle.cos() + torch.cat([-k[..., D // 2 :], k[..., : D // 2]], -1) * angle.sin()
+            torch.testing.assert_close(spread.keys[layer][s].double(), rotated, atol=1e-4, rtol=1e-4)
+    books = ak.fit_codebooks(spread, bits=1.0, kmeans_tokens=64, iters=1, progress=False)
+    assert books.settings["calibration_positions"] == 200 and books.settings["calibration_seq_len"] == 32
+    with pytest.raises(ValueError, match="positions must be a number of positions >= seq_len=32"):
+        ak.collect_calibration(model, ids, seq_len=32, max_tokens=None, progress=False, positions=16)
+
+
 def test_calibration_records_the_split_and_refuses_bad_head_dim(tiny):
     model, books = tiny
     # 1 bit: K1.5/V0.5 would store 6-bit key codes a byte each (1.25 bits per element): not a candidate
