@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -165,6 +166,19 @@ def _grown(sample: torch.Tensor | None, new: torch.Tensor, capacity: int) -> tor
     return base[:, :, : T + n]
 
 
+class WarnOnce:
+    """A warning given once for a whole cache: its layers share one (a generation crosses the
+    same condition in every layer at the same step)."""
+
+    def __init__(self):
+        self.given = False
+
+    def __call__(self, message: str) -> None:
+        if not self.given:
+            self.given = True
+            warnings.warn(message, stacklevel=4)
+
+
 class RefiningLayer(DynamicLayer):
     """A DynamicLayer whose keys and values are VQTensors, with online refinement: with a schedule
     set (`start_refining`, refine_schedule's token counts), it keeps the stored rows of every token
@@ -181,6 +195,8 @@ class RefiningLayer(DynamicLayer):
     sample_keys: torch.Tensor | None = None
     sample_values: torch.Tensor | None = None
     refining = False  # a sample is being collected
+    refined_on: int | None = None  # the tokens the last switch held: its codebook has seen their positions only
+    warn_once: WarnOnce | None = None  # shared by the cache's layers: the warning past refined_on
 
     def start_refining(self, refinement: Refinement | None) -> None:
         self.refinement = refinement
@@ -192,7 +208,10 @@ class RefiningLayer(DynamicLayer):
         """Add the last call's n tokens to the sample (the last n window rows: a call's tokens
         join the window whole); refine once it holds the schedule's next count of tokens (once,
         however many counts the call passed). True if it refined."""
-        if not self.refining or n <= 0:
+        if not self.refining:
+            self.check_positions()
+            return False
+        if n <= 0:
             return False
         cap = self.refine[-1]  # the sample lives until the last switch: its buffer holds that many tokens
         self.sample_keys = _grown(self.sample_keys, self.keys.window[:, :, -n:], cap)
@@ -213,6 +232,20 @@ class RefiningLayer(DynamicLayer):
         if self.refine is None:
             self.sample_keys = self.sample_values = None
             self.refining = False
+            self.refined_on = held
+
+    def check_positions(self) -> None:
+        """Warn (once per cache) when the layer holds more tokens than its last switch did: keys
+        are post-RoPE, and the codebook has seen the positions below it only."""
+        held = self.get_seq_length()
+        if self.refined_on and held > self.refined_on and self.warn_once is not None:
+            self.warn_once(
+                f"antkv: this cache refined its codebooks on its first {self.refined_on} tokens and now holds {held}: keys "
+                f"are quantized after RoPE, so past position {self.refined_on} their error grows with the position "
+                f"(SmolLM2, benchmarks/position_probe.py --online 2048: key error 0.10 below 2048, 0.44 at 6144-8192 at 1 bit). "
+                f"For long contexts use codebooks calibrated over them, ak.calibrate(model, texts, positions=N), or refine "
+                f"until later, refine=(128, N) (a dense copy of N tokens is kept until then)."
+            )
 
     def sample_nbytes(self) -> int:
         """Bytes the sample holds: its buffers whole (allocated for the last switch's count)."""
@@ -263,6 +296,7 @@ def collect_after_call(cache, lengths_before: list[int], refinement: Refinement)
                 continue
             layer.__class__ = RefiningLayer
             layer.start_refining(refinement)
+            layer.warn_once = cache.__dict__.setdefault("_antkv_warn_once", WarnOnce())
         if isinstance(layer, RefiningLayer) and layer.collect(layer.get_seq_length() - before):
             refined.append(layer)
     return refined
@@ -282,12 +316,13 @@ class AntKVLayer(RefiningLayer):
     and, with a `refine` schedule, refines it as tokens arrive (see AntKVCache)."""
 
     def __init__(self, codebook: LayerCodebook | None, settings: CacheSettings, bits: float = 1.0, seed: int = 0,
-                 refinement: Refinement | None = None, max_cache_len: int | None = None):
+                 refinement: Refinement | None = None, max_cache_len: int | None = None, warn_once: WarnOnce | None = None):
         super().__init__()
+        self.warn_once = warn_once
         self.codebook, self.settings, self.bits, self.seed = codebook, settings, bits, seed
         self.max_cache_len = max_cache_len
         self.refinement = refinement
-        self.check_positions = None  # Codebooks.check_positions, set on one layer of a calibrated cache
+        self.check_calibrated_positions = None  # Codebooks.check_positions, set on one layer of a calibrated cache
         self.is_initialized = False  # transformers < 5 has no such flag (it tests keys is None)
 
     def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
@@ -315,8 +350,8 @@ class AntKVLayer(RefiningLayer):
             self.start_refining(self.refinement)
         super().update(key_states, value_states, *args, **kwargs)
         self.collect(key_states.shape[-2])
-        if self.check_positions is not None:  # calibrated codebooks, first layer (AntKVCache)
-            self.check_positions(self.get_seq_length())
+        if self.check_calibrated_positions is not None:  # calibrated codebooks, first layer (AntKVCache)
+            self.check_calibrated_positions(self.get_seq_length())
         return self.keys, self.values
 
     def refine_now(self) -> None:
@@ -365,13 +400,14 @@ class AntKVCache(Cache):
         refinement = refine_setting(codebooks, refine, refine_iters, refine_init)
         if codebooks is None:
             spec_for_bits(bits)  # a bad budget fails here, not at the first update
-            count = iter(range(1 << 30))
-            super().__init__(layer_class_to_replicate=lambda: AntKVLayer(None, self.settings, bits, next(count), refinement, max_cache_len))
+            count, once = iter(range(1 << 30)), WarnOnce()
+            super().__init__(layer_class_to_replicate=lambda: AntKVLayer(None, self.settings, bits, next(count), refinement, max_cache_len,
+                                                                         warn_once=once))  # fmt: skip
             return
         if config is not None:
             codebooks.check_model(config)
         super().__init__(layers=[AntKVLayer(book, self.settings, max_cache_len=max_cache_len) for book in codebooks.layers])
-        self.layers[0].check_positions = codebooks.check_positions
+        self.layers[0].check_calibrated_positions = codebooks.check_positions
 
     def cache_nbytes(self) -> int:
         """Bytes held by the compressed K and V of all layers, and the refinement samples while

@@ -90,12 +90,12 @@ def test_a_cache_past_the_calibrated_positions_warns_once(tiny_llama, tmp_path):
     with warnings.catch_warnings(record=True) as seen, torch.no_grad():
         warnings.simplefilter("always")
         out = tiny_llama(torch.randint(0, 64, (1, 30)), **{CACHE_KW: cache})
-        assert not [w for w in seen if "calibrated on sequences of 32" in str(w.message)]
+        assert not [w for w in seen if "calibrated on positions below 32" in str(w.message)]
         for _ in range(5):  # 31 .. 35 tokens: one warning, at 33
             out = tiny_llama(out.logits[:, -1:].argmax(-1), **{CACHE_KW: cache})
-    hits = [str(w.message) for w in seen if "calibrated on sequences of 32" in str(w.message)]
-    assert len(hits) == 1 and "holds 33 tokens" in hits[0] and "seq_len=N" in hits[0], hits
-    with pytest.warns(UserWarning, match="holds 64 tokens, but its codebooks were calibrated on sequences of 32"):
+    hits = [str(w.message) for w in seen if "calibrated on positions below 32" in str(w.message)]
+    assert len(hits) == 1 and "holds 33 tokens" in hits[0] and "positions=N" in hits[0], hits
+    with pytest.warns(UserWarning, match="holds 64 tokens, but its codebooks were calibrated on positions below 32"):
         ak.AntKVStaticCache(64, ak.Codebooks.load(tmp_path / "b.safetensors"), config=tiny_llama.config)
 
 
@@ -110,5 +110,29 @@ def test_patch_warns_once_past_the_calibrated_positions():
     with warnings.catch_warnings(record=True) as seen, torch.no_grad():
         warnings.simplefilter("always")
         model.generate(torch.randint(3, 96, (1, 8)), max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
-    hits = [str(w.message) for w in seen if "calibrated on sequences of 32" in str(w.message)]
+    hits = [str(w.message) for w in seen if "calibrated on positions below 32" in str(w.message)]
     assert len(hits) == 1 and "holds 33 tokens" in hits[0], hits
+
+
+@pytest.mark.parametrize("path", ["eager", "patch"])
+def test_a_cache_past_its_last_refinement_warns_once(path):
+    """A cache without codebooks refines them on its first CAP tokens (refine=(FIRST, CAP)); the
+    step that takes it past CAP warns once for the whole cache (all layers, every later step),
+    naming positions=N and a later refine cap as the fixes; before CAP, nothing."""
+    from helpers import tiny_llama as fresh_llama
+
+    model = fresh_llama()
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        if path == "patch":
+            ak.patch(model, refine=(16, 32), inductor=False)
+            model.generate(torch.randint(3, 96, (1, 20)), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+        else:
+            ak.use_antkv_attention(model)
+            cache = ak.AntKVCache(refine=(16, 32))
+            out = model(torch.randint(3, 96, (1, 20)), **{CACHE_KW: cache})
+            for _ in range(20):  # 21 .. 40 tokens
+                out = model(out.logits[:, -1:].argmax(-1), **{CACHE_KW: cache})
+    hits = [str(w.message) for w in seen if "refined its codebooks" in str(w.message)]
+    assert len(hits) == 1, hits
+    assert "on its first 32 tokens and now holds 33" in hits[0] and "positions=N" in hits[0] and "refine=(128, N)" in hits[0]

@@ -107,7 +107,8 @@ class Codebooks:
 
     def check_positions(self, tokens: int) -> None:
         """Warn when a cache of these codebooks holds (or is allocated for) more tokens than the
-        calibration sequences had: its keys there are post-RoPE rotations the codebooks never saw,
+        positions calibration covered (its sequences' length, or calibrate's positions=): its keys
+        there are post-RoPE rotations the codebooks never saw,
         so their error grows with the position (SmolLM2, 1 bit, 1024-token sequences,
         benchmarks/position_probe.py: relative key error 0.025-0.038 below position 1024, 0.105 at
         1024-2048, 0.321 at 4096-8192; perplexity 4.96x FP at 8192 tokens). Once per `Codebooks`;
@@ -116,10 +117,11 @@ class Codebooks:
         if positions and tokens > positions and not getattr(self, "_warned_positions", False):
             self._warned_positions = True  # once per codebooks: every later step is past it too
             warnings.warn(
-                f"antkv: this cache holds {tokens} tokens, but its codebooks were calibrated on sequences of {positions} "
-                f"tokens: keys past position {positions} are quantized with an error that grows with the position "
-                f"(perplexity several times FP's at 8x the calibrated length). Calibrate with sequences as long as "
-                f"the contexts you generate: ak.calibrate(model, texts, seq_len=N).",
+                f"antkv: this cache holds {tokens} tokens, but its codebooks were calibrated on positions below {positions}: "
+                f"keys past position {positions} are quantized with an error that grows with the position (perplexity "
+                f"several times FP's at 8x the calibrated positions). Calibrate over the contexts you generate: "
+                f"ak.calibrate(model, texts, positions=N) (the sequences spread over N positions, as cheap as short ones) "
+                f"or seq_len=N.",
                 stacklevel=3,
             )
 
