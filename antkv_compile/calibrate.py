@@ -91,7 +91,8 @@ def _check_model_dtype(model) -> None:
 
 def position_offsets(n_seq: int, seq_len: int, positions: int | None) -> list[int]:
     """Where each calibration sequence starts (its first position id): 0 for all of them, or with
-    `positions` > seq_len spread evenly so the sequences together cover [0, positions)."""
+    `positions` > seq_len spread evenly so the sequences together cover [0, positions) (the first
+    at 0, the last ending at `positions`; a single sequence stays at 0)."""
     if positions is None:
         return [0] * n_seq
     if isinstance(positions, bool) or not isinstance(positions, int) or positions < seq_len:
@@ -137,7 +138,8 @@ def collect_calibration(model, texts_or_ids, tokenizer=None, seq_len=1024, max_t
             model(seq[None].to(device), use_cache=False, **shifted)
     cat = [[torch.cat(items, 0) for items in zip(*layer)] for layer in per_layer]
     k, v, s1, s0, pq = (list(x) for x in zip(*cat))
-    return CalibrationData(k, v, s1, s0, pq, scales, model_fingerprint(model.config), moments, positions)
+    covered = None if positions is None else offsets[-1] + seqs.shape[1]  # one sequence cannot spread
+    return CalibrationData(k, v, s1, s0, pq, scales, model_fingerprint(model.config), moments, covered)
 
 
 def _expected_error(x: torch.Tensor, spec: PQSpec) -> torch.Tensor:

@@ -692,6 +692,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--calib-seq-len {args.calib_seq_len} must be between 1 and --calib-tokens {args.calib_tokens}")
     if args.calib_positions is not None and args.calib_positions < args.calib_seq_len:
         p.error(f"--calib-positions {args.calib_positions} must be at least --calib-seq-len {args.calib_seq_len}")
+    if args.calib_positions is not None and args.calib_tokens // args.calib_seq_len < 2:
+        p.error(f"--calib-positions spreads calibration sequences over positions and needs at least two: "
+                f"--calib-tokens {args.calib_tokens} holds {args.calib_tokens // args.calib_seq_len} of --calib-seq-len {args.calib_seq_len}")
     if args.calib_tokens > args.eval_offset:
         p.error(f"--calib-tokens {args.calib_tokens} overlaps the evaluation slice starting at --eval-offset {args.eval_offset}")
     return args
