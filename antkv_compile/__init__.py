@@ -39,6 +39,7 @@ __all__ = [
     "explain",
     "fit_codebooks",
     "mark_growing",
+    "model_rope",
     "patch",
     "use_antkv_attention",
 ]
@@ -60,6 +61,7 @@ def _load() -> None:
     from .hf import AntKVCache, AntKVStaticCache, cache_keyword, use_antkv_attention
     from .quant.codebook import Codebooks, CodebookSide, LayerCodebook
     from .quant.pq import PQSpec
+    from .quant.rope import of_model as model_rope
     from .settings import CacheSettings
 
     # A saved cache (torch.save of a VQTensor) loads with torch.load's default weights_only=True.

@@ -30,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from . import state
 from .cache import StaticVQTensor, VQTensor, with_capacity
 from .quant import datafree
+from .quant import rope as rope_shift
 from .quant.codebook import CodebookSide, Codebooks, LayerCodebook
 from .quant.pq import spec_for_bits
 from .settings import CacheSettings, resolve
@@ -126,15 +127,17 @@ def refine_schedule(refine) -> tuple[int, ...] | None:
 
 class Refinement(NamedTuple):
     """How a cache without codebooks refines them online (AntKVCache / patch keywords refine,
-    refine_iters, refine_init): the schedule's token counts, Lloyd iterations per switch, where each
-    switch's iterations start."""
+    refine_iters, refine_init, rope): the schedule's token counts, Lloyd iterations per switch,
+    where each switch's iterations start, and the model's RoPE (quant/rope.py), with which the
+    last switch also fits its keys at the later positions the model serves."""
 
     schedule: tuple[int, ...]
     iters: int = REFINE_ITERS
     init: str = REFINE_INIT
+    rope: rope_shift.Rope | None = None
 
 
-def refine_setting(codebooks, refine, refine_iters: int, refine_init: str = REFINE_INIT) -> Refinement | None:
+def refine_setting(codebooks, refine, refine_iters: int, refine_init: str = REFINE_INIT, rope=None) -> Refinement | None:
     """The `Refinement` the keywords stand for (None: off), validated: the default schedule
     (REFINE_TOKENS) without codebooks, off with them (calibrated codebooks are used as they are;
     asking for refinement with them raises)."""
@@ -150,7 +153,9 @@ def refine_setting(codebooks, refine, refine_iters: int, refine_init: str = REFI
         raise ValueError(f"refine_iters must be an int >= 0 (Lloyd iterations), got {refine_iters!r}")
     if refine_init not in REFINE_INITS:
         raise ValueError(f"refine_init must be one of {REFINE_INITS}, got {refine_init!r}")
-    return None if schedule is None else Refinement(schedule, refine_iters, refine_init)
+    if rope is not None and not isinstance(rope, rope_shift.Rope):
+        raise TypeError(f"rope must be the model's RoPE, ak.model_rope(model) (or None), got {type(rope).__name__}")
+    return None if schedule is None else Refinement(schedule, refine_iters, refine_init, rope)
 
 
 def _grown(sample: torch.Tensor | None, new: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -225,9 +230,15 @@ class RefiningLayer(DynamicLayer):
         """Refine the codebook on the sample, re-encode every token held with it (state.refine);
         later tokens are written with the refined codebook. The sample is dropped after the
         schedule's last switch, kept for the next one otherwise."""
-        self.keys, self.values = (cache._with(state.refine(cache.side, rows, cache.settings, self.refinement.iters, self.refinement.init), view=True)
-                                  for cache, rows in ((self.keys, self.sample_keys), (self.values, self.sample_values)))  # fmt: skip
         held = self.sample_keys.shape[2]
+        rope = self.refinement.rope if not any(t > held for t in self.refine) else None  # the last switch
+        if rope is not None and getattr(self, "max_cache_len", None):  # a preallocated cache: its length is the context
+            rope = rope._replace(positions=min(rope.positions, self.max_cache_len))
+        side = self.keys.side
+        fit_keys = None if rope is None else rope_shift.augment(self.sample_keys, side.basis, side.basis_inv, rope)
+        self.keys, self.values = (cache._with(state.refine(cache.side, rows, cache.settings, self.refinement.iters, self.refinement.init, fit),
+                                              view=True)
+                                  for cache, rows, fit in ((self.keys, self.sample_keys, fit_keys), (self.values, self.sample_values, None)))  # fmt: skip
         self.refine = tuple(t for t in self.refine if t > held) or None
         if self.refine is None:
             self.sample_keys = self.sample_values = None
@@ -235,16 +246,22 @@ class RefiningLayer(DynamicLayer):
             self.refined_on = held
 
     def check_positions(self) -> None:
-        """Warn (once per cache) when the layer holds more tokens than its last switch did: keys
-        are post-RoPE, and the codebook has seen the positions below it only."""
-        held = self.get_seq_length()
-        if self.refined_on and held > self.refined_on and self.warn_once is not None:
+        """Warn (once per cache) when the layer holds more tokens than its last switch did (or,
+        with the model's RoPE, than its trained context): keys are post-RoPE, and the codebook has
+        seen the positions below that only."""
+        if self.refined_on is None or self.warn_once is None:
+            return
+        held, rope = self.get_seq_length(), self.refinement.rope
+        covered = self.refined_on if rope is None else max(self.refined_on, rope.positions)
+        if held > covered:
+            seen = f"its first {self.refined_on} tokens" + ("" if rope is None else f" and at later positions up to {covered}")
             self.warn_once(
-                f"antkv: this cache refined its codebooks on its first {self.refined_on} tokens and now holds {held}: keys "
-                f"are quantized after RoPE, so past position {self.refined_on} their error grows with the position "
+                f"antkv: this cache refined its codebooks on {seen} and now holds {held}: keys "
+                f"are quantized after RoPE, so past position {covered} their error grows with the position "
                 f"(SmolLM2, benchmarks/position_probe.py --online 2048: key error 0.10 below 2048, 0.44 at 6144-8192 at 1 bit). "
-                f"For long contexts use codebooks calibrated over them, ak.calibrate(model, texts, positions=N), or refine "
-                f"until later, refine=(128, N) (a dense copy of N tokens is kept until then)."
+                f"For long contexts pass the model's RoPE, AntKVCache(rope=ak.model_rope(model)) (patch(model) does), use "
+                f"codebooks calibrated over them, ak.calibrate(model, texts, positions=N), or refine until later, "
+                f"refine=(128, N) (a dense copy of N tokens is kept until then)."
             )
 
     def sample_nbytes(self) -> int:
@@ -383,7 +400,12 @@ class AntKVCache(Cache):
     the cache holds), "moments" (the Gaussian codebook placed again by the moments of every token
     held, quant/datafree.place) or "covariance" (by each sub-vector's mean and covariance). With
     refine_iters=0 and "moments" a switch is a data-free moment re-fit, no k-means.
-    The same keywords work for `patch(model)` without codebooks.
+    rope (no codebooks only; `ak.model_rope(model)`, None: off): the model's RoPE. Keys are
+    post-RoPE, so a codebook refined on the first CAP tokens has seen their positions only and
+    the error past them grows with the position; with `rope` the last switch fits the keys also at
+    later offsets up to the model's trained context, or max_cache_len if smaller (quant/rope.py;
+    the rows encoded stay the tokens' own). It costs a little below CAP and saves much past it (Results).
+    The same keywords work for `patch(model)` without codebooks (it reads `rope` from the model).
     max_cache_len: tokens to preallocate the codes and anchor slots for (prompt + new tokens, as
     HF's StaticCache); appends then write in place and never copy the codes (cache.py). None: the
     buffers grow by an eighth when full (one copy each time), so a decode step copies no codes
@@ -393,11 +415,11 @@ class AntKVCache(Cache):
 
     def __init__(self, codebooks: Codebooks | None = None, settings: CacheSettings | None = None, config=None, bits: float = 1.0,
                  refine: int | tuple[int, int] | None = _DEFAULT, refine_iters: int = REFINE_ITERS, max_cache_len: int | None = None,
-                 refine_init: str = REFINE_INIT, **setting_kwargs):  # fmt: skip
+                 refine_init: str = REFINE_INIT, rope: rope_shift.Rope | None = None, **setting_kwargs):  # fmt: skip
         self.settings = resolve(codebooks, settings, **setting_kwargs)
         if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1):
             raise ValueError(f"max_cache_len must be a number of tokens >= 1 (or None: grow as needed), got {max_cache_len!r}")
-        refinement = refine_setting(codebooks, refine, refine_iters, refine_init)
+        refinement = refine_setting(codebooks, refine, refine_iters, refine_init, rope)
         if codebooks is None:
             spec_for_bits(bits)  # a bad budget fails here, not at the first update
             count, once = iter(range(1 << 30)), WarnOnce()

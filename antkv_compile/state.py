@@ -295,7 +295,7 @@ def learn_book(x: Tensor, sub_dim: int, code_bits: int, rotate: bool, seed: int)
     return book(datafree.fit_side(x, PQSpec(sub_dim, code_bits), rotate, seed))
 
 
-def refine(side: Side, rows: Tensor, settings: CacheSettings, iters: int, init: str = "held") -> Side:
+def refine(side: Side, rows: Tensor, settings: CacheSettings, iters: int, init: str = "held", fit_rows: Tensor | None = None) -> Side:
     """The side re-written with a codebook refined on its own tokens (online refinement).
 
     rows [B, H, T, D]: the stored row of each of the side's T tokens, in its basis and exact-row
@@ -303,17 +303,20 @@ def refine(side: Side, rows: Tensor, settings: CacheSettings, iters: int, init: 
     centroids are `iters` Lloyd iterations on these rows from the side's own (quant/datafree.refine).
     Every token's code is re-encoded from its row, the window's errors and the per-head expected
     error recomputed: the side then stands for the same tokens under the new codebook, as if it had
-    been written with it from the start (anchor and window rows, positions, scores stay as they are)."""
+    been written with it from the start (anchor and window rows, positions, scores stay as they are).
+    fit_rows [B', H, T', D] (default: rows): the rows the codebook is fitted to, when they are more
+    than the side's own (quant/rope.augment: its keys at later positions too); only `rows` are encoded."""
     if tuple(rows.shape) != tuple(bhtd(side)):
         raise ValueError(f"refine needs one row per token of the side {tuple(bhtd(side))}, got {tuple(rows.shape)}")
     centroids = side.centroids
+    fit_rows = rows if fit_rows is None else fit_rows
     if init in ("moments", "covariance"):
         K, d = centroids.shape[-2:]
-        centroids = datafree.place(rows, PQSpec(d, K.bit_length() - 1), full=init == "covariance").to(centroids.dtype).contiguous()
+        centroids = datafree.place(fit_rows, PQSpec(d, K.bit_length() - 1), full=init == "covariance").to(centroids.dtype).contiguous()
     elif init != "held":
         raise ValueError(f"refine init must be 'held', 'moments' or 'covariance', got {init!r}")
     if iters > 0:
-        centroids = datafree.refine(rows, centroids, iters).to(side.centroids.dtype).contiguous()
+        centroids = datafree.refine(fit_rows, centroids, iters).to(side.centroids.dtype).contiguous()
     codes, err = encode_with_error(rows, centroids, True)  # err [B, H, T]
     expected = err.mean((0, 2))
     Tw = side.window.shape[2]

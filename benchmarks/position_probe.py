@@ -37,14 +37,29 @@ from antkv_compile.quant.basis import to_basis
 from antkv_compile.quant.pq import decode, encode, spec_for_bits
 
 
-def online_sides(k, v, bits, tokens, iters, layer):
+def rope_shifted(x, shifts, inv_freq):
+    """Keys x [1, H, T, D] (RoPE in rotate-half pairs) as they would be `shift` positions later,
+    for each shift: [len(shifts), H, T, D]. RoPE rotates pair (i, i + D/2) by position x
+    inv_freq[i], so a later position is one more rotation."""
+    angle = torch.as_tensor(shifts, dtype=torch.float64)[:, None] * inv_freq.double()[None]  # [n, D/2]
+    cos, sin = (f(torch.cat([angle, angle], -1)).float()[:, None, None] for f in (torch.cos, torch.sin))
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def online_sides(k, v, bits, tokens, iters, layer, augment=None, inv_freq=None):
     """(basis [H, D, D] or None, centroids) for keys and values of one layer [1, H, T, D]: the
     data-free codebook placed by the moments of the first `tokens` tokens, then `iters` Lloyd
-    iterations on them (hf's online refinement at its last switch)."""
+    iterations on them (hf's online refinement at its last switch). With `augment` = N, the keys
+    also count at 3 later offsets spread up to N - tokens (rope_shifted): the positions a context
+    of N tokens reaches."""
     spec = spec_for_bits(bits)
     sides = []
     for x, basis in ((k, datafree.random_rotation(k.shape[1], k.shape[-1], 2 * layer)), (v, None)):
-        xb = x[:, :, :tokens] if basis is None else to_basis(x[:, :, :tokens], basis)
+        x = x[:, :, :tokens]
+        if augment and basis is not None:
+            x = rope_shifted(x, torch.linspace(0, augment - tokens, 4).round().tolist(), inv_freq)
+        xb = x if basis is None else to_basis(x, basis)
         sides.append((basis, datafree.refine(xb, datafree.place(xb, spec), iters) if iters else datafree.place(xb, spec)))
     return sides
 
@@ -54,6 +69,8 @@ def main(argv=None):
     p.add_argument("--books", help="a codebook file (default: calibrate here)")
     p.add_argument("--online", type=int, metavar="N", help="no calibration: data-free codebooks placed on the window's first N tokens")
     p.add_argument("--online-iters", type=int, default=0, help="Lloyd iterations after --online's moment placement (default 0)")
+    p.add_argument("--online-augment", type=int, metavar="N",
+                   help="--online's keys also at later positions up to N (RoPE-rotated copies): the fit sees a context of N")
     p.add_argument("--bits", type=float, default=1.0)
     p.add_argument("--calib-tokens", type=int, default=32768)
     p.add_argument("--calib-seq-len", type=int, default=1024)
@@ -84,7 +101,8 @@ def main(argv=None):
     err = {"K": torch.zeros(len(edges) - 1), "V": torch.zeros(len(edges) - 1)}
     for layer, (k, v) in enumerate(seen):
         if books is None:
-            sides = online_sides(k, v, args.bits, args.online, args.online_iters, layer)
+            sides = online_sides(k, v, args.bits, args.online, args.online_iters, layer, args.online_augment,
+                                 model.model.rotary_emb.inv_freq)  # fmt: skip
         else:
             sides = [(side.basis, side.centroids) for side in (books.layers[layer].key, books.layers[layer].value)]
         for name, x, (basis, centroids) in zip("KV", (k, v), sides):
@@ -94,7 +112,8 @@ def main(argv=None):
                 err[name][j] += e[..., edges[j] : edges[j + 1]].mean() / len(seen)
     if books is None:
         what = (f"data-free codebooks {args.bits:g} bit placed on the window's first {args.online} tokens"
-                + (f", {args.online_iters} Lloyd iterations" if args.online_iters else ""))
+                + (f", {args.online_iters} Lloyd iterations" if args.online_iters else "")
+                + (f", keys also RoPE-shifted up to {args.online_augment}" if args.online_augment else ""))
     else:
         st = books.settings
         what = (f"codebooks {books.average_bits:g} bit, calibrated on {st.get('calibration_seq_len', '?')}-token sequences "

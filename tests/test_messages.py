@@ -116,12 +116,14 @@ def test_patch_warns_once_past_the_calibrated_positions():
 
 @pytest.mark.parametrize("path", ["eager", "patch"])
 def test_a_cache_past_its_last_refinement_warns_once(path):
-    """A cache without codebooks refines them on its first CAP tokens (refine=(FIRST, CAP)); the
-    step that takes it past CAP warns once for the whole cache (all layers, every later step),
-    naming positions=N and a later refine cap as the fixes; before CAP, nothing."""
+    """A cache without codebooks refines them on its first CAP tokens (refine=(FIRST, CAP)); without
+    the model's RoPE the step that takes it past CAP warns once for the whole cache (all layers,
+    every later step), naming the fixes; before CAP, nothing. patch reads the RoPE from the model:
+    GPT-NeoX's partial rotary is not one it can shift, so it warns too."""
+    from helpers import tiny_hf_model
     from helpers import tiny_llama as fresh_llama
 
-    model = fresh_llama()
+    model = tiny_hf_model("gpt_neox")[0] if path == "patch" else fresh_llama()
     with warnings.catch_warnings(record=True) as seen, torch.no_grad():
         warnings.simplefilter("always")
         if path == "patch":
@@ -135,4 +137,24 @@ def test_a_cache_past_its_last_refinement_warns_once(path):
                 out = model(out.logits[:, -1:].argmax(-1), **{CACHE_KW: cache})
     hits = [str(w.message) for w in seen if "refined its codebooks" in str(w.message)]
     assert len(hits) == 1, hits
-    assert "on its first 32 tokens and now holds 33" in hits[0] and "positions=N" in hits[0] and "refine=(128, N)" in hits[0]
+    assert "on its first 32 tokens and now holds 33" in hits[0] and "positions=N" in hits[0] and "ak.model_rope(model)" in hits[0]
+
+
+def test_a_cache_given_the_models_rope_warns_only_past_its_context():
+    """With rope=ak.model_rope(model) the last switch serves the model's trained context
+    (max_position_embeddings 256 here): no warning at 40 tokens; past 256, one."""
+    from helpers import tiny_llama as fresh_llama
+
+    model = fresh_llama()
+    rope = ak.model_rope(model)
+    assert rope is not None and rope.positions == 256
+    ak.use_antkv_attention(model)
+    cache = ak.AntKVCache(refine=(16, 32), rope=rope._replace(positions=48))  # a context of 48 keeps the test short
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        out = model(torch.randint(3, 96, (1, 20)), **{CACHE_KW: cache})
+        for step in range(40):  # 21 .. 60 tokens
+            out = model(out.logits[:, -1:].argmax(-1), **{CACHE_KW: cache})
+            hits = [str(w.message) for w in seen if "refined its codebooks" in str(w.message)]
+            assert len(hits) == (21 + step > 48), (21 + step, hits)
+    assert "at later positions up to 48 and now holds 49" in hits[0]

@@ -504,3 +504,69 @@ def test_bad_refine_init_is_refused():
         ak.AntKVCache(refine_init="kmeans")
     with pytest.raises(ValueError, match="refine_init must be one of"):
         ak.patch(tiny_llama(), refine_init="kmeans")
+
+
+def _later(raw, shift, inv_freq):
+    """raw [B, H, T, D] post-RoPE keys `shift` positions later, float64: each pair (i, i + D/2) as
+    the complex number x_i + j x_{i+D/2}, turned by e^{j shift inv_freq[i]}."""
+    half = raw.shape[-1] // 2
+    z = torch.complex(raw[..., :half].double(), raw[..., half:].double()) * torch.polar(
+        torch.ones(half, dtype=torch.float64), shift * inv_freq.double())
+    return torch.cat([z.real, z.imag], -1)
+
+
+@given(seed=st.integers(0, 2**16), positions=st.integers(40, 400), bits=st.sampled_from([1.0, 2.0]))
+def test_the_last_switch_fits_keys_at_the_later_positions_rope_reaches(seed, positions, bits):
+    """rope=Rope(inv_freq, positions): the schedule's last switch (at 32 tokens here) places the key
+    codebook by the moments of the tokens held and of 4 copies turned by RoPE to offsets spread
+    over [0, positions - 32] (the first is the tokens themselves), against a float64 complex
+    rotation; the values and the earlier switch are as without rope; every code is still the
+    nearest centroid of its own token's row (the copies are fitted, never encoded) and attention
+    equals SDPA on the dequantized cache."""
+    from antkv_compile.quant.rope import Rope
+
+    g = torch.Generator().manual_seed(seed)
+    B, H, D = 1, 2, 32
+    inv_freq = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float32) / D)
+    cache = ak.AntKVCache(bits=bits, refine=(16, 32), refine_iters=0, refine_init="moments", rope=Rope(inv_freq, positions),
+                          window=4, anchor_frac=0.1)  # fmt: skip
+    spec = PRESETS[bits]
+    shape = datafree.gaussian_codebook(spec.sub_dim, spec.num_centroids)
+    raw = [torch.zeros(B, H, 0, D)] * 2
+    for n in (10, 6, 9, 7, 3):  # 10, 16 (first switch), 25, 32 (last switch), 35
+        k = torch.randn(B, H, n, D, generator=g) * torch.linspace(0.2, 3, D) + 1
+        v = torch.randn(B, H, n, D, generator=g) - 0.5
+        keys, values = cache.update(k, v, 0)
+        raw = [torch.cat([raw[0], k], 2), torch.cat([raw[1], v], 2)]
+        held = raw[0].shape[2]
+        if held in (16, 32):
+            fit = raw[0]
+            if held == 32 and positions > 32:
+                offsets = [round(i * (positions - 32) / 3) for i in range(4)]
+                fit = torch.cat([_later(raw[0], m, inv_freq) for m in offsets], 0)
+            for side, x in ((keys, fit), (values, raw[1])):
+                ref = _moment_placement(_rows(x, side.basis), shape, datafree.SHRINK, False)
+                torch.testing.assert_close(side.centroids.double(), ref, rtol=1e-4, atol=1e-4)
+        for side, x in ((keys, raw[0]), (values, raw[1])):
+            _check_codes(side, x)
+        _check_attention(torch.randn(B, 2 * H, n, D, generator=g), keys, values)
+    assert keys.shape[2] == 35
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt_neox"])
+def test_model_rope_reads_rotate_half_models_and_refuses_the_rest(arch):
+    """ak.model_rope: the model's inv_freq and trained context where its own RoPE is the
+    whole-head rotate-half rotation (the float64 complex rotation of a random key, run through
+    the model's rotary module and apply_rotary_pos_emb, agrees); None for GPT-NeoX's partial rotary."""
+    model, _ = tiny_hf_model(arch)
+    rope = ak.model_rope(model)
+    if arch == "gpt_neox":
+        assert rope is None
+        return
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    assert rope.positions == model.config.max_position_embeddings and rope.inv_freq.numel() == head_dim // 2
+    rotary = model.model.rotary_emb
+    k = torch.randn(1, 1, 1, head_dim)
+    cos, sin = rotary(k, torch.tensor([[300]]))
+    turned = k * cos + torch.cat([-k[..., head_dim // 2 :], k[..., : head_dim // 2]], -1) * sin  # the model's rotation at 300
+    torch.testing.assert_close(_later(k, 300, rope.inv_freq), turned.double(), atol=1e-5, rtol=1e-5)

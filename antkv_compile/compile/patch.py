@@ -22,6 +22,7 @@ import itertools
 
 import torch
 
+from ..quant.rope import of_model as rope_of_model
 from ..hf import _DEFAULT, REFINE_INIT, REFINE_ITERS, check_batch, collect_after_call, compress_static, refine_setting, use_antkv_attention
 from ..quant.codebook import Codebooks
 from .backend import AntKVBackend, mark_growing, own_code
@@ -39,7 +40,8 @@ def patch(model, codebooks: Codebooks | None = None, *, refine: int | tuple[int,
     wrapper keeps the stored rows of each compressed layer's tokens (the newest window rows) in a
     sample on the cache layer and switches its caches to a refined codebook at each count of the
     `refine` schedule (hf.refine_schedule: N, or (FIRST, CAP) doubling; `refine_iters` and
-    `refine_init` as for AntKVCache). `settings` are the cache settings (window, anchor_frac, error, exact_dtype), `inductor`,
+    `refine_init` as for AntKVCache; the model's RoPE, when quant/rope.of_model can read it, as
+    AntKVCache's `rope`, so the last switch serves the model's whole context). `settings` are the cache settings (window, anchor_frac, error, exact_dtype), `inductor`,
     `inductor_config` and `on_nothing_compressed` ("error", the default: a graph with a KV cache
     whose every attention site is declined raises `CompressionError`; "warn": it runs dense with a
     warning). The model switches to the "antkv" attention implementation (SDPA with enable_gqa on
@@ -47,7 +49,7 @@ def patch(model, codebooks: Codebooks | None = None, *, refine: int | tuple[int,
     """
     if codebooks is not None:
         codebooks.check_model(model.config)
-    refinement = refine_setting(codebooks, refine, refine_iters, refine_init)
+    refinement = refine_setting(codebooks, refine, refine_iters, refine_init, rope_of_model(model) if codebooks is None else None)
     backend = AntKVBackend(codebooks, **settings)
     use_antkv_attention(model)
     original = getattr(model, "antkv_original_forward", model.forward)  # patching again replaces the first patch
