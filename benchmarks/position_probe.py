@@ -32,33 +32,23 @@ import torch
 import antkv_compile as ak
 from antkv_compile.evaluation import load_smollm2, load_wikitext_ids
 from antkv_compile.hf import attention_hook
-from antkv_compile.quant import datafree
+from antkv_compile.quant import datafree, rope
 from antkv_compile.quant.basis import to_basis
 from antkv_compile.quant.pq import decode, encode, spec_for_bits
-
-
-def rope_shifted(x, shifts, inv_freq):
-    """Keys x [1, H, T, D] (RoPE in rotate-half pairs) as they would be `shift` positions later,
-    for each shift: [len(shifts), H, T, D]. RoPE rotates pair (i, i + D/2) by position x
-    inv_freq[i], so a later position is one more rotation."""
-    angle = torch.as_tensor(shifts, dtype=torch.float64)[:, None] * inv_freq.double()[None]  # [n, D/2]
-    cos, sin = (f(torch.cat([angle, angle], -1)).float()[:, None, None] for f in (torch.cos, torch.sin))
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
 def online_sides(k, v, bits, tokens, iters, layer, augment=None, inv_freq=None):
     """(basis [H, D, D] or None, centroids) for keys and values of one layer [1, H, T, D]: the
     data-free codebook placed by the moments of the first `tokens` tokens, then `iters` Lloyd
     iterations on them (hf's online refinement at its last switch). With `augment` = N, the keys
-    also count at 3 later offsets spread up to N - tokens (rope_shifted): the positions a context
-    of N tokens reaches."""
+    also count at later offsets spread up to N - tokens (quant/rope.py, as the cache's last switch
+    given the model's RoPE): the positions a context of N tokens reaches."""
     spec = spec_for_bits(bits)
     sides = []
     for x, basis in ((k, datafree.random_rotation(k.shape[1], k.shape[-1], 2 * layer)), (v, None)):
         x = x[:, :, :tokens]
         if augment and basis is not None:
-            x = rope_shifted(x, torch.linspace(0, augment - tokens, 4).round().tolist(), inv_freq)
+            x = rope.shifted(x, torch.linspace(0, augment - tokens, rope.COPIES).round().tolist(), inv_freq)
         xb = x if basis is None else to_basis(x, basis)
         sides.append((basis, datafree.refine(xb, datafree.place(xb, spec), iters) if iters else datafree.place(xb, spec)))
     return sides

@@ -114,8 +114,11 @@ def test_development_probes_run(tmp_path):
                "--value-basis", "pca").stdout
     assert "| layer | side |" in out and "nan" not in out.lower(), out[-2000:]
     out = _run("position_probe.py", "--bits", "2", "--calib-tokens", "512", "--calib-seq-len", "128", "--kmeans-tokens", "256",
-               "--iters", "1", "--context", "512", "--buckets", "128,256").stdout
-    assert "| K | " in out and "calibrated on 128-token sequences" in out, out[-2000:]
+               "--iters", "1", "--context", "512", "--buckets", "128,256", "--calib-positions", "512").stdout
+    assert "| K | " in out and "calibrated on 128-token sequences over positions [0, 512)" in out, out[-2000:]
+    out = _run("position_probe.py", "--bits", "2", "--online", "128", "--online-iters", "1", "--online-augment", "512",
+               "--context", "512", "--buckets", "128,256").stdout
+    assert "| K | " in out and "keys also RoPE-shifted up to 512" in out and "nan" not in out.lower(), out[-2000:]
     _run("refine_probe.py", "--configs", "fp,2:64:1", "--out", str(tmp_path / "probe.json"), "--windows", "1", "--context", "160",
          "--prompt", "32", "--buckets", "64,96")
     assert set(json.loads((tmp_path / "probe.json").read_text())) == {"fp", "2:64:1"}
