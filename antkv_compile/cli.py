@@ -138,8 +138,9 @@ def get_codebooks(args, model, tok, load_file: bool = True):
         return books
     ids = load_wikitext_ids(tok, args.data)[: args.calib_tokens]
     t0 = time.perf_counter()
+    spread = {} if args.positions is None else {"positions": args.positions}
     books, cached, hit = cached_calibrate(model, ids, bits=args.bits, recalibrate=args.recalibrate, seq_len=args.seq_len,
-                                          max_tokens=args.calib_tokens, kv_split=args.kv_split)  # fmt: skip
+                                          max_tokens=args.calib_tokens, kv_split=args.kv_split, **spread)  # fmt: skip
     if hit:
         print(f"reusing cached codebooks {cached} ({describe(books)}); --recalibrate to fit them again")
     else:
@@ -289,6 +290,9 @@ def add_codebook_args(p, calib_tokens: int, file_option: bool = True):
                    help="calibration text file (default: $ANTKV_WIKITEXT or ../shared/data/wikitext-2-raw/wiki.test.raw beside the repository)")
     p.add_argument("--calib-tokens", type=int, default=calib_tokens, help=f"calibrate on the first N tokens of the text (default {calib_tokens})")
     p.add_argument("--seq-len", type=int, default=1024, help="calibration sequence length; --calib-tokens must be at least this (default 1024)")
+    p.add_argument("--positions", type=int, metavar="N",
+                   help="spread the calibration sequences over N positions (shifted position ids), so the codebooks serve a "
+                        "context of N tokens at the cost of --seq-len sequences (default: --seq-len)")
     p.add_argument("--kv-split", default="auto", choices=["auto", "equal"],
                    help="how the bit budget is split between keys and values: measured on calibration probes, or equal (default auto)")
     p.add_argument("--recalibrate", action="store_true", help="fit the codebooks again instead of reusing the cached (or --codebooks) ones")

@@ -95,6 +95,12 @@ def test_calibrate_writes_the_codebooks_calibrate_gives_and_reuses_the_cache(cap
     assert "reusing cached codebooks" in again and "calibrated on" not in again
     refit = run_cli(capsys, monkeypatch, tmp_path, "calibrate", *_model_args(tiny_dir), "--recalibrate")
     assert "calibrated on 256 tokens" in refit
+    spread = run_cli(capsys, monkeypatch, tmp_path, "calibrate", *_model_args(tiny_dir), "--positions", "200", "-o", str(out_file))
+    assert "calibrated on 256 tokens" in spread  # another setting: not the cached file
+    books = ak.Codebooks.load(out_file, config=model.config)
+    ref = ak.calibrate(model, ids, bits=1.0, seq_len=64, max_tokens=256, progress=False, positions=200)
+    assert books.settings["calibration_positions"] == 200
+    assert all(torch.equal(a, b) for a, b in zip(books.tensors(), ref.tensors(), strict=True))
 
 
 def test_generate_eager_prints_what_generate_with_the_compressed_cache_gives(capsys, monkeypatch, tmp_path, tiny_dir):
