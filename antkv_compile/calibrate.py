@@ -102,21 +102,38 @@ def position_offsets(n_seq: int, seq_len: int, positions: int | None) -> list[in
     return [round(i * span / (n_seq - 1)) if n_seq > 1 else 0 for i in range(n_seq)]
 
 
+def auto_positions(model, n_seq: int, seq_len: int) -> int | None:
+    """calibrate's default `positions`: for a RoPE model, its trained context
+    (max_position_embeddings) as far as the sequences tile it without gaps (n_seq x seq_len);
+    None (the sequences' own positions) for a model without RoPE."""
+    rotary = any("Rotary" in type(m).__name__ and isinstance(getattr(m, "inv_freq", None), torch.Tensor) for m in model.modules())
+    context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if not rotary or not isinstance(context, int):
+        return None
+    covered = min(context, n_seq * seq_len)
+    return covered if covered > seq_len else None
+
+
 @torch.no_grad()
 def collect_calibration(model, texts_or_ids, tokenizer=None, seq_len=1024, max_tokens=8192, probe=64, progress=True,
-                        positions: int | None = None) -> CalibrationData:  # fmt: skip
+                        positions: int | str | None = "auto") -> CalibrationData:  # fmt: skip
     """Run `model` over the calibration tokens and keep what codebook fitting needs (see module doc).
 
-    positions (default: seq_len): the positions the codebooks should serve. Keys are post-RoPE, so
-    a codebook serves the positions its keys were seen at. With positions > seq_len each sequence
-    runs at position ids shifted by an offset (position_offsets), spread so the sequences cover
-    [0, positions): under RoPE attention depends on relative positions only, so a sequence's
-    hidden states do not change and its keys are the ones the same text would have that far into a
-    context, at the cost of seq_len-token sequences (the Anchor Score pass is quadratic in it)."""
+    positions: the positions the codebooks should serve. Keys are post-RoPE, so a codebook serves
+    the positions its keys were seen at. With positions > seq_len each sequence runs at position
+    ids shifted by an offset (position_offsets), spread so the sequences cover [0, positions):
+    under RoPE attention depends on relative positions only, so a sequence's hidden states do not
+    change and its keys are the ones the same text would have that far into a context, at the cost
+    of seq_len-token sequences (the Anchor Score pass is quadratic in it). "auto" (default): the
+    model's trained context as far as the sequences tile it (auto_positions); None: seq_len (SmolLM2,
+    1 bit, 8192-token windows: 4.96x FP perplexity on 1024-token sequences, 1.36x spread over 8192
+    positions, 1.33x on 8192-token sequences; on 2048-token windows the spread changes nothing)."""
     from .hf import attention_hook
 
     _check_model_dtype(model)
     seqs = _as_sequences(texts_or_ids, tokenizer, seq_len, max_tokens)
+    if positions == "auto":
+        positions = auto_positions(model, len(seqs), seqs.shape[1])
     offsets = position_offsets(len(seqs), seqs.shape[1], positions)
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     per_layer: list[list[tuple]] = [[] for _ in range(n_layers)]
@@ -459,10 +476,10 @@ def fit_codebooks(
 
 
 def calibrate(model, texts_or_ids, bits: float = 1.0, tokenizer=None, seq_len=1024, max_tokens=8192, progress=True,
-              positions: int | None = None, **fit_kwargs) -> Codebooks:  # fmt: skip
+              positions: int | str | None = "auto", **fit_kwargs) -> Codebooks:  # fmt: skip
     """Codebooks for `model` at an average of `bits` per element, learned from calibration text or
-    ids in sequences of seq_len tokens, serving positions below `positions` (default seq_len;
-    collect_calibration)."""
+    ids in sequences of seq_len tokens, serving positions below `positions` (default "auto": the
+    model's trained context as far as the sequences tile it; None: seq_len; collect_calibration)."""
     data = collect_calibration(model, texts_or_ids, tokenizer, seq_len=seq_len, max_tokens=max_tokens, progress=progress,
                                positions=positions)  # fmt: skip
     return fit_codebooks(data, bits, progress=progress, **fit_kwargs)

@@ -292,7 +292,8 @@ def add_codebook_args(p, calib_tokens: int, file_option: bool = True):
     p.add_argument("--seq-len", type=int, default=1024, help="calibration sequence length; --calib-tokens must be at least this (default 1024)")
     p.add_argument("--positions", type=int, metavar="N",
                    help="spread the calibration sequences over N positions (shifted position ids), so the codebooks serve a "
-                        "context of N tokens at the cost of --seq-len sequences (default: --seq-len)")
+                        "context of N tokens at the cost of --seq-len sequences (default: a RoPE model's trained context, as far as "
+                        "the calibration tokens tile it)")
     p.add_argument("--kv-split", default="auto", choices=["auto", "equal"],
                    help="how the bit budget is split between keys and values: measured on calibration probes, or equal (default auto)")
     p.add_argument("--recalibrate", action="store_true", help="fit the codebooks again instead of reusing the cached (or --codebooks) ones")

@@ -182,7 +182,7 @@ def _calibration(ctx: Context) -> ak.CalibrationData:
             _CALIBRATION[key] = ak.CalibrationData(**fields)
         else:
             _CALIBRATION[key] = ak.collect_calibration(ctx.model, ctx.calib_ids, seq_len=ctx.calib_seq_len, max_tokens=None,
-                                                             positions=ctx.calib_positions)  # fmt: skip
+                                                             positions=ctx.calib_positions)  # fmt: skip (None: not spread)
             if path is not None:  # every field but the in-memory memo of fits
                 data = _CALIBRATION[key]
                 fields = {f.name: getattr(data, f.name) for f in dataclass_fields(data) if f.name != "fits"}

@@ -88,7 +88,7 @@ def test_calibration_spread_over_positions_sees_the_keys_of_those_positions(tiny
     config's rope_theta, rotate-half pairs), so the codebooks serve [0, positions)."""
     model, _ = tiny
     ids = torch.randint(3, 96, (96,))
-    plain = ak.collect_calibration(model, ids, seq_len=32, max_tokens=None, progress=False)
+    plain = ak.collect_calibration(model, ids, seq_len=32, max_tokens=None, progress=False, positions=None)
     spread = ak.collect_calibration(model, ids, seq_len=32, max_tokens=None, progress=False, positions=200)
     offsets = [0, 84, 168]  # evenly over [0, 200 - 32]
     D = plain.keys[0].shape[-1]
@@ -103,6 +103,14 @@ def test_calibration_spread_over_positions_sees_the_keys_of_those_positions(tiny
             torch.testing.assert_close(spread.keys[layer][s].double(), rotated, atol=1e-4, rtol=1e-4)
     books = ak.fit_codebooks(spread, bits=1.0, kmeans_tokens=64, iters=1, progress=False)
     assert books.settings["calibration_positions"] == 200 and books.settings["calibration_seq_len"] == 32
+    # the default: the trained context (256) as far as 3 sequences of 32 tile it, 96 positions
+    auto = ak.collect_calibration(model, ids, seq_len=32, max_tokens=None, progress=False)
+    assert auto.covered_positions == 96
+    for layer in range(model.config.num_hidden_layers):
+        k = plain.keys[layer][2].double()
+        angle = (64 * inv_freq).repeat(2)  # the third sequence starts at 96 - 32
+        rotated = k * angle.cos() + torch.cat([-k[..., D // 2 :], k[..., : D // 2]], -1) * angle.sin()
+        torch.testing.assert_close(auto.keys[layer][2].double(), rotated, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="positions must be a number of positions >= seq_len=32"):
         ak.collect_calibration(model, ids, seq_len=32, max_tokens=None, progress=False, positions=16)
 

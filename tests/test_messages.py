@@ -82,7 +82,7 @@ def test_a_cache_past_the_calibrated_positions_warns_once(tiny_llama, tmp_path):
     of them warns once when it holds more tokens (eager AntKVCache: at the call that passes 32, not
     before; AntKVStaticCache: at its allocation for more), naming seq_len as the fix."""
     torch.manual_seed(1)
-    books = ak.calibrate(tiny_llama, torch.randint(0, 64, (64,)), seq_len=32, kmeans_tokens=64, iters=1, progress=False)
+    books = ak.calibrate(tiny_llama, torch.randint(0, 64, (64,)), seq_len=32, kmeans_tokens=64, iters=1, progress=False, positions=None)
     books.save(tmp_path / "b.safetensors")
     books = ak.Codebooks.load(tmp_path / "b.safetensors")
     assert books.settings["calibration_positions"] == 32
@@ -105,7 +105,7 @@ def test_patch_warns_once_past_the_calibrated_positions():
     from helpers import tiny_llama as fresh_llama
 
     model = fresh_llama()
-    books = ak.calibrate(model, torch.randint(3, 96, (64,)), seq_len=32, kmeans_tokens=64, iters=1, progress=False)
+    books = ak.calibrate(model, torch.randint(3, 96, (64,)), seq_len=32, kmeans_tokens=64, iters=1, progress=False, positions=None)
     ak.patch(model, books, inductor=False)
     with warnings.catch_warnings(record=True) as seen, torch.no_grad():
         warnings.simplefilter("always")
