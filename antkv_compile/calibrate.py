@@ -30,6 +30,7 @@ from .quant.basis import fit_key_basis, query_to_basis, to_basis
 from .quant.codebook import Codebooks, CodebookSide, LayerCodebook, model_fingerprint
 from .quant.kmeans import weighted_kmeans
 from .quant.pq import PRESETS, SUPPORTED_DTYPES, PQSpec, decode, encode, spec_for_bits
+from .quant.rope import rotary_module, spread
 
 
 @dataclass
@@ -98,17 +99,15 @@ def position_offsets(n_seq: int, seq_len: int, positions: int | None) -> list[in
     if isinstance(positions, bool) or not isinstance(positions, int) or positions < seq_len:
         raise ValueError(f"positions must be a number of positions >= seq_len={seq_len} (the context the codebooks serve), "
                          f"got {positions!r}")
-    span = positions - seq_len
-    return [round(i * span / (n_seq - 1)) if n_seq > 1 else 0 for i in range(n_seq)]
+    return spread(n_seq, positions - seq_len)
 
 
 def auto_positions(model, n_seq: int, seq_len: int) -> int | None:
     """calibrate's default `positions`: for a RoPE model, its trained context
     (max_position_embeddings) as far as the sequences tile it without gaps (n_seq x seq_len);
     None (the sequences' own positions) for a model without RoPE."""
-    rotary = any("Rotary" in type(m).__name__ and isinstance(getattr(m, "inv_freq", None), torch.Tensor) for m in model.modules())
     context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    if not rotary or not isinstance(context, int):
+    if rotary_module(model) is None or not isinstance(context, int):
         return None
     covered = min(context, n_seq * seq_len)
     return covered if covered > seq_len else None

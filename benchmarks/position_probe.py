@@ -48,7 +48,7 @@ def online_sides(k, v, bits, tokens, iters, layer, augment=None, inv_freq=None):
     for x, basis in ((k, datafree.random_rotation(k.shape[1], k.shape[-1], 2 * layer)), (v, None)):
         x = x[:, :, :tokens]
         if augment and basis is not None:
-            x = rope.shifted(x, torch.linspace(0, augment - tokens, rope.COPIES).round().tolist(), inv_freq)
+            x = rope.augment(x, torch.zeros(x.shape[1], 0, 0), torch.zeros(x.shape[1], 0, 0), rope.Rope(inv_freq, augment))
         xb = x if basis is None else to_basis(x, basis)
         sides.append((basis, datafree.refine(xb, datafree.place(xb, spec), iters) if iters else datafree.place(xb, spec)))
     return sides

@@ -94,23 +94,22 @@ def test_calibration_spread_over_positions_sees_the_keys_of_those_positions(tiny
     D = plain.keys[0].shape[-1]
     rope = getattr(model.config, "rope_parameters", None) or {"rope_theta": model.config.rope_theta}  # transformers 5 / 4
     inv_freq = rope["rope_theta"] ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+
+    def turned(k, offset):  # rotate-half pairs (i, i + D/2) by offset x inv_freq[i], float64
+        angle = (offset * inv_freq).repeat(2)
+        return k * angle.cos() + torch.cat([-k[..., D // 2 :], k[..., : D // 2]], -1) * angle.sin()
+
     for layer in range(model.config.num_hidden_layers):
         torch.testing.assert_close(spread.values[layer], plain.values[layer], atol=2e-5, rtol=1e-4)
         for s, offset in enumerate(offsets):
-            k = plain.keys[layer][s].double()
-            angle = (offset * inv_freq).repeat(2)
-            rotated = k * angle.cos() + torch.cat([-k[..., D // 2 :], k[..., : D // 2]], -1) * angle.sin()
-            torch.testing.assert_close(spread.keys[layer][s].double(), rotated, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(spread.keys[layer][s].double(), turned(plain.keys[layer][s].double(), offset), atol=1e-4, rtol=1e-4)
     books = ak.fit_codebooks(spread, bits=1.0, kmeans_tokens=64, iters=1, progress=False)
     assert books.settings["calibration_positions"] == 200 and books.settings["calibration_seq_len"] == 32
     # the default: the trained context (256) as far as 3 sequences of 32 tile it, 96 positions
     auto = ak.collect_calibration(model, ids, seq_len=32, max_tokens=None, progress=False)
     assert auto.covered_positions == 96
-    for layer in range(model.config.num_hidden_layers):
-        k = plain.keys[layer][2].double()
-        angle = (64 * inv_freq).repeat(2)  # the third sequence starts at 96 - 32
-        rotated = k * angle.cos() + torch.cat([-k[..., D // 2 :], k[..., : D // 2]], -1) * angle.sin()
-        torch.testing.assert_close(auto.keys[layer][2].double(), rotated, atol=1e-4, rtol=1e-4)
+    for layer in range(model.config.num_hidden_layers):  # the third sequence starts at 96 - 32
+        torch.testing.assert_close(auto.keys[layer][2].double(), turned(plain.keys[layer][2].double(), 64), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="positions must be a number of positions >= seq_len=32"):
         ak.collect_calibration(model, ids, seq_len=32, max_tokens=None, progress=False, positions=16)
 

@@ -31,6 +31,16 @@ class Rope(NamedTuple):
     positions: int
 
 
+def spread(n: int, span: int) -> list[int]:
+    """n offsets spread evenly over [0, span], the first 0 and the last `span` (one: 0)."""
+    return [round(i * span / (n - 1)) if n > 1 else 0 for i in range(n)]
+
+
+def rotary_module(model) -> torch.nn.Module | None:
+    """The model's rotary embedding (a *Rotary* module holding inv_freq), None if it has none."""
+    return next((m for m in model.modules() if "Rotary" in type(m).__name__ and isinstance(getattr(m, "inv_freq", None), torch.Tensor)), None)
+
+
 def shifted(x: torch.Tensor, shifts, inv_freq: torch.Tensor) -> torch.Tensor:
     """Post-RoPE keys x [B, H, T, D] as the same keys `shift` positions later, for each shift:
     [len(shifts) * B, H, T, D] (rotate-half pairs: (i, i + D/2) turned by shift x inv_freq[i])."""
@@ -50,14 +60,14 @@ def augment(rows: torch.Tensor, basis: torch.Tensor, basis_inv: torch.Tensor, ro
     if rope.positions <= T:
         return rows
     x = rows if basis.numel() == 0 else torch.einsum("bhtd,hde->bhte", rows.float(), basis_inv).to(rows.dtype)
-    x = shifted(x, torch.linspace(0, rope.positions - T, COPIES).round().tolist(), rope.inv_freq)
+    x = shifted(x, spread(COPIES, rope.positions - T), rope.inv_freq)
     return x if basis.numel() == 0 else torch.einsum("bhtd,hde->bhte", x.float(), basis).to(rows.dtype)
 
 
 def of_model(model) -> Rope | None:
     """The model's Rope, if its attention applies rotate-half RoPE over the whole head (checked by
     running its own apply_rotary_pos_emb against `shifted`), else None."""
-    rotary = next((m for m in model.modules() if "Rotary" in type(m).__name__ and isinstance(getattr(m, "inv_freq", None), torch.Tensor)), None)
+    rotary = rotary_module(model)
     modeling = sys.modules.get(type(model).__module__)
     apply = getattr(modeling, "apply_rotary_pos_emb", None)
     config = model.config.get_text_config(decoder=True)
