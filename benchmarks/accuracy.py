@@ -270,6 +270,33 @@ for _bits in (1.0,):
                         fit={"kv_split": (4.0, _bits)}))
 
 
+def _prerope_row(bits: float) -> Row:
+    """Probe (benchmarks/prerope.py): keys quantized before RoPE, the rest as the antkv row (its
+    default split is K/V equal at 1 and 2 bits, kept here without the measurement, which scores
+    post-RoPE probe queries). Dense attention in Python: no kernel reads such a cache yet."""
+
+    def setup(ctx: Context) -> Setup:
+        import hashlib
+
+        import prerope
+
+        inv_freq = ak.model_rope(ctx.model).inv_freq
+        version = hashlib.sha256(Path(prerope.__file__).read_bytes()).hexdigest()[:8]  # an edit there refits
+        books = _books(ctx, f"antkv-{bits:g}bit-prerope-{version}",
+                       lambda: ak.fit_codebooks(prerope.prerope_data(_calibration(ctx), inv_freq), bits, kv_split="equal", **_FIT_OVERRIDES))
+        prerope.use(ctx.model)
+        return Setup(lambda n: prerope.PreRopeCache(books, inv_freq, max_cache_len=n), codebooks=books.tensors(),
+                     details=f"split {books.settings['chosen'][0]}, key basis, " + ctx.calibrated_on)
+
+    return Row(f"antkv-{bits:g}bit-prerope", bits, setup, kind="ours",
+               notes=f"probe: {_DEFAULTS}, keys quantized before RoPE (turned back by their position on write, forward in attention; "
+                     f"dense attention in Python, no kernel)")
+
+
+for _bits in (2.0, 1.0, 0.375):
+    register(_prerope_row(_bits))
+
+
 # Bits per layer and side. The probe (calibrate.side_errors) finds keys at 1 bit costing ~2x the
 # attention-output error of values and layer 0 almost none, so the allocation moves key bits up on
 # layers 5-12 and values down to 0.5 where they cost least. Development windows (--eval-offset
