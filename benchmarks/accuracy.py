@@ -277,11 +277,13 @@ def _prerope_row(bits: float) -> Row:
 
     def setup(ctx: Context) -> Setup:
         import hashlib
+        import inspect
 
         import prerope
 
         inv_freq = ak.model_rope(ctx.model).inv_freq
-        version = hashlib.sha256(Path(prerope.__file__).read_bytes()).hexdigest()[:8]  # an edit there refits
+        fitted_by = inspect.getsource(prerope.turn) + inspect.getsource(prerope.prerope_data) + f"{prerope.LOOKBACK} {prerope.DISTANCES}"
+        version = hashlib.sha256(fitted_by.encode()).hexdigest()[:8]  # an edit of what the fit sees refits
         books = _books(ctx, f"antkv-{bits:g}bit-prerope-{version}",
                        lambda: ak.fit_codebooks(prerope.prerope_data(_calibration(ctx), inv_freq), bits, kv_split="equal", **_FIT_OVERRIDES))
         prerope.use(ctx.model)

