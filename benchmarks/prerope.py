@@ -43,7 +43,8 @@ from antkv_compile.cache import VQTensor
 from antkv_compile.calibrate import position_offsets
 from antkv_compile.hf import AntKVLayer, antkv_attention_forward
 from antkv_compile.quant.anchor_score import group_query_heads, pairwise_dist
-from antkv_compile.quant.basis import query_to_basis
+from antkv_compile.quant.basis import from_basis, query_to_basis
+from antkv_compile.quant.pq import decode
 from antkv_compile.quant.rope import shifted, spread
 
 LOOKBACK = 2048  # distances a query looks back over, for the pre-RoPE key basis's query moment
@@ -79,18 +80,65 @@ def prerope_data(data: ak.CalibrationData, inv_freq: torch.Tensor) -> ak.Calibra
     return replace(data, keys=keys, query_moment=moments, fits={})
 
 
+class Dense:
+    """The dense rows one cache side stands for (state.dequantize), kept across calls: the encoded
+    tokens' codes never change, so each is decoded once, when it leaves the window; anchor and
+    window rows are read every call. With RoPE tables (cos, sin [capacity, D]) every row is turned
+    forward by its position (keys stored before RoPE)."""
+
+    def __init__(self, capacity: int, tables: tuple | None = None):
+        self.capacity, self.tables = capacity, tables
+        self.buf, self.upto = None, 0
+
+    def _turned(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x [B, H, n, D] (model coordinates) turned to positions pos ([n], or [B, H, n])."""
+        if self.tables is None:
+            return x
+        cos, sin = (t[pos] for t in self.tables)
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+    def rows(self, side) -> torch.Tensor:
+        B, H, T, D = side.codes.shape[0], side.codes.shape[1], side.codes.shape[2], side.window.shape[-1]
+        Tc = T - side.window.shape[2]
+        if T > self.capacity:
+            raise ValueError(f"this probe cache was made for {self.capacity} tokens (max_cache_len), got {T}")
+        if self.buf is None:
+            self.buf = side.window.new_zeros(B, H, self.capacity, D, dtype=torch.float32)
+        if self.upto < Tc:
+            new = from_basis(decode(side.codes[:, :, self.upto : Tc], side.centroids).float(), side.basis_inv)
+            self.buf[:, :, self.upto : Tc] = self._turned(new, torch.arange(self.upto, Tc))
+            self.upto = Tc
+        out = torch.cat([self.buf[:, :, :Tc], self._turned(from_basis(side.window.float(), side.basis_inv), torch.arange(Tc, T)),
+                         self.buf.new_zeros(B, H, 1, D)], 2)  # a dummy row for empty anchor slots
+        pos = torch.where(side.anchor_pos >= 0, side.anchor_pos.long(), T)
+        anchors = self._turned(from_basis(side.anchor_rows.float(), side.basis_inv), pos.clamp_max(T - 1))
+        out.scatter_(2, pos[..., None].expand(-1, -1, -1, D), anchors)
+        return out[:, :, :T]
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: int) -> tuple:
+    angle = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq.double()
+    angle = torch.cat([angle, angle], -1)
+    return angle.cos().float(), angle.sin().float()
+
+
 class PreRopeLayer(AntKVLayer):
     inv_freq: torch.Tensor
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            capacity = self.max_cache_len or 4096
+            self.dense = (Dense(capacity, rope_tables(self.inv_freq, capacity)), Dense(capacity))
         start = self.keys.shape[2] if self.is_initialized else 0
         keys, values = super().update(turn(key_states, start, self.inv_freq, -1), value_states, *args, **kwargs)
-        keys.prerope_inv_freq = self.inv_freq  # read by `attention`
+        keys.prerope = self  # read by `attention`
         return keys, values
 
 
 class PreRopeCache(ak.AntKVCache):
-    """AntKVCache with keys stored before RoPE (calibrated codebooks from `prerope_data`)."""
+    """AntKVCache with keys stored before RoPE (calibrated codebooks from `prerope_data`); one
+    generation from position 0 (no crop or reorder)."""
 
     def __init__(self, codebooks: ak.Codebooks, inv_freq: torch.Tensor, **kwargs):
         super().__init__(codebooks, **kwargs)
@@ -101,15 +149,14 @@ class PreRopeCache(ak.AntKVCache):
 
 
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    inv_freq = getattr(key, "prerope_inv_freq", None)
-    if not isinstance(key, VQTensor) or inv_freq is None:
+    layer = getattr(key, "prerope", None)
+    if not isinstance(key, VQTensor) or layer is None:
         return antkv_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     B, Hq, L, D = query.shape
     Hkv, T, Tw = key.shape[1], key.shape[2], key.num_window
     G = Hq // Hkv
     scale = 1 / math.sqrt(D) if scaling is None else scaling
-    k = turn(key.dequantize().float(), 0, inv_freq)
-    v = value.dequantize().float()
+    k, v = layer.dense[0].rows(key.side), layer.dense[1].rows(value.side)
     qg = query.float().reshape(B, Hkv, G * L, D)
     s = (qg @ k.transpose(-1, -2)).view(B, Hkv, G, L, T) * scale
     if attention_mask is not None:
@@ -122,7 +169,7 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     o = p @ v
     if Tw:  # the window's Anchor Score sums, as ops/reference.py returns them
         pw = p[..., T - Tw:]
-        q_pre = turn(qg.view(B, Hkv * G, L, D), T - L, inv_freq, -1).reshape(B, Hq, L, D)
+        q_pre = turn(query.float(), T - L, layer.inv_freq, -1)
         qnorm = scale * query_to_basis(q_pre, key.basis_inv).float().reshape(B, Hkv, G * L, D).norm(dim=-1, keepdim=True)
         s1 = (pw * qnorm * pairwise_dist(o, value.window.float())).sum(2)
         score = key.window_err * s1 + value.window_err * pw.sum(2)
@@ -150,8 +197,8 @@ def main(argv=None):
     from antkv_compile.calibrate import _kmeans_side
     from antkv_compile.evaluation import load_smollm2, load_wikitext_ids
     from antkv_compile.hf import attention_hook
-    from antkv_compile.quant.basis import fit_key_basis, from_basis, to_basis
-    from antkv_compile.quant.pq import decode, encode, spec_for_bits
+    from antkv_compile.quant.basis import fit_key_basis, to_basis
+    from antkv_compile.quant.pq import encode, spec_for_bits
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", type=float, default=1.0)
