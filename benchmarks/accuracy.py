@@ -270,9 +270,9 @@ for _bits in (1.0,):
                         fit={"kv_split": (4.0, _bits)}))
 
 
-def _prerope_row(bits: float) -> Row:
-    """Probe (benchmarks/prerope.py): keys quantized before RoPE, the rest as the antkv row (its
-    default split is K/V equal at 1 and 2 bits, kept here without the measurement, which scores
+def _prerope_row(bits: float, split: tuple) -> Row:
+    """Probe (benchmarks/prerope.py): keys quantized before RoPE, the rest as the antkv row, with
+    the K/V split the antkv row's measurement chose (`split`; the measurement itself scores
     post-RoPE probe queries). Dense attention in Python: no kernel reads such a cache yet."""
 
     def setup(ctx: Context) -> Setup:
@@ -285,18 +285,19 @@ def _prerope_row(bits: float) -> Row:
         fitted_by = inspect.getsource(prerope.turn) + inspect.getsource(prerope.prerope_data) + f"{prerope.LOOKBACK} {prerope.DISTANCES}"
         version = hashlib.sha256(fitted_by.encode()).hexdigest()[:8]  # an edit of what the fit sees refits
         books = _books(ctx, f"antkv-{bits:g}bit-prerope-{version}",
-                       lambda: ak.fit_codebooks(prerope.prerope_data(_calibration(ctx), inv_freq), bits, kv_split="equal", **_FIT_OVERRIDES))
+                       lambda: ak.fit_codebooks(prerope.prerope_data(_calibration(ctx), inv_freq), bits, kv_split=split, **_FIT_OVERRIDES))
         prerope.use(ctx.model)
         return Setup(lambda n: prerope.PreRopeCache(books, inv_freq, max_cache_len=n), codebooks=books.tensors(),
-                     details=f"split {books.settings['chosen'][0]}, key basis, " + ctx.calibrated_on)
+                     details=f"split {books.settings['chosen'][0]}, {'key basis' if any(books.settings['key_basis_used']) else 'no key basis'}, "
+                             + ctx.calibrated_on)
 
     return Row(f"antkv-{bits:g}bit-prerope", bits, setup, kind="ours",
                notes=f"probe: {_DEFAULTS}, keys quantized before RoPE (turned back by their position on write, forward in attention; "
                      f"dense attention in Python, no kernel)")
 
 
-for _bits in (2.0, 1.0, 0.375):
-    register(_prerope_row(_bits))
+for _bits, _split in ((2.0, (2.0, 2.0)), (1.0, (1.0, 1.0)), (0.375, (0.5, 0.25))):
+    register(_prerope_row(_bits, _split))
 
 
 # Bits per layer and side. The probe (calibrate.side_errors) finds keys at 1 bit costing ~2x the
