@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from antkv_compile.evaluation import DEFAULT_WIKITEXT, WIKITEXT_ENV
 
@@ -129,3 +130,54 @@ def test_development_probes_run(tmp_path):
          "--out", str(tmp_path / "sweep"))
     records = json.loads((tmp_path / "sweep" / "accuracy.json").read_text())
     assert {r["name"] for r in records} >= {"fp", "refined-2bit-r64-i1"} and not _errors(records), records
+
+
+def _turned_reference(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rows x [B, H, T, D] turned forward by their positions 0..T-1, as complex numbers in float64:
+    the pair (i, i + D/2) is x_i + j x_{i+D/2}, multiplied by exp(j t inv_freq[i])."""
+    h = x.shape[-1] // 2
+    z = torch.complex(x[..., :h].double(), x[..., h:].double())
+    z = z * torch.polar(torch.ones(()).double(), torch.arange(x.shape[2]).double()[:, None] * inv_freq.double())
+    return torch.cat([z.real, z.imag], -1)
+
+
+def test_prerope_probe_cache():
+    """The pre-RoPE probe's cache (benchmarks/prerope.py, whose rows the results quote): with every
+    row exact it gives a DynamicCache's logits call by call, and compressed, at every step the keys
+    its attention reads are the cache's own dequantized (pre-RoPE) keys turned forward by their
+    positions, against a float64 complex rotation."""
+    from helpers import tiny_llama
+    from transformers import DynamicCache
+
+    import antkv_compile as ak
+    from antkv_compile.hf import cache_keyword
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import prerope
+
+    model = tiny_llama()
+    inv_freq = ak.model_rope(model).inv_freq
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    data = ak.collect_calibration(model, torch.randint(3, 96, (256,), generator=gen), seq_len=64, max_tokens=None, positions=None,
+                                  progress=False)  # fmt: skip
+    books = ak.fit_codebooks(prerope.prerope_data(data, inv_freq), 1.0, kv_split="equal", iters=2, kmeans_tokens=256, progress=False)
+    ids = torch.randint(3, 96, (2, 48), generator=gen)
+    calls = [(0, 8)] + [(t, t + 1) for t in range(8, 48)]
+    keyword = cache_keyword(model)
+    prerope.use(model)
+    try:
+        dense, exact = DynamicCache(config=model.config), prerope.PreRopeCache(books, inv_freq, window=1000, max_cache_len=48)
+        compressed = prerope.PreRopeCache(books, inv_freq, max_cache_len=48)
+        with torch.no_grad():
+            for a, b in calls:
+                want = model(ids[:, a:b], **{keyword: dense}, use_cache=True).logits
+                got = model(ids[:, a:b], **{keyword: exact}, use_cache=True).logits
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+                model(ids[:, a:b], **{keyword: compressed}, use_cache=True)
+                for layer in compressed.layers:
+                    reference = _turned_reference(layer.keys.dequantize(), inv_freq)
+                    torch.testing.assert_close(layer.dense[0].rows(layer.keys.side).double(), reference, atol=1e-5, rtol=1e-5)
+                    torch.testing.assert_close(layer.dense[1].rows(layer.values.side), layer.values.dequantize())
+        assert int((compressed.layers[0].keys.anchor_pos >= 0).sum()) > 0, "no anchors were chosen: the window scores never arrived"
+    finally:
+        ak.use_antkv_attention(model)
