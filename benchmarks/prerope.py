@@ -45,6 +45,7 @@ from antkv_compile.hf import AntKVLayer, antkv_attention_forward
 from antkv_compile.quant.anchor_score import group_query_heads, pairwise_dist
 from antkv_compile.quant.basis import from_basis, query_to_basis
 from antkv_compile.quant.pq import decode
+from antkv_compile.quant import rope
 from antkv_compile.quant.rope import shifted, spread
 
 LOOKBACK = 2048  # distances a query looks back over, for the pre-RoPE key basis's query moment
@@ -53,16 +54,10 @@ ATTN_NAME = "antkv_prerope"
 
 
 def turn(x: torch.Tensor, start, inv_freq: torch.Tensor, sign: int = 1) -> torch.Tensor:
-    """x [B, H, T, D] with row t turned by sign x (start + t) positions (rotate-half RoPE);
-    `start` an int or a [B] tensor of first positions."""
-    T, D = x.shape[2], x.shape[-1]
-    start = torch.as_tensor(start, dtype=torch.float64).reshape(-1, 1, 1, 1)  # [B or 1, 1, 1, 1]
-    pos = start + torch.arange(T, dtype=torch.float64)[:, None]  # [., 1, T, 1]
-    angle = sign * pos * inv_freq.double()
-    angle = torch.cat([angle, angle], -1)
-    half = D // 2
-    turned = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return (x.double() * angle.cos() + turned.double() * angle.sin()).to(x.dtype)
+    """x [B, H, T, D] with row t turned by sign x (start + t) positions; `start` an int or a [B]
+    tensor of first positions."""
+    start = torch.as_tensor(start, dtype=torch.float64).reshape(-1, 1, 1)  # [B or 1, 1, 1]
+    return rope.turn(x, sign * (start + torch.arange(x.shape[2], dtype=torch.float64)), inv_freq)
 
 
 def prerope_data(data: ak.CalibrationData, inv_freq: torch.Tensor) -> ak.CalibrationData:
@@ -95,8 +90,7 @@ class Dense:
         if self.tables is None:
             return x
         cos, sin = (t[pos] for t in self.tables)
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+        return rope.rotate(x, cos, sin)
 
     def rows(self, side) -> torch.Tensor:
         B, H, T, D = side.codes.shape[0], side.codes.shape[1], side.codes.shape[2], side.window.shape[-1]

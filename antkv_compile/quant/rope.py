@@ -41,15 +41,26 @@ def rotary_module(model) -> torch.nn.Module | None:
     return next((m for m in model.modules() if "Rotary" in type(m).__name__ and isinstance(getattr(m, "inv_freq", None), torch.Tensor)), None)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of rows x [..., D] by angles given as cos, sin [..., D] (each pair
+    (i, i + D/2) turned by its angle: the first half's angles repeated)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def turn(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x [..., D] turned by `positions` (broadcastable to x.shape[:-1]; negative turns back),
+    computed in float64, returned in x's dtype."""
+    angle = torch.as_tensor(positions, dtype=torch.float64, device=x.device)[..., None] * inv_freq.to(x.device, torch.float64)
+    angle = torch.cat([angle, angle], -1)
+    return rotate(x.double(), angle.cos(), angle.sin()).to(x.dtype)
+
+
 def shifted(x: torch.Tensor, shifts, inv_freq: torch.Tensor) -> torch.Tensor:
     """Post-RoPE keys x [B, H, T, D] as the same keys `shift` positions later, for each shift:
     [len(shifts) * B, H, T, D] (rotate-half pairs: (i, i + D/2) turned by shift x inv_freq[i])."""
-    angle = torch.as_tensor(shifts, dtype=torch.float64, device=x.device)[:, None] * inv_freq.to(x.device, torch.float64)[None]
-    angle = torch.cat([angle, angle], -1)[:, None, None, None, :]  # [n, 1, 1, 1, D]
-    half = x.shape[-1] // 2
-    turned = torch.cat([-x[..., half:], x[..., :half]], -1)
-    out = x.double()[None] * angle.cos() + turned.double()[None] * angle.sin()
-    return out.to(x.dtype).flatten(0, 1)
+    shifts = torch.as_tensor(shifts, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    return turn(x[None], shifts, inv_freq).flatten(0, 1)
 
 
 def augment(rows: torch.Tensor, basis: torch.Tensor, basis_inv: torch.Tensor, rope: Rope) -> torch.Tensor:
