@@ -679,7 +679,7 @@ def write_plot(path: Path, records: list[dict], title: str) -> None:
 
 # One row of each kind: FP, a QuantizedCache peer, a calibrated row with its K/V split choice, a
 # data-free row (every row code path, in a minute).
-QUICK_ROWS = "fp,quanto-2bit,antkv-2bit,antkv-datafree-1bit"
+QUICK_ROWS = "fp,quanto-2bit,antkv-2bit,antkv-datafree-1bit,antkv-1bit-prerope"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
