@@ -18,7 +18,10 @@ calibration, with only the RoPE moved:
   positions, dense attention in float32, and the window's Anchor Score sums added to the cache
   as the package's kernels add them (ops/reference.py), so anchors are chosen the same way.
 
-Not a feature: dense attention in Python, eager only. The accuracy benchmark's
+Not a feature: dense attention in Python, eager only, and for speed each layer also keeps its
+rows decoded and turned (`Dense`, as many bytes as a dense cache) where a kernel would decode
+them from the codes at every call; the effective bits the benchmark reports count the compressed
+cache only, as they would with such a kernel. The accuracy benchmark's
 antkv-{2,1,0.375}bit-prerope rows use it. `python benchmarks/prerope.py --bits 1` prints the
 attention-output error of keys alone (values exact) per layer on a development window, for
 codebooks fitted (unweighted k-means, --kmeans-tokens tokens) on the keys of --calib-tokens tokens
