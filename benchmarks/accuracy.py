@@ -270,7 +270,7 @@ for _bits in (1.0,):
                         fit={"kv_split": (4.0, _bits)}))
 
 
-def _prerope_row(bits: float, split: tuple) -> Row:
+def _prerope_row(bits: float, split: tuple, key_basis: bool | str = "auto", suffix: str = "") -> Row:
     """Probe (benchmarks/prerope.py): keys quantized before RoPE, the rest as the antkv row, with
     the K/V split the antkv row's measurement chose (`split`; the measurement itself scores
     post-RoPE probe queries). Dense attention in Python: no kernel reads such a cache yet."""
@@ -284,20 +284,25 @@ def _prerope_row(bits: float, split: tuple) -> Row:
         inv_freq = ak.model_rope(ctx.model).inv_freq
         fitted_by = inspect.getsource(prerope.turn) + inspect.getsource(prerope.prerope_data) + f"{prerope.LOOKBACK} {prerope.DISTANCES}"
         version = hashlib.sha256(fitted_by.encode()).hexdigest()[:8]  # an edit of what the fit sees refits
-        books = _books(ctx, f"antkv-{bits:g}bit-prerope-{version}",
-                       lambda: ak.fit_codebooks(prerope.prerope_data(_calibration(ctx), inv_freq), bits, kv_split=split, **_FIT_OVERRIDES))
+        books = _books(ctx, f"antkv-{bits:g}bit-prerope{suffix}-{version}",
+                       lambda: ak.fit_codebooks(prerope.prerope_data(_calibration(ctx), inv_freq), bits, kv_split=split, key_basis=key_basis,
+                                                **_FIT_OVERRIDES))  # fmt: skip
         prerope.use(ctx.model)
         return Setup(lambda n: prerope.PreRopeCache(books, inv_freq, max_cache_len=n), codebooks=books.tensors(),
                      details=f"split {books.settings['chosen'][0]}, {'key basis' if any(books.settings['key_basis_used']) else 'no key basis'}, "
                              + ctx.calibrated_on)
 
-    return Row(f"antkv-{bits:g}bit-prerope", bits, setup, kind="ours",
+    return Row(f"antkv-{bits:g}bit-prerope{suffix}", bits, setup, kind="ours",
                notes=f"probe: {_DEFAULTS}, keys quantized before RoPE (turned back by their position on write, forward in attention; "
                      f"dense attention in Python, no kernel)")
 
 
 for _bits, _split in ((2.0, (2.0, 2.0)), (1.0, (1.0, 1.0)), (0.375, (0.5, 0.25))):
     register(_prerope_row(_bits, _split))
+# Keys at 0.5 bit (16-dim sub-vectors) get no key basis by default (KEY_BASIS_MAX_SUB_DIM: after
+# RoPE it cost perplexity there). Before RoPE the probe (`prerope.py --bits 0.5`, a development
+# window, keys alone) finds it worth 0.213 -> 0.098 attention-output error.
+register(_prerope_row(0.375, (0.5, 0.25), key_basis=True, suffix="-basis"))
 
 
 # Bits per layer and side. The probe (calibrate.side_errors) finds keys at 1 bit costing ~2x the
