@@ -323,11 +323,17 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
             f"(and a multiple), as for dense tensors"
         )
     out, score = ops.direct(ops.attention, query.device, query, list(key.side), list(value.side), attn_mask, is_causal, scale)
+    add_window_score(key, value, score)
+    return out
+
+
+def add_window_score(key: VQTensor, value: VQTensor, score: torch.Tensor) -> None:
+    """Add an attention call's Anchor Score of the window tokens [B, Hkv, Tw] to both sides'
+    window_score (once where they share it): the flush picks its anchors by it."""
     with torch.no_grad():
         key.window_score.add_(score)
         if value.window_score is not key.window_score:
             value.window_score.add_(score)
-    return out
 
 
 # --- the static compressed cache ----------------------------------------------------------------

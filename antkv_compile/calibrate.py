@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .quant.anchor_score import anchor_score_terms_blockwise, combine, group_query_heads
-from .quant.basis import fit_key_basis, query_to_basis, to_basis
+from .quant.anchor_score import anchor_score_terms_blockwise, combine
+from .quant.basis import fit_key_basis, query_moment, query_to_basis, to_basis
 from .quant.codebook import Codebooks, CodebookSide, LayerCodebook, model_fingerprint
 from .quant.kmeans import weighted_kmeans
 from .quant.pq import PRESETS, SUPPORTED_DTYPES, PQSpec, decode, encode, spec_for_bits
@@ -145,8 +145,7 @@ def collect_calibration(model, texts_or_ids, tokenizer=None, seq_len=1024, max_t
         s1, s0 = anchor_score_terms_blockwise(query, key, value, is_causal=True, scale=scale)
         per_layer[module.layer_idx].append((key.float(), value.float(), s1, s0, query[:, :, -probe:].float()))
         scales[module.layer_idx] = scale
-        q = group_query_heads(query.float(), key.shape[1]).transpose(0, 1).flatten(1, -2)  # [Hkv, B*G*L, D]
-        moments[module.layer_idx] = moments[module.layer_idx] + q.transpose(1, 2) @ q
+        moments[module.layer_idx] = moments[module.layer_idx] + query_moment(query, key.shape[1])
 
     device = next(model.parameters()).device
     with attention_hook(model, hook):

@@ -42,11 +42,12 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import antkv_compile as ak
-from antkv_compile.cache import VQTensor
+from antkv_compile.cache import VQTensor, add_window_score
 from antkv_compile.calibrate import position_offsets
 from antkv_compile.hf import AntKVLayer, antkv_attention_forward
-from antkv_compile.quant.anchor_score import group_query_heads, pairwise_dist
-from antkv_compile.quant.basis import from_basis, query_to_basis
+from antkv_compile.ops.reference import window_sums
+from antkv_compile.quant.anchor_score import apply_mask, grouped_mask
+from antkv_compile.quant.basis import from_basis, query_moment, query_to_basis
 from antkv_compile.quant.pq import decode
 from antkv_compile.quant import rope
 from antkv_compile.quant.rope import shifted, spread
@@ -72,9 +73,7 @@ def prerope_data(data: ak.CalibrationData, inv_freq: torch.Tensor) -> ak.Calibra
     moments = []
     for q in data.probe_q:
         q_pre = turn(q, starts + L - P, inv_freq, -1)
-        qd = shifted(q_pre, spread(DISTANCES, LOOKBACK - 1), inv_freq)  # [DISTANCES * n, Hq, P, D]
-        g = group_query_heads(qd.float(), keys[0].shape[1]).transpose(0, 1).flatten(1, -2)  # [Hkv, ., D]
-        moments.append(g.transpose(1, 2) @ g)
+        moments.append(query_moment(shifted(q_pre, spread(DISTANCES, LOOKBACK - 1), inv_freq), keys[0].shape[1]))
     return replace(data, keys=keys, query_moment=moments, fits={})
 
 
@@ -114,19 +113,14 @@ class Dense:
         return out[:, :, :T]
 
 
-def rope_tables(inv_freq: torch.Tensor, positions: int) -> tuple:
-    angle = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq.double()
-    angle = torch.cat([angle, angle], -1)
-    return angle.cos().float(), angle.sin().float()
-
-
 class PreRopeLayer(AntKVLayer):
     inv_freq: torch.Tensor
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             capacity = self.max_cache_len or 4096
-            self.dense = (Dense(capacity, rope_tables(self.inv_freq, capacity)), Dense(capacity))
+            tables = tuple(t.float() for t in rope.cos_sin(torch.arange(capacity), self.inv_freq))
+            self.dense = (Dense(capacity, tables), Dense(capacity))
         start = self.keys.shape[2] if self.is_initialized else 0
         keys, values = super().update(turn(key_states, start, self.inv_freq, -1), value_states, *args, **kwargs)
         keys.prerope = self  # read by `attention`
@@ -156,24 +150,15 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     k, v = layer.dense[0].rows(key.side), layer.dense[1].rows(value.side)
     qg = query.float().reshape(B, Hkv, G * L, D)
     s = (qg @ k.transpose(-1, -2)).view(B, Hkv, G, L, T) * scale
-    if attention_mask is not None:
-        m = attention_mask[:, :, None] if attention_mask.dim() == 4 else attention_mask
-        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
-    elif L > 1:
-        causal = torch.ones(L, T, dtype=torch.bool).tril(T - L)
-        s = s.masked_fill(~causal, float("-inf"))
+    # the queries are the last L positions (causal without a mask: a prompt, T == L)
+    s = apply_mask(s, grouped_mask(attention_mask, B, Hkv, G, L, T), L > 1 and attention_mask is None, q0=T - L)
     p = torch.softmax(s, -1).view(B, Hkv, G * L, T)
     o = p @ v
-    if Tw:  # the window's Anchor Score sums, as ops/reference.py returns them
-        pw = p[..., T - Tw:]
+    if Tw:  # the window's Anchor Score, as the package's attention adds it
         q_pre = turn(query.float(), T - L, layer.inv_freq, -1)
         qnorm = scale * query_to_basis(q_pre, key.basis_inv).float().reshape(B, Hkv, G * L, D).norm(dim=-1, keepdim=True)
-        s1 = (pw * qnorm * pairwise_dist(o, value.window.float())).sum(2)
-        score = key.window_err * s1 + value.window_err * pw.sum(2)
-        with torch.no_grad():
-            key.window_score.add_(score)
-            if value.window_score is not key.window_score:
-                value.window_score.add_(score)
+        s1, s0 = window_sums(p[..., T - Tw :], qnorm, o, value.window.float())
+        add_window_score(key, value, key.window_err * s1 + value.window_err * s0)
     return o.view(B, Hq, L, D).to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -183,11 +168,6 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
 
 def use(model) -> None:
     model.set_attn_implementation(ATTN_NAME)
-
-
-def _query_moment(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    g = group_query_heads(q.float(), kv_heads).transpose(0, 1).flatten(1, -2)  # [Hkv, ., D]
-    return g.transpose(1, 2) @ g
 
 
 def main(argv=None):
@@ -244,10 +224,10 @@ def main(argv=None):
         cq = torch.cat([c[layer][0] for c in calib])
         ck_pre, k_pre, cq_pre = turn(ck, 0, inv_freq, -1), turn(k, 0, inv_freq, -1), turn(cq[:, :, :: 8], 0, inv_freq, -1)
         H = k.shape[1]
-        moment_pre = _query_moment(shifted(cq_pre, spread(DISTANCES, LOOKBACK - 1), inv_freq), H)
+        moment_pre = query_moment(shifted(cq_pre, spread(DISTANCES, LOOKBACK - 1), inv_freq), H)
         row = [
             error(quantized(ck, k)),
-            error(quantized(ck, k, fit_key_basis(ck, _query_moment(cq, H), spec.sub_dim))),
+            error(quantized(ck, k, fit_key_basis(ck, query_moment(cq, H), spec.sub_dim))),
             error(turn(quantized(ck_pre, k_pre), 0, inv_freq)),
             error(turn(quantized(ck_pre, k_pre, fit_key_basis(ck_pre, eye.expand(H, -1, -1), spec.sub_dim)), 0, inv_freq)),
             error(turn(quantized(ck_pre, k_pre, fit_key_basis(ck_pre, moment_pre, spec.sub_dim)), 0, inv_freq)),

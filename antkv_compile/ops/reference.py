@@ -105,9 +105,11 @@ def vq_attention(
     out = o.reshape(B, Hq, L, D).to(q.dtype)  # o may keep the einsum's permuted strides (S = 1)
     if not score_window or Tw == 0:
         return out, None, None
+    return (out, *window_sums(p[..., Tc:], scale * qg.norm(dim=-1, keepdim=True), o, v.window))
 
-    # Anchor Score sums of the window tokens (see quant/anchor_score.py).
-    pw = p[..., Tc:]
-    qnorm = scale * qg.norm(dim=-1, keepdim=True)
-    s1 = (pw * qnorm * pairwise_dist(o, v.window).float()).sum(2)
-    return out, s1, pw.sum(2)
+
+def window_sums(pw: torch.Tensor, qnorm: torch.Tensor, o: torch.Tensor, v_window: torch.Tensor) -> tuple:
+    """Anchor Score sums (S1, S0) [B, Hkv, Tw] of the window tokens (see quant/anchor_score.py):
+    from their attention weights pw [B, Hkv, R, Tw], each query row's scale x norm qnorm
+    [B, Hkv, R, 1] (in the key basis) and output o [B, Hkv, R, D], and the window's values."""
+    return (pw * qnorm * pairwise_dist(o, v_window).float()).sum(2), pw.sum(2)

@@ -53,6 +53,13 @@ def query_to_basis(q: torch.Tensor, basis_inv: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhgrd,hed->bhgre", grouped, basis_inv).reshape(q.shape).to(q.dtype)
 
 
+def query_moment(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Sum of q q^T over every query row [B, Hq, L, D] of each kv head's query heads (GQA):
+    [Hkv, D, D] float32, what `fit_key_basis` whitens by."""
+    g = group_query_heads(q.float(), num_kv_heads).transpose(0, 1).flatten(1, -2)  # [Hkv, B*G*L, D]
+    return g.transpose(1, 2) @ g
+
+
 def deal_axes(variances: torch.Tensor, sub_dim: int, unit: int = 1) -> list[int]:
     """Order of the axes (by index into `variances`, [D]) that deals them out to D / sub_dim
     subspaces of sub_dim consecutive slots with balanced products of variances: units of `unit`

@@ -48,12 +48,17 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
+def cos_sin(positions, inv_freq: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [..., D] float64 of the angles positions [...] x inv_freq, for `rotate`."""
+    angle = torch.as_tensor(positions, dtype=torch.float64, device=device)[..., None] * inv_freq.to(device, torch.float64)
+    angle = torch.cat([angle, angle], -1)
+    return angle.cos(), angle.sin()
+
+
 def turn(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """x [..., D] turned by `positions` (broadcastable to x.shape[:-1]; negative turns back),
     computed in float64, returned in x's dtype."""
-    angle = torch.as_tensor(positions, dtype=torch.float64, device=x.device)[..., None] * inv_freq.to(x.device, torch.float64)
-    angle = torch.cat([angle, angle], -1)
-    return rotate(x.double(), angle.cos(), angle.sin()).to(x.dtype)
+    return rotate(x.double(), *cos_sin(positions, inv_freq, x.device)).to(x.dtype)
 
 
 def shifted(x: torch.Tensor, shifts, inv_freq: torch.Tensor) -> torch.Tensor:
